@@ -1,0 +1,95 @@
+"""What every stage's trainer shares: its TRL settings object, the history log, the tracker,
+and the train -> evaluate -> save sequence that ends a run."""
+
+import json
+import os
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from transformers import TrainerCallback
+
+
+def training_args(cfg, stage_cfg, run_dir: Path, has_eval: bool):
+    """The stage's TRL config object (`_target_` in its YAML), with the hardware preset's
+    training arguments underneath and the run's own paths, seed and tracker on top."""
+    settings = {
+        **OmegaConf.to_container(cfg.hardware.training_args, resolve=True),
+        **OmegaConf.to_container(stage_cfg, resolve=True),
+        "output_dir": str(run_dir / "checkpoints"),
+        "seed": cfg.seed,
+        "report_to": cfg.logger.report_to,
+        "run_name": run_name(cfg),
+    }
+    if not has_eval:  # no held-out split: evaluating would fail mid-run
+        settings["eval_strategy"] = "no"
+    return instantiate(settings, _convert_="all")
+
+
+def run_name(cfg) -> str:
+    return cfg.get("run_name") or "default"
+
+
+class HistoryWriter(TrainerCallback):
+    """Appends each log event of the trainer (train and eval) to <run_dir>/history.jsonl as it
+    happens, so a crashed run keeps the history up to the crash."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            record = {"step": state.global_step, "epoch": state.epoch, **logs}
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def start_tracking(cfg, run_dir: Path) -> None:
+    """Open the W&B run (config, name, group) or point TensorBoard at the run directory; the
+    trainer's own integration then logs into it."""
+    if cfg.logger.report_to == "tensorboard":
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+    if cfg.logger.report_to != "wandb":
+        return
+    import wandb
+
+    mode = cfg.logger.mode
+    if mode == "auto":  # never wait on the network without credentials
+        mode = "online" if os.environ.get("WANDB_API_KEY") or _netrc_has_wandb() else "offline"
+    group = cfg.logger.group
+    if group is None and HydraConfig.get().mode == RunMode.MULTIRUN:
+        group = Path(HydraConfig.get().sweep.dir).as_posix()  # all jobs of one sweep together
+    wandb.init(
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        name=run_name(cfg),
+        group=group,
+        tags=list(cfg.logger.tags),
+        mode=mode,
+        dir=str(run_dir),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def _netrc_has_wandb() -> bool:
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def fit(trainer, run_dir: Path) -> dict:
+    """Train, evaluate on the held-out split, save the adapter/model and tokenizer to final/,
+    and return the final metrics as one flat dict."""
+    result = trainer.train()
+    metrics = dict(result.metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    trainer.save_model(str(run_dir / "final"))
+    trainer.processing_class.save_pretrained(str(run_dir / "final"))
+    if trainer.args.report_to and "wandb" in trainer.args.report_to:
+        import wandb
+
+        wandb.summary.update(metrics)
+        wandb.finish()
+    return metrics
