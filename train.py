@@ -1,8 +1,10 @@
 """The one entry point: compose the Hydra config and run the chosen stage.
 
-    python train.py                               # SFT on the built-in tiny model and data
-    python train.py stage=dpo dpo.beta=0.1,0.3 -m # a sweep
+    python train.py                                # SFT on the built-in tiny model and data
+    python train.py stage=dpo dpo.beta=0.1,0.3 -m  # a sweep: one run directory per value
 """
+
+import sys
 
 import hydra
 
@@ -15,4 +17,7 @@ def main(cfg):
 
 
 if __name__ == "__main__":
+    # Hydra's parser takes flags only before the overrides; let -m/--multirun stand anywhere.
+    multirun = [arg for arg in sys.argv[1:] if arg in ("-m", "--multirun")]
+    sys.argv = [sys.argv[0], *multirun, *(arg for arg in sys.argv[1:] if arg not in multirun)]
     main()

@@ -15,18 +15,18 @@ from importlib import metadata
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
 
+from rlhf import PROJECT_ROOT
 from rlhf.errors import UserError
 from rlhf.stages import get_stage
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RECORDED_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "hydra-core", "omegaconf")
 
 
-def main(cfg):
-    """Train the configured stage in Hydra's output directory; return the sweep objective."""
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+def main(cfg, run_dir: Path | None = None):
+    """Train the configured stage in `run_dir` (default: Hydra's output directory); return the
+    sweep objective."""
+    run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     try:
         stage = get_stage(cfg.stage)
         write_json(run_dir / "env.json", environment(cfg))
@@ -85,7 +85,3 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-
-
-def resolved_config(cfg) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,8 +1,10 @@
-"""What every stage's trainer shares: its TRL settings object, the history log, the tracker,
-and the train -> evaluate -> save sequence that ends a run."""
+"""What every stage's trainer shares: the model, tokenizer and data it starts from, its TRL
+settings object, the history log, the tracker, and the train -> evaluate -> save sequence
+that ends a run."""
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -10,6 +12,42 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
+
+from rlhf.data import load_splits
+from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
+
+
+@dataclass
+class StageInputs:
+    tokenizer: object
+    model: object
+    train_data: object  # datasets.Dataset of records of the stage's data kind
+    eval_data: object  # the held-out split, or None when dataset.test_size is 0
+    peft_config: object  # peft.LoraConfig, or None for full fine-tuning
+
+
+def load_inputs(cfg, data_kind: str) -> StageInputs:
+    """Tokenizer, data (checked before the model loads, so bad rows fail fast), then model."""
+    model_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(model_path, cfg.model)
+    train_data, eval_data = load_splits(cfg.dataset, kind=data_kind)
+    model = load_causal_lm(model_path, cfg.model, cfg.quantization, cfg.hardware)
+    peft_config = instantiate(cfg.peft) if cfg.peft is not None else None
+    return StageInputs(tokenizer, model, train_data, eval_data, peft_config)
+
+
+def trainer_kwargs(cfg, stage_cfg, inputs: StageInputs, run_dir: Path) -> dict:
+    """The arguments every TRL trainer takes the same way: model, settings, data, tokenizer,
+    LoRA config and the history callback."""
+    return {
+        "model": inputs.model,
+        "args": training_args(cfg, stage_cfg, run_dir, has_eval=inputs.eval_data is not None),
+        "train_dataset": inputs.train_data,
+        "eval_dataset": inputs.eval_data,
+        "processing_class": inputs.tokenizer,
+        "peft_config": inputs.peft_config,
+        "callbacks": [HistoryWriter(run_dir / "history.jsonl")],
+    }
 
 
 def training_args(cfg, stage_cfg, run_dir: Path, has_eval: bool):

@@ -1,0 +1,61 @@
+"""Shared test set-up: one tiny-model cache per test session, Hydra's compose API, and a
+helper that trains a stage in-process (many tiny trainings in one process: imports cost
+seconds, training the tiny model does not)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+
+import rlhf  # noqa: F401  (registers the ${project_root:} resolver the config uses)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Build the tiny model into a fresh cache (subprocesses inherit it) and never reach a hub."""
+    os.environ.setdefault("RLHF_CACHE", str(tmp_path_factory.mktemp("rlhf-cache")))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ.pop("WANDB_API_KEY", None)
+    yield
+
+
+def compose_config(*overrides: str):
+    """The config `python train.py <overrides>` would run, with Hydra's own node set so that
+    `${hydra:...}` interpolations resolve."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def train(run_dir: Path, *overrides: str) -> dict:
+    """Run a stage in this process into `run_dir`; return its metrics.json."""
+    from rlhf.run import main
+
+    main(compose_config(*overrides), run_dir=run_dir)
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def history(run_dir: Path, key: str) -> list:
+    """The values of `key` over the training log lines of history.jsonl, in order."""
+    lines = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    return [line[key] for line in lines if key in line]
+
+
+def cli(*args: str, python_flags: tuple = (), timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python train.py <args>` from the project root, as a user would."""
+    return subprocess.run(
+        [sys.executable, *python_flags, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,92 @@
+"""The command line as users run it: run directories, sweeps, reproduction from a saved
+config, fast config-only commands, and one-line errors."""
+
+import json
+
+import pytest
+import yaml
+
+from conftest import cli
+
+RUN_FILES = ("metrics.json", "history.jsonl", "env.json", ".hydra/config.yaml", ".hydra/overrides.yaml")
+
+
+def assert_complete_run(run_dir):
+    for name in RUN_FILES:
+        assert (run_dir / name).is_file(), f"{run_dir} lacks {name}"
+    assert (run_dir / "final" / "adapter_config.json").is_file()
+    assert (run_dir / "final" / "tokenizer_config.json").is_file()
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["seed"] == 42 and env["packages"]["trl"] and "train.py" in env["command"]
+
+
+@pytest.mark.parametrize("flag", [["--help"], ["--cfg", "job"], ["stage=dpo", "--cfg", "job"]])
+def test_config_only_commands_do_not_import_torch(flag):
+    done = cli(*flag, python_flags=("-X", "importtime"))  # every import, logged to stderr
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "hydra" in imported
+    assert not {"torch", "transformers", "trl", "peft", "datasets"} & imported
+
+
+def test_default_run_leaves_a_complete_run_directory(tmp_path):
+    done = cli(f"hydra.run.dir={tmp_path}", "sft.max_steps=10")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_complete_run(tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["train_loss"] > 0 and "eval_loss" in metrics
+    assert "final metrics" in done.stdout and "train_loss" in done.stdout
+
+    from peft import AutoPeftModelForCausalLM  # the adapter loads with plain peft
+
+    model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert model.peft_config["default"].r == 16
+
+
+def test_dpo_beta_sweep_then_reproduce_a_job(tmp_path):
+    sweep = tmp_path / "S"
+    done = cli("stage=dpo", "dpo.beta=0.1,0.3", "-m", f"hydra.sweep.dir={sweep}", "dpo.max_steps=12")
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = {}
+    for job, beta in (("0", 0.1), ("1", 0.3)):
+        assert_complete_run(sweep / job)
+        assert yaml.safe_load((sweep / job / ".hydra/config.yaml").read_text())["dpo"]["beta"] == beta
+        metrics[job] = json.loads((sweep / job / "metrics.json").read_text())
+    assert metrics["0"]["train_loss"] != metrics["1"]["train_loss"]
+
+    # The README's reproduce command: re-run job 1 from its saved config alone.
+    rerun = tmp_path / "R"
+    done = cli("--config-path", str(sweep / "1" / ".hydra"), "--config-name", "config", f"hydra.run.dir={rerun}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads((rerun / "metrics.json").read_text())
+    for key, value in metrics["1"].items():
+        if "loss" in key or key.startswith("eval_rewards"):
+            assert again[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_lora_rank_sweep(tmp_path):
+    done = cli("peft.r=8,16", "-m", f"hydra.sweep.dir={tmp_path}", "sft.max_steps=5", "dataset.test_size=0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for job, rank in (("0", 8), ("1", 16)):
+        assert json.loads((tmp_path / job / "final" / "adapter_config.json").read_text())["r"] == rank
+
+
+def test_missing_model_fails_with_one_line(tmp_path):
+    done = cli("model=qwen3-0.6b", f"hydra.run.dir={tmp_path}")  # HF_HUB_OFFLINE=1 and no local copy
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: model 'Qwen/Qwen3-0.6B'") and "model.name_or_path=" in error
+
+
+def test_unknown_stage_lists_the_valid_ones():
+    done = cli("stage=ppo_typo")
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert "Available options in 'stage'" in done.stderr and "dpo" in done.stderr and "sft" in done.stderr
+
+
+def test_wrong_data_kind_fails_with_one_line(tmp_path):
+    done = cli("stage=dpo", "dataset=builtin_sft", f"hydra.run.dir={tmp_path}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "preference data" in done.stderr.strip().splitlines()[-1]
