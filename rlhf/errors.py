@@ -6,3 +6,9 @@
 
 class UserError(Exception):
     """A problem in the user's input; the message says what is wrong, where, and how to fix it."""
+
+
+def first_line(err: Exception) -> str:
+    """The first line of an exception's message (library errors can run to pages)."""
+    message = str(err).strip()
+    return message.splitlines()[0] if message else type(err).__name__

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from rlhf.errors import UserError
+from rlhf.errors import UserError, first_line
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DATA = Path(__file__).parent / "data" / "builtin"
@@ -81,10 +81,9 @@ def _download_from_hub(repo_id: str, model_cfg) -> str:
     try:
         return snapshot_download(repo_id, revision=model_cfg.get("revision") or None)
     except Exception as err:  # any hub failure becomes the same actionable line
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
             f"model '{repo_id}' could not be loaded: it is not a local directory, not in the Hugging Face "
-            f"cache, and the hub said: {reason}. Download it where there is network and pass "
+            f"cache, and the hub said: {first_line(err)}. Download it where there is network and pass "
             f"model.name_or_path=/path/to/local/dir"
         ) from None
 

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
-from rlhf.data import load_splits
+from rlhf.data import Splits, load_splits
 from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
 
 
@@ -21,8 +21,7 @@ from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
 class StageInputs:
     tokenizer: object
     model: object
-    train_data: object  # datasets.Dataset of records of the stage's data kind
-    eval_data: object  # the held-out split, or None when dataset.test_size is 0
+    data: Splits  # train and held-out records of the stage's data kind
     peft_config: object  # peft.LoraConfig, or None for full fine-tuning
 
 
@@ -30,10 +29,10 @@ def load_inputs(cfg, data_kind: str) -> StageInputs:
     """Tokenizer, data (checked before the model loads, so bad rows fail fast), then model."""
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.model)
-    train_data, eval_data = load_splits(cfg.dataset, kind=data_kind)
+    data = load_splits(cfg.dataset, kind=data_kind)
     model = load_causal_lm(model_path, cfg.model, cfg.quantization, cfg.hardware)
     peft_config = instantiate(cfg.peft) if cfg.peft is not None else None
-    return StageInputs(tokenizer, model, train_data, eval_data, peft_config)
+    return StageInputs(tokenizer, model, data, peft_config)
 
 
 def trainer_kwargs(cfg, stage_cfg, inputs: StageInputs, run_dir: Path) -> dict:
@@ -41,9 +40,9 @@ def trainer_kwargs(cfg, stage_cfg, inputs: StageInputs, run_dir: Path) -> dict:
     LoRA config and the history callback."""
     return {
         "model": inputs.model,
-        "args": training_args(cfg, stage_cfg, run_dir, has_eval=inputs.eval_data is not None),
-        "train_dataset": inputs.train_data,
-        "eval_dataset": inputs.eval_data,
+        "args": training_args(cfg, stage_cfg, run_dir, has_eval=inputs.data.eval is not None),
+        "train_dataset": inputs.data.train,
+        "eval_dataset": inputs.data.eval,
         "processing_class": inputs.tokenizer,
         "peft_config": inputs.peft_config,
         "callbacks": [HistoryWriter(run_dir / "history.jsonl")],
@@ -116,11 +115,11 @@ def _netrc_has_wandb() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def fit(trainer, run_dir: Path) -> dict:
+def fit(trainer, run_dir: Path, inputs: StageInputs) -> dict:
     """Train, evaluate on the held-out split, save the adapter/model and tokenizer to final/,
     and return the final metrics as one flat dict."""
     result = trainer.train()
-    metrics = dict(result.metrics)
+    metrics = {**result.metrics, "data/skipped_rows": inputs.data.skipped_rows}
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
     trainer.save_model(str(run_dir / "final"))

@@ -15,10 +15,11 @@ def dataset_cfg(path, fmt, **extra):
 
 
 def test_builtin_datasets_split_into_conversations():
-    train, held_out = load_splits(dataset_cfg("builtin:sft_zh.jsonl", "belle", test_size=0.1), kind="sft")
-    assert len(train) == 540 and len(held_out) == 60
-    assert train[0]["prompt"][0]["role"] == "user" and train[0]["completion"][0]["role"] == "assistant"
-    pairs, _ = load_splits(dataset_cfg("builtin:preference_zh.jsonl", "preference"), kind="preference")
+    splits = load_splits(dataset_cfg("builtin:sft_zh.jsonl", "belle", test_size=0.1), kind="sft")
+    assert len(splits.train) == 540 and len(splits.eval) == 60 and splits.skipped_rows == 0
+    first = splits.train[0]
+    assert first["prompt"][0]["role"] == "user" and first["completion"][0]["role"] == "assistant"
+    pairs = load_splits(dataset_cfg("builtin:preference_zh.jsonl", "preference"), kind="preference").train
     assert len(pairs) == 600 and all(row["chosen"] != row["rejected"] for row in pairs)
     prompts = {row["prompt"][0]["content"] for row in pairs}
     assert len(prompts) == 600  # every prompt distinct, so the held-out split measures something
@@ -27,7 +28,7 @@ def test_builtin_datasets_split_into_conversations():
 def test_belle_joins_a_nonempty_input_to_the_instruction(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"instruction": "翻译", "input": "cat", "output": "猫"}) + "\n")
-    train, _ = load_splits(dataset_cfg(path, "belle"), kind="sft")
+    train = load_splits(dataset_cfg(path, "belle"), kind="sft").train
     assert train[0]["prompt"][0]["content"] == "翻译\ncat"
 
 
@@ -50,7 +51,7 @@ def test_a_bad_row_is_named_by_file_and_line(tmp_path, line, reason):
 
 
 def test_missing_file_and_unknown_format(tmp_path):
-    with pytest.raises(UserError, match="no such file"):
+    with pytest.raises(UserError, match="no such file or directory"):
         load_splits(dataset_cfg(tmp_path / "nope.jsonl", "belle"), kind="sft")
     with pytest.raises(UserError, match="valid formats"):
         load_splits(dataset_cfg("builtin:sft_zh.jsonl", "nope"), kind="sft")

@@ -1,76 +1,147 @@
-"""Loading training data: read a file row by row, convert each row through its format, and
-split off a held-out set. Every bad row is reported with file, line and reason."""
+"""Loading training data: read rows from a file, a directory or the hub, convert each row
+through its format, and split off a held-out set.
+
+A bad row stops the run before any model loads, with file, line and reason; with
+`dataset.skip_invalid=true` it is skipped instead, and the count is reported in the log and
+as `data/skipped_rows` in metrics.json.
+"""
 
 import gzip
 import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.data.formats import FORMATS, RowError
-from rlhf.errors import UserError
+from rlhf.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).parent / "builtin"
+DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet")
+KINDS = ("sft", "preference", "prompt")  # what a stage asks for; "prompt" takes any format's prompts
 
 
-def load_splits(dataset_cfg, kind: str):
-    """(train, eval) `datasets.Dataset`s of records of `kind`; eval is None when test_size is 0."""
+@dataclass
+class Splits:
+    train: object  # datasets.Dataset of records of the requested kind
+    eval: object  # the held-out split, or None when dataset.test_size is 0
+    skipped_rows: int  # rows dropped by dataset.skip_invalid
+
+
+def load_splits(dataset_cfg, kind: str) -> Splits:
+    """Read, check and convert the configured dataset into records of `kind`, then split."""
     from datasets import Dataset
 
-    fmt = FORMATS.get(dataset_cfg.format)
-    if fmt is None:
-        raise UserError(f"dataset.format={dataset_cfg.format} is unknown; valid formats: {', '.join(sorted(FORMATS))}")
-    if fmt.kind != kind:
-        raise UserError(
-            f"this stage trains on {kind} data, but dataset.format={dataset_cfg.format} holds {fmt.kind} data; "
-            f"choose a {kind} dataset (formats: {', '.join(n for n, f in sorted(FORMATS.items()) if f.kind == kind)})"
-        )
-    path = data_path(dataset_cfg.path)
-    records = []
-    for where, row in read_rows(path):
+    fmt = data_format(dataset_cfg, kind)
+    records, skipped, source = [], Counter(), None
+    for source, where, row in read_rows(dataset_cfg):
         if dataset_cfg.max_samples is not None and len(records) >= dataset_cfg.max_samples:
             break
         try:
-            records.append(fmt.convert(row))
+            record = fmt.convert(row)
         except RowError as err:
-            raise UserError(f"{path}, {where}: {err} (format {dataset_cfg.format} reads: {fmt.fields})") from None
+            if not dataset_cfg.get("skip_invalid", False):
+                raise UserError(
+                    f"{source}, {where}: {err} (format {dataset_cfg.format} reads {fmt.fields}; "
+                    "dataset.skip_invalid=true skips such rows)"
+                ) from None
+            skipped[str(err)] += 1
+            continue
+        records.append({"prompt": record["prompt"]} if kind == "prompt" else record)
+    if skipped:
+        reasons = "; ".join(f"{count} x {reason}" for reason, count in skipped.most_common())
+        log.warning("dataset: skipped %d invalid rows of %s (%s)", sum(skipped.values()), source, reasons)
     if not records:
-        raise UserError(f"{path}: no rows to train on")
+        raise UserError(f"dataset {source or describe_source(dataset_cfg)}: no valid rows to train on")
     dataset = Dataset.from_list(records)
-    test_size = dataset_cfg.test_size
-    if not test_size:
-        return dataset, None
+    if not dataset_cfg.test_size:
+        return Splits(dataset, None, sum(skipped.values()))
     if len(dataset) < 2:
-        raise UserError(f"{path}: {len(dataset)} row(s) cannot be split into train and eval; set dataset.test_size=0")
-    split = dataset.train_test_split(test_size=test_size, seed=dataset_cfg.seed)
-    return split["train"], split["test"]
+        raise UserError(f"dataset {source}: {len(dataset)} row cannot be split; set dataset.test_size=0")
+    split = dataset.train_test_split(test_size=dataset_cfg.test_size, seed=dataset_cfg.seed)
+    return Splits(split["train"], split["test"], sum(skipped.values()))
 
 
-def data_path(path: str) -> Path:
-    """`builtin:<file>` names a file shipped in rlhf/data/builtin; anything else is a local path."""
+def data_format(dataset_cfg, kind: str):
+    """The converter for dataset.format, checked against what the stage needs."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown data kind {kind}")
+    fmt = FORMATS.get(dataset_cfg.format)
+    if fmt is None:
+        raise UserError(f"dataset.format={dataset_cfg.format} is unknown; valid formats: {', '.join(sorted(FORMATS))}")
+    if kind != "prompt" and fmt.kind != kind:
+        fitting = ", ".join(name for name, other in sorted(FORMATS.items()) if other.kind == kind)
+        raise UserError(
+            f"this stage trains on {kind} data, but dataset.format={dataset_cfg.format} holds {fmt.kind} data; "
+            f"choose a {kind} dataset (formats: {fitting})"
+        )
+    return fmt
+
+
+def describe_source(dataset_cfg) -> str:
+    return str(dataset_cfg.path) if dataset_cfg.get("path") else f"{dataset_cfg.get('hub_id')} (hub)"
+
+
+def read_rows(dataset_cfg):
+    """Yield (source, location, row) from dataset.path (a file or a directory of files) or,
+    when no path is given, from dataset.hub_id."""
+    if dataset_cfg.get("path"):
+        for path in data_files(dataset_cfg.path, dataset_cfg.get("split")):
+            for where, row in read_file(path):
+                yield path, where, row
+        return
+    if not dataset_cfg.get("hub_id"):
+        raise UserError("dataset: set dataset.path (a local file or directory) or dataset.hub_id")
+    rows = load_from_hub(dataset_cfg.hub_id, dataset_cfg.get("split") or "train")
+    for index, row in enumerate(rows):
+        yield f"{dataset_cfg.hub_id} (hub)", f"row {index + 1}", row
+
+
+def data_files(path: str, split) -> list:
+    """`builtin:<file>` names a file shipped in rlhf/data/builtin; a directory stands for the
+    data files in it (those whose name contains the split, when any does)."""
     path = str(path)
-    if path.startswith(BUILTIN_PREFIX):
-        resolved = BUILTIN_DIR / path[len(BUILTIN_PREFIX):]
-    else:
-        resolved = Path(path).expanduser()
-    if not resolved.is_file():
-        raise UserError(f"dataset.path={path}: no such file")
-    return resolved
+    resolved = BUILTIN_DIR / path[len(BUILTIN_PREFIX):] if path.startswith(BUILTIN_PREFIX) else Path(path).expanduser()
+    if resolved.is_file():
+        return [resolved]
+    if not resolved.is_dir():
+        raise UserError(f"dataset.path={path}: no such file or directory")
+    files = sorted(p for p in resolved.rglob("*") if p.is_file() and p.name.endswith(DATA_SUFFIXES))
+    if split:
+        files = [p for p in files if split in p.name] or files
+    if not files:
+        raise UserError(f"dataset.path={path}: the directory holds no {', '.join(DATA_SUFFIXES)} files")
+    return files
 
 
-def read_rows(path: Path):
-    """Yield (location, row) from a JSON array or a JSON Lines file (optionally .gz)."""
+def read_file(path: Path):
+    """Yield (location, row) from a JSON array, JSON Lines (either optionally gzipped) or Parquet file."""
+    if path.name.endswith(".parquet"):
+        import pyarrow.parquet
+
+        for index, row in enumerate(pyarrow.parquet.read_table(path).to_pylist()):
+            yield f"row {index + 1}", row
+        return
+    if not path.name.endswith(DATA_SUFFIXES):
+        raise UserError(f"{path}: unknown file type; use one of {', '.join(DATA_SUFFIXES)}")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            content = f.read()
+    except (UnicodeDecodeError, OSError) as err:
+        raise UserError(f"{path}: cannot be read as UTF-8 text ({err})") from None
+    if content.lstrip().startswith("["):  # a JSON array (alpaca, LLaMA-Factory)
         try:
-            rows = json.loads(text)
+            rows = json.loads(content)
         except json.JSONDecodeError as err:
             raise UserError(f"{path}, line {err.lineno}: not valid JSON ({err.msg})") from None
         for index, row in enumerate(rows):
             yield f"row {index + 1}", row
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(content.splitlines(), start=1):  # JSON Lines (also BELLE's ".json")
         if not line.strip():
             continue
         try:
@@ -78,3 +149,16 @@ def read_rows(path: Path):
         except json.JSONDecodeError as err:
             raise UserError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
         yield f"line {number}", row
+
+
+def load_from_hub(hub_id: str, split: str):
+    """Rows of a hub dataset (downloaded, or from the local datasets cache when offline)."""
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(hub_id, split=split)
+    except Exception as err:  # any hub failure becomes the same actionable line
+        raise UserError(
+            f"dataset '{hub_id}' (split {split}) could not be loaded from the hub: {first_line(err)}. "
+            "Download it where there is network and pass dataset.path=/path/to/file/or/dir"
+        ) from None

@@ -1,14 +1,16 @@
 """Dataset formats: each turns one row of a published shape into what a stage trains on.
 
-Two record kinds come out, both in TRL's conversational form so the model's chat template
-is applied by the trainer:
-- "sft":        {"prompt": [user message], "completion": [assistant message]}
+Two record kinds come out, both in TRL's conversational form so that the model's chat
+template is applied by the trainer:
+- "sft":        {"prompt": [messages], "completion": [assistant message]}
 - "preference": {"prompt": [messages], "chosen": [assistant message], "rejected": [assistant message]}
+Either kind also serves a stage that needs prompts alone (PPO).
 
 A converter raises `RowError` with the reason when a row is unusable; the loader adds the
-file and line.
+file and line, and either stops or (dataset.skip_invalid) counts and skips the row.
 """
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,15 +26,21 @@ class Format:
     fields: str  # the fields it reads, for error messages and the README
 
 
-def text_field(row: dict, name: str, allow_empty: bool = False) -> str:
-    """row[name] as a string, or a RowError naming the field and what is wrong with it."""
+# ---- checked access to fields -------------------------------------------------------------
+
+
+def field(row, name: str):
+    """row[name], or a RowError when the row is not an object or the field is missing/null."""
     if not isinstance(row, dict):
         raise RowError(f"expected a JSON object, got {type(row).__name__}")
     if name not in row:
         raise RowError(f"field '{name}' is missing")
-    value = row[name]
-    if value is None:
+    if row[name] is None:
         raise RowError(f"field '{name}' is null")
+    return row[name]
+
+
+def text(value, name: str, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise RowError(f"field '{name}' should be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
@@ -40,32 +48,143 @@ def text_field(row: dict, name: str, allow_empty: bool = False) -> str:
     return value
 
 
-def user(text: str) -> list:
-    return [{"role": "user", "content": text}]
+def text_field(row, name: str, allow_empty: bool = False) -> str:
+    return text(field(row, name), name, allow_empty)
 
 
-def assistant(text: str) -> list:
-    return [{"role": "assistant", "content": text}]
+def message(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
 
 
-def belle(row: dict) -> dict:
+def messages_field(row, name: str) -> list:
+    """A list of {role, content} messages with known roles and non-empty text."""
+    value = field(row, name)
+    if not isinstance(value, list) or not value:
+        raise RowError(f"field '{name}' should be a non-empty list of messages")
+    checked = []
+    for index, item in enumerate(value):
+        where = f"{name}[{index}]"
+        role = text(field(item, "role"), f"{where}.role") if isinstance(item, dict) else None
+        if role not in ("system", "user", "assistant"):
+            raise RowError(f"field '{where}' should be a message with role system/user/assistant")
+        checked.append(message(role, text(field(item, "content"), f"{where}.content")))
+    return checked
+
+
+def last_assistant_turn(conversation: list, name: str) -> tuple:
+    """(the messages before it, the final assistant message) of a whole conversation."""
+    if conversation[-1]["role"] != "assistant":
+        raise RowError(f"field '{name}' should end with an assistant message")
+    if len(conversation) < 2:
+        raise RowError(f"field '{name}' has no prompt before the assistant message")
+    return conversation[:-1], conversation[-1]
+
+
+def preference_record(prompt: list, chosen: str, rejected: str) -> dict:
+    return {"prompt": prompt, "chosen": [message("assistant", chosen)], "rejected": [message("assistant", rejected)]}
+
+
+# ---- the formats --------------------------------------------------------------------------
+
+
+def instruction_output(row) -> dict:
     """BELLE / alpaca: `instruction`, optional `input` (joined below the instruction), `output`."""
     instruction = text_field(row, "instruction")
     extra = text_field(row, "input", allow_empty=True) if row.get("input") is not None else ""
     prompt = f"{instruction}\n{extra}" if extra.strip() else instruction
-    return {"prompt": user(prompt), "completion": assistant(text_field(row, "output"))}
+    return {"prompt": [message("user", prompt)], "completion": [message("assistant", text_field(row, "output"))]}
 
 
-def preference(row: dict) -> dict:
+def prompt_chosen_rejected(row) -> dict:
     """Plain preference pairs: `prompt`, `chosen`, `rejected`, each a string."""
-    return {
-        "prompt": user(text_field(row, "prompt")),
-        "chosen": assistant(text_field(row, "chosen")),
-        "rejected": assistant(text_field(row, "rejected")),
-    }
+    prompt = [message("user", text_field(row, "prompt"))]
+    return preference_record(prompt, text_field(row, "chosen"), text_field(row, "rejected"))
+
+
+def ultrafeedback_binarized(row) -> dict:
+    """HuggingFaceH4/ultrafeedback_binarized: `chosen`/`rejected` are whole conversations
+    (lists of {role, content}) sharing every message but the final assistant reply."""
+    chosen_prompt, chosen = last_assistant_turn(messages_field(row, "chosen"), "chosen")
+    rejected_prompt, rejected = last_assistant_turn(messages_field(row, "rejected"), "rejected")
+    if chosen_prompt != rejected_prompt:
+        raise RowError("fields 'chosen' and 'rejected' differ before the final assistant reply")
+    return preference_record(chosen_prompt, chosen["content"], rejected["content"])
+
+
+def ultrafeedback_argilla(row) -> dict:
+    """argilla/ultrafeedback-binarized-preferences: `instruction`, `chosen_response`, `rejected_response`."""
+    prompt = [message("user", text_field(row, "instruction"))]
+    return preference_record(prompt, text_field(row, "chosen_response"), text_field(row, "rejected_response"))
+
+
+def stack_exchange_paired(row) -> dict:
+    """lvwerra/stack-exchange-paired: `question`; `response_j` is preferred over `response_k`."""
+    prompt = [message("user", text_field(row, "question"))]
+    return preference_record(prompt, text_field(row, "response_j"), text_field(row, "response_k"))
+
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def hh_dialogue(dialogue: str, name: str) -> list:
+    """Split "\\n\\nHuman: ...\\n\\nAssistant: ..." into user/assistant messages."""
+    parts = HH_TURN.split(dialogue)
+    if len(parts) < 3 or parts[0].strip():
+        raise RowError(f"field '{name}' is not a '\\n\\nHuman: ... \\n\\nAssistant: ...' dialogue")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [message(roles[speaker], said.strip()) for speaker, said in zip(parts[1::2], parts[2::2])]
+
+
+def hh_rlhf(row) -> dict:
+    """Anthropic/hh-rlhf: `chosen` and `rejected` are whole dialogues that share every turn but
+    the last assistant reply; the shared turns become the prompt."""
+    chosen_prompt, chosen = last_assistant_turn(hh_dialogue(text_field(row, "chosen"), "chosen"), "chosen")
+    rejected_prompt, rejected = last_assistant_turn(hh_dialogue(text_field(row, "rejected"), "rejected"), "rejected")
+    if chosen_prompt != rejected_prompt:
+        raise RowError("fields 'chosen' and 'rejected' differ before the last assistant reply")
+    for name, reply in (("chosen", chosen), ("rejected", rejected)):
+        if not reply["content"]:
+            raise RowError(f"field '{name}' ends with an empty assistant reply")
+    return preference_record(chosen_prompt, chosen["content"], rejected["content"])
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def sharegpt_answer(row, name: str) -> str:
+    """`chosen`/`rejected` as {from, value} (LLaMA-Factory) or as a plain string (MedicalGPT)."""
+    value = field(row, name)
+    if isinstance(value, dict):
+        if SHAREGPT_ROLES.get(value.get("from")) != "assistant":
+            raise RowError(f"field '{name}.from' should be 'gpt' or 'assistant'")
+        return text(field(value, "value"), f"{name}.value")
+    return text(value, name)
+
+
+def sharegpt_preference(row) -> dict:
+    """LLaMA-Factory / MedicalGPT preference data: `conversations` (list of {from, value})
+    ending with the user's turn, plus `chosen` and `rejected` answers."""
+    turns = field(row, "conversations")
+    if not isinstance(turns, list) or not turns:
+        raise RowError("field 'conversations' should be a non-empty list of {from, value}")
+    prompt = []
+    for index, turn in enumerate(turns):
+        role = SHAREGPT_ROLES.get(field(turn, "from")) if isinstance(turn, dict) else None
+        if role is None:
+            raise RowError(f"field 'conversations[{index}].from' should be one of {', '.join(SHAREGPT_ROLES)}")
+        prompt.append(message(role, text(field(turn, "value"), f"conversations[{index}].value")))
+    if prompt[-1]["role"] != "user":
+        raise RowError("field 'conversations' should end with the user's turn")
+    return preference_record(prompt, sharegpt_answer(row, "chosen"), sharegpt_answer(row, "rejected"))
 
 
 FORMATS = {
-    "belle": Format("sft", belle, "instruction, input, output"),
-    "preference": Format("preference", preference, "prompt, chosen, rejected"),
+    "belle": Format("sft", instruction_output, "instruction, input, output (JSON Lines)"),
+    "alpaca": Format("sft", instruction_output, "instruction, input, output (JSON array)"),
+    "preference": Format("preference", prompt_chosen_rejected, "prompt, chosen, rejected"),
+    "ultrafeedback_binarized": Format("preference", ultrafeedback_binarized, "chosen, rejected (message lists)"),
+    "ultrafeedback_argilla": Format("preference", ultrafeedback_argilla, "instruction, chosen_response, rejected_response"),
+    "stack_exchange_paired": Format("preference", stack_exchange_paired, "question, response_j, response_k"),
+    "hh_rlhf": Format("preference", hh_rlhf, "chosen, rejected (Human/Assistant dialogues)"),
+    "sharegpt_preference": Format("preference", sharegpt_preference, "conversations, chosen, rejected"),
 }

@@ -1,0 +1,399 @@
+"""Compare finished runs side by side: a table on stdout, plus compare.csv and compare.png.
+
+Usage:
+
+    python -m rlhf.compare multirun/2025-01-01/12-00-00             # every job of a sweep
+    python -m rlhf.compare outputs/a outputs/b multirun/x/3          # any mix of runs and sweeps
+    python -m rlhf.compare SWEEP --sort eval_rewards/margins         # best margin first
+    python -m rlhf.compare SWEEP --sort eval_loss --descending       # force the order
+    python -m rlhf.compare SWEEP --columns eval_loss,eval_rewards/accuracies
+    python -m rlhf.compare SWEEP --metric rewards/margins            # right panel of compare.png
+
+What it reads (see README "What a run leaves"): a run directory is one that holds `.hydra/`,
+`metrics.json` or `status.json`; any other directory given stands for its immediate
+subdirectories that are runs (a sweep: S/0, S/1, ... in numeric order). From each run:
+`.hydra/overrides.yaml` (Hydra's own `hydra.*` overrides hidden), `metrics.json` (final
+metrics), `history.jsonl` (the curves) and `status.json` (its "status", when present; else
+"done" when metrics.json exists, else "incomplete").
+
+What it writes, into the FIRST directory given:
+- stdout: one row per run - run (relative to the first argument, or to its parent when that is
+  itself a run), status, overrides, then the chosen final metrics; errors of failed runs below.
+- compare.csv: every final metric of every run, after the run, status and overrides columns.
+- compare.png: one line per run - training `loss` over step on the left, `--metric` on the right.
+  Needs matplotlib (optional): without it a note says so and the rest is still written.
+
+Sorting: by `--sort` (default: eval_loss when any run has it, else train_loss). Metrics whose
+name says lower is better (contains "loss", "runtime" or "perplexity") sort ascending, all
+others descending; `--ascending` / `--descending` force it. Runs lacking the metric go last.
+
+Columns: by default train_loss and the eval_* metrics, without throughput noise (runtime,
+samples/steps per second, token counts) and raw DPO logits/logps, plus the sort metric;
+`--columns a,b,c` chooses. compare.csv always has every metric.
+
+Imports neither torch nor transformers: a whole sweep takes about a second, plot included.
+"""
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from rlhf.errors import UserError
+
+CSV_NAME = "compare.csv"
+PNG_NAME = "compare.png"
+NOISE = ("runtime", "samples_per_second", "steps_per_second", "num_tokens")  # throughput, not quality
+DIAGNOSTIC = ("logits/", "logps/")  # raw DPO log-probs and logits: in the CSV, off the default table
+LOWER_IS_BETTER = ("loss", "runtime", "perplexity")
+MISSING = "-"
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str  # what the table calls it
+    status: str  # done | failed | running | incomplete
+    overrides: list = field(default_factory=list)  # command-line overrides, hydra.* hidden
+    metrics: dict = field(default_factory=dict)  # final metrics (metrics.json)
+    history: list = field(default_factory=list)  # history.jsonl lines
+    error: str | None = None  # status.json's error, for failed runs
+
+
+def main(argv=None) -> int:
+    """Print the table and write compare.csv / compare.png; return the exit code."""
+    args = parse_args(argv)
+    try:
+        runs = load_runs(args.paths)
+        sort_metric = args.sort or default_sort_metric(runs)
+        columns = chosen_columns(runs, args.columns, sort_metric)
+        check_metrics_exist(runs, [sort_metric, *columns] if args.sort or args.columns else [])
+        ascending = sorts_ascending(sort_metric) if args.ascending is None else args.ascending
+        runs = sort_runs(runs, sort_metric, ascending)
+        print(format_table(runs, columns))
+        print_errors(runs)
+        out_dir = Path(args.paths[0])
+        write_csv(runs, out_dir / CSV_NAME)
+        print(f"wrote {out_dir / CSV_NAME}", file=sys.stderr)
+        if plot_curves(runs, args.metric or sort_metric, out_dir / PNG_NAME, explicit=args.metric is not None):
+            print(f"wrote {out_dir / PNG_NAME}", file=sys.stderr)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m rlhf.compare",
+        description="Compare runs: table on stdout, compare.csv and compare.png in the first directory.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="DIR", help="run directories and/or sweep directories")
+    parser.add_argument("--sort", metavar="METRIC",
+                        help="final metric to sort by (default: eval_loss, else train_loss)")
+    parser.add_argument("--metric", metavar="METRIC",
+                        help="metric for the right plot panel (default: the sort metric)")
+    parser.add_argument("--columns", metavar="A,B,C",
+                        help="final metrics to show in the table (default: losses and eval_*)")
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument("--ascending", dest="ascending", action="store_const", const=True, default=None,
+                       help="smallest first (default for names containing loss/runtime/perplexity)")
+    order.add_argument("--descending", dest="ascending", action="store_const", const=False,
+                       help="largest first (default for every other metric)")
+    return parser.parse_args(argv)
+
+
+# --- finding and reading runs ---------------------------------------------------------------
+
+
+def load_runs(paths) -> list:
+    """The runs the arguments name, in order, each once."""
+    base = name_base(Path(paths[0]))
+    runs, seen = [], set()
+    for path in run_dirs(paths):
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            runs.append(load_run(path, display_name(path, base)))
+    return runs
+
+
+def run_dirs(paths) -> list:
+    """Each argument as a run, or its run subdirectories when it is a sweep."""
+    found = []
+    for arg in paths:
+        path = Path(arg)
+        if is_run_dir(path):
+            found.append(path)
+            continue
+        jobs = sweep_jobs(path)
+        if not jobs:
+            raise UserError(f"{arg}: not a run directory or a sweep directory")
+        found.extend(jobs)
+    return found
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / marker).exists() for marker in (".hydra", "metrics.json", "status.json"))
+
+
+def sweep_jobs(path: Path) -> list:
+    """Immediate subdirectories that are runs: numeric names in numeric order, then the rest."""
+    if not path.is_dir():
+        return []
+    jobs = [child for child in path.iterdir() if is_run_dir(child)]
+    return sorted(jobs, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
+
+
+def name_base(first: Path) -> Path:
+    """Run names are relative to the first argument; to its parent when it is itself a run."""
+    return (first.parent if is_run_dir(first) else first).resolve()
+
+
+def display_name(path: Path, base: Path) -> str:
+    try:
+        return path.resolve().relative_to(base).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def load_run(path: Path, name: str) -> Run:
+    metrics = read_json(path / "metrics.json")
+    status_file = read_json(path / "status.json") or {}
+    return Run(
+        path=path,
+        name=name,
+        status=run_status(status_file, metrics),
+        overrides=visible_overrides(read_overrides(path)),
+        metrics=metrics if isinstance(metrics, dict) else {},
+        history=read_history(path / "history.jsonl"),
+        error=status_file.get("error"),
+    )
+
+
+def run_status(status_file: dict, metrics) -> str:
+    if status_file.get("status"):
+        return str(status_file["status"])
+    return "done" if metrics is not None else "incomplete"
+
+
+def read_json(path: Path):
+    """The file's JSON value, or None when it is missing or unreadable (a run cut off mid-write)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_overrides(run_dir: Path) -> list:
+    try:
+        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return []
+    return [str(item) for item in overrides] if isinstance(overrides, list) else []
+
+
+def visible_overrides(overrides: list) -> list:
+    """The user's overrides, without Hydra's own (hydra.sweep.dir=..., hydra.run.dir=...)."""
+    return [item for item in overrides if not item.lstrip("+~").startswith("hydra.")]
+
+
+def read_history(path: Path) -> list:
+    """The JSON lines of history.jsonl; a half-written last line (crash) is skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return []
+    lines = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            lines.append(record)
+    return lines
+
+
+# --- choosing metrics and order ---------------------------------------------------------------
+
+
+def all_metric_names(runs) -> list:
+    """Every final metric name, in the order the runs first report them."""
+    return list(dict.fromkeys(name for run in runs for name in run.metrics))
+
+
+def default_sort_metric(runs) -> str:
+    return "eval_loss" if any("eval_loss" in run.metrics for run in runs) else "train_loss"
+
+
+def chosen_columns(runs, columns_arg: str | None, sort_metric: str) -> list:
+    if columns_arg:
+        return [name.strip() for name in columns_arg.split(",") if name.strip()]
+    shown = [name for name in all_metric_names(runs) if is_headline_metric(name)]
+    if sort_metric not in shown:
+        shown.append(sort_metric)
+    return shown
+
+
+def is_headline_metric(name: str) -> bool:
+    headline = name.startswith("train_loss") or name.startswith("eval_")
+    return headline and not any(word in name for word in NOISE + DIAGNOSTIC)
+
+
+def check_metrics_exist(runs, names) -> None:
+    """A metric the user named that no run has is a typo, unless no run has metrics at all."""
+    known = all_metric_names(runs)
+    if not known:
+        return
+    for name in names:
+        if name not in known:
+            raise UserError(f"no run has the metric {name!r}; they have: {', '.join(known)}")
+
+
+def sorts_ascending(metric: str) -> bool:
+    return any(word in metric for word in LOWER_IS_BETTER)
+
+
+def sort_runs(runs, metric: str, ascending: bool) -> list:
+    """Best first by `metric`; runs without a numeric value keep their order, last."""
+    scored = [run for run in runs if is_number(run.metrics.get(metric))]
+    unscored = [run for run in runs if not is_number(run.metrics.get(metric))]
+    return sorted(scored, key=lambda run: run.metrics[metric], reverse=not ascending) + unscored
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+
+
+# --- table and CSV ---------------------------------------------------------------------------
+
+
+def format_table(runs, columns) -> str:
+    header = ["run", "status", "overrides", *columns]
+    rows = [[run.name, run.status, " ".join(run.overrides) or MISSING,
+             *(format_value(run.metrics.get(name)) for name in columns)] for run in runs]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    text_columns = 3  # left-aligned; metric columns are right-aligned
+
+    def line(cells):
+        return "  ".join(cell.ljust(w) if i < text_columns else cell.rjust(w)
+                         for i, (cell, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(row) for row in rows)])
+
+
+def format_value(value) -> str:
+    if value is None:
+        return MISSING
+    return f"{value:.4g}" if is_number(value) else str(value)
+
+
+def print_errors(runs) -> None:
+    failed = [run for run in runs if run.error]
+    if failed:
+        print()
+        for run in failed:
+            print(f"{run.name}: {run.status}: {run.error}")
+
+
+def write_csv(runs, path: Path) -> None:
+    names = all_metric_names(runs)
+    try:
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["run", "status", "overrides", *names])
+            for run in runs:
+                writer.writerow([run.name, run.status, " ".join(run.overrides),
+                                 *(run.metrics.get(name, "") for name in names)])
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+# --- curves ----------------------------------------------------------------------------------
+
+
+def plot_curves(runs, metric: str, path: Path, explicit: bool = False) -> bool:
+    """Training loss (left) and `metric` (right) over step, one line per run; False if skipped."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        note(f"matplotlib is not installed: skipped {path.name} (pip install matplotlib)")
+        return False
+    key = history_key(runs, metric)
+    if key is None and explicit:
+        note(f"no run logged {metric!r} in history.jsonl: {path.name} shows the training loss only")
+    fig = Figure(figsize=(12 if key else 7, 4.8), layout="constrained")
+    panels = fig.subplots(1, 2 if key else 1, squeeze=False)[0]
+    labels = legend_labels(runs)
+    draw_panel(panels[0], runs, "loss", labels, title="training loss")
+    if key:
+        draw_panel(panels[1], runs, key, labels, title=key)
+    common = common_overrides(runs)
+    if common:
+        fig.suptitle(" ".join(common))
+    fig.legend(*panels[0].get_legend_handles_labels(), loc="outside lower center",
+               ncols=min(3, max(1, len(runs))), fontsize="small")
+    FigureCanvasAgg(fig)
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+    return True
+
+
+def history_key(runs, metric: str) -> str | None:
+    """`metric` as history.jsonl names it: itself, or with/without the eval_ prefix."""
+    alternative = metric.removeprefix("eval_") if metric.startswith("eval_") else "eval_" + metric
+    for key in (metric, alternative):
+        if any(curve(run, key) for run in runs):
+            return key
+    return None
+
+
+def curve(run: Run, key: str) -> tuple:
+    """(steps, values) of `key` over the run's log lines, the end-of-training summary excluded."""
+    points = [(line["step"], line[key]) for line in run.history
+              if "train_runtime" not in line and is_number(line.get("step")) and is_number(line.get(key))]
+    return tuple(zip(*points))
+
+
+def draw_panel(ax, runs, key: str, labels: list, title: str) -> None:
+    for index, (run, label) in enumerate(zip(runs, labels)):
+        points = curve(run, key)
+        # every run gets a legend entry (from the left panel), even one with nothing to draw
+        steps, values = points if points else ([], [])
+        sparse = len(steps) <= 10  # evaluations: a few points, show them
+        ax.plot(steps, values, label=label, color=f"C{index % 10}", marker="o" if sparse else None, markersize=3)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+
+
+def legend_labels(runs) -> list:
+    """Each run's name and the overrides that set it apart (those all runs share go in the title)."""
+    common = set(common_overrides(runs))
+    labels = []
+    for run in runs:
+        own = " ".join(item for item in run.overrides if item not in common)
+        labels.append(f"{run.name}: {own}" if own else run.name)
+    return labels
+
+
+def common_overrides(runs) -> list:
+    if len(runs) < 2:
+        return []
+    return [item for item in runs[0].overrides if all(item in run.overrides for run in runs[1:])]
+
+
+def note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""`python -m rlhf.compare` on synthetic run directories (no training): table order, overrides,
+statuses, compare.csv, compare.png, and one-line errors."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf.compare import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_run(run_dir: Path, overrides: list, metrics: dict | None = None, history: list = (),
+             status: dict | None = None):
+    """A run directory as train.py leaves it (only the files rlhf.compare reads)."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+    if metrics is not None:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    if history:
+        (run_dir / "history.jsonl").write_text("".join(json.dumps(line) + "\n" for line in history))
+    if status is not None:
+        (run_dir / "status.json").write_text(json.dumps(status))
+    return run_dir
+
+
+def dpo_history(scale: float) -> list:
+    """Training lines, evaluation lines and the end-of-training summary, like the trainer logs."""
+    lines = []
+    for step in (5, 10, 15, 20):
+        lines.append({"step": step, "epoch": step / 30, "loss": scale / step, "rewards/margins": step * scale})
+        if step % 10 == 0:
+            lines.append({"step": step, "epoch": step / 30,
+                          "eval_loss": scale / step, "eval_rewards/margins": step * scale})
+    lines.append({"step": 20, "epoch": 0.7, "train_runtime": 8.4, "train_loss": scale / 10})
+    return lines
+
+
+def dpo_metrics(eval_loss: float, margins: float) -> dict:
+    return {"train_runtime": 8.4, "train_samples_per_second": 150.0, "train_loss": eval_loss * 2, "epoch": 2.0,
+            "eval_loss": eval_loss, "eval_runtime": 0.2,
+            "eval_rewards/accuracies": 1.0, "eval_rewards/margins": margins}
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """A two-job sweep (job 1 has the lower eval_loss) and, elsewhere, one failed run."""
+    sweep = tmp_path / "sweep"
+    make_run(sweep / "0", ["stage=dpo", "dpo.beta=0.1", "hydra.sweep.dir=/x"], dpo_metrics(0.5, 2.0), dpo_history(1.0))
+    make_run(sweep / "1", ["stage=dpo", "dpo.beta=0.3", "hydra.sweep.dir=/x"], dpo_metrics(0.1, 7.0), dpo_history(0.5))
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    failed = make_run(tmp_path / "failed", ["stage=dpo", "dpo.beta=9"], None, dpo_history(2.0)[:2],
+                      {"status": "failed", "error": "CUDA out of memory"})
+    return sweep, failed
+
+
+def table_rows(stdout: str) -> list:
+    """The table's data rows (after the dashed rule, up to the first blank line), split on spaces."""
+    lines = stdout.splitlines()
+    body = lines[2:lines.index("")] if "" in lines else lines[2:]
+    return [line.split() for line in body]
+
+
+def read_csv(path: Path) -> list:
+    with path.open(newline="") as handle:
+        return list(csv.reader(handle))
+
+
+def test_sweep_and_failed_run_sorted_by_eval_loss(runs, capsys):
+    sweep, failed = runs
+    assert main([str(sweep), str(failed)]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0].split()
+    assert header[:3] == ["run", "status", "overrides"]
+    assert "eval_loss" in header and "train_loss" in header
+    assert not any("runtime" in name or "per_second" in name for name in header)  # throughput noise hidden
+    rows = table_rows(out)
+    # default sort: eval_loss ascending (job 1 first); the failed run has no metrics: last
+    assert [row[0] for row in rows] == ["1", "0", failed.as_posix()]
+    assert rows[0][1:5] == ["done", "stage=dpo", "dpo.beta=0.3", "0.2"]  # train_loss of job 1
+    assert rows[2][1] == "failed" and "dpo.beta=9" in rows[2]
+    assert "hydra.sweep.dir" not in out
+    assert f"{failed.as_posix()}: failed: CUDA out of memory" in out
+
+
+def test_sort_by_margins_is_descending_and_ascending_forces(runs, capsys):
+    sweep, _ = runs
+    assert main([str(sweep), "--sort", "eval_rewards/margins", "--columns", "eval_rewards/margins,eval_loss"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["run", "status", "overrides", "eval_rewards/margins", "eval_loss"]
+    assert [row[0] for row in table_rows(out)] == ["1", "0"]  # higher margin first
+    assert main([str(sweep), "--sort", "eval_rewards/margins", "--ascending"]) == 0
+    assert [row[0] for row in table_rows(capsys.readouterr().out)] == ["0", "1"]
+    assert main([str(sweep), "--sort", "eval_loss", "--descending"]) == 0
+    assert [row[0] for row in table_rows(capsys.readouterr().out)] == ["0", "1"]
+
+
+def test_csv_and_png_written_into_the_first_directory(runs, capsys):
+    sweep, failed = runs
+    assert main([str(sweep), str(failed), "--metric", "rewards/margins"]) == 0
+    rows = read_csv(sweep / "compare.csv")
+    assert rows[0] == ["run", "status", "overrides", *dpo_metrics(0, 0)]  # every metric, runtime included
+    by_run = {row[0]: dict(zip(rows[0], row)) for row in rows[1:]}
+    assert [row[0] for row in rows[1:]] == ["1", "0", failed.as_posix()]
+    assert by_run["1"]["overrides"] == "stage=dpo dpo.beta=0.3"
+    assert float(by_run["1"]["eval_loss"]) == 0.1 and float(by_run["0"]["eval_rewards/margins"]) == 2.0
+    assert by_run[failed.as_posix()]["status"] == "failed" and by_run[failed.as_posix()]["eval_loss"] == ""
+    assert (sweep / "compare.png").read_bytes().startswith(b"\x89PNG")
+    assert not (failed / "compare.csv").exists()
+
+
+def test_without_matplotlib_csv_and_table_still_come(runs, capsys, monkeypatch):
+    sweep, _ = runs
+    for name in [name for name in sys.modules if name.split(".")[0] == "matplotlib"] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import matplotlib...` fail
+    assert main([str(sweep)]) == 0
+    captured = capsys.readouterr()
+    assert "matplotlib is not installed" in captured.err
+    assert (sweep / "compare.csv").exists() and not (sweep / "compare.png").exists()
+    assert [row[0] for row in table_rows(captured.out)] == ["1", "0"]
+
+
+def test_unknown_sort_metric_is_one_line_error(runs, capsys):
+    sweep, _ = runs
+    assert main([str(sweep), "--sort", "eval_nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no run has the metric 'eval_nope'") and err.count("\n") == 1
+
+
+def test_command_line_and_bad_path(runs, tmp_path):
+    sweep, failed = runs
+    command = [sys.executable, "-m", "rlhf.compare", str(sweep), str(failed), "--sort", "eval_rewards/margins"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [row[0] for row in table_rows(done.stdout)] == ["1", "0", failed.as_posix()]
+    assert (sweep / "compare.png").read_bytes().startswith(b"\x89PNG")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for bad in (empty, tmp_path / "missing"):
+        done = subprocess.run([sys.executable, "-m", "rlhf.compare", str(bad)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2
+        assert done.stderr == f"error: {bad}: not a run directory or a sweep directory\n"
+        assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_does_not_import_torch():
+    code = "import sys, rlhf.compare; print('torch' in sys.modules or 'transformers' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "False", done.stderr

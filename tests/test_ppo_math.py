@@ -1,0 +1,292 @@
+"""PPO math (rlhf.ppo.core) against values worked out by hand or by independent plain-Python
+loops; none of the expected numbers come from the function under test."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf.ppo.core import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    gae,
+    kl_penalized_rewards,
+    logprobs_from_logits,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    missing_eos_penalty,
+    policy_loss,
+    value_loss,
+)
+
+
+def t(rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+# --- masked statistics ---------------------------------------------------------------------
+
+VALUES = t([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+MASK = t([[1, 1, 0], [1, 0, 0]])  # real entries: 1, 2, 4
+
+
+def test_masked_mean_over_all_and_per_row():
+    assert masked_mean(VALUES, MASK).item() == pytest.approx(7 / 3)  # (1 + 2 + 4) / 3
+    assert masked_mean(VALUES, MASK, dim=1).tolist() == pytest.approx([1.5, 4.0])
+    assert masked_mean(VALUES, MASK.bool()).item() == pytest.approx(7 / 3)  # bool mask too
+
+
+def test_masked_mean_ignores_nan_and_inf_in_padding():
+    values = t([[1.0, 2.0, float("nan")], [4.0, float("inf"), float("-inf")]])
+    assert masked_mean(values, MASK).item() == pytest.approx(7 / 3)
+
+
+def test_masked_mean_of_an_empty_row_is_zero():
+    mask = t([[1, 1, 0], [0, 0, 0]])
+    assert masked_mean(VALUES, mask, dim=1).tolist() == pytest.approx([1.5, 0.0])
+
+
+def test_masked_var_by_hand():
+    # entries 1, 2, 4: mean 7/3, squared deviations 16/9 + 1/9 + 25/9 = 42/9
+    assert masked_var(VALUES, MASK, unbiased=False).item() == pytest.approx(42 / 9 / 3)
+    assert masked_var(VALUES, MASK, unbiased=True).item() == pytest.approx(42 / 9 / 2)
+
+
+def test_masked_var_unbiased_needs_two_entries():
+    with pytest.raises(ValueError):
+        masked_var(VALUES, t([[1, 0, 0], [0, 0, 0]]))
+
+
+def test_masked_whiten_by_hand_and_ignores_padding():
+    values = t([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0]])
+    mask = t([[1, 1, 1], [1, 0, 0]])
+    # entries 1, 2, 3, 4: mean 2.5, unbiased var (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3
+    sd = math.sqrt(5 / 3 + 1e-8)
+    expected = [[-1.5 / sd, -0.5 / sd, 0.5 / sd], [1.5 / sd, 0.0, 0.0]]
+    out = masked_whiten(values, mask)
+    assert out.tolist()[0] == pytest.approx(expected[0])
+    assert out.tolist()[1] == pytest.approx(expected[1])
+    # over the masked entries: mean 0, (unbiased) variance 1
+    real = out[mask.bool()]
+    assert real.mean().item() == pytest.approx(0.0, abs=1e-12)
+    assert real.var(unbiased=True).item() == pytest.approx(1.0, rel=1e-6)
+    # whatever sits in the padding changes nothing
+    other_padding = values.clone()
+    other_padding[1, 1:] = -7.0
+    assert torch.equal(masked_whiten(other_padding, mask), out)
+
+
+def test_masked_whiten_without_mean_shift_keeps_the_mean():
+    values = t([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0]])
+    mask = t([[1, 1, 1], [1, 0, 0]])
+    sd = math.sqrt(5 / 3 + 1e-8)
+    out = masked_whiten(values, mask, shift_mean=False)
+    assert out[0].tolist() == pytest.approx([2.5 - 1.5 / sd, 2.5 - 0.5 / sd, 2.5 + 0.5 / sd])
+    assert out[1].tolist() == pytest.approx([2.5 + 1.5 / sd, 0.0, 0.0])
+    assert out[mask.bool()].mean().item() == pytest.approx(2.5)
+
+
+# --- rewards -------------------------------------------------------------------------------
+
+
+def test_missing_eos_penalty():
+    scores = t([1.0, 2.0, 3.0])
+    ended = torch.tensor([True, False, True])
+    assert missing_eos_penalty(scores, ended, 1.5).tolist() == pytest.approx([1.0, 0.5, 3.0])
+
+
+def test_kl_penalized_rewards_by_hand():
+    scores = t([10.0, 20.0])
+    logprobs = t([[-1.0, -2.0, -3.0], [-0.5, -1.0, 9.0]])
+    ref_logprobs = t([[-1.5, -1.0, -3.0], [-1.0, -2.0, 0.0]])
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    rewards, kl = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.1)
+    # kl = logprob - ref_logprob on real tokens, 0 on padding
+    assert kl.tolist()[0] == pytest.approx([0.5, -1.0, 0.0])
+    assert kl.tolist()[1] == pytest.approx([0.5, 1.0, 0.0])
+    # r_t = -0.1 * kl_t, plus the score on the last real token (index 2, then index 1)
+    assert rewards.tolist()[0] == pytest.approx([-0.05, 0.1, 0.0 + 10.0])
+    assert rewards.tolist()[1] == pytest.approx([-0.05, -0.1 + 20.0, 0.0])
+
+
+def test_kl_penalized_rewards_rejects_an_empty_response():
+    with pytest.raises(ValueError):
+        kl_penalized_rewards(t([1.0]), t([[0.0, 0.0]]), t([[0.0, 0.0]]), t([[0, 0]]), kl_coef=0.1)
+
+
+# --- GAE -------------------------------------------------------------------------------------
+
+
+def test_gae_1x3_by_hand():
+    rewards, values, mask = t([[0.0, 0.0, 1.0]]), t([[0.5, 0.6, 0.7]]), t([[1, 1, 1]])
+    # gamma = 1, lam = 0.95; V after the last token is 0
+    # delta_2 = 1 + 0 - 0.7 = 0.3               A_2 = 0.3
+    # delta_1 = 0 + 0.7 - 0.6 = 0.1             A_1 = 0.1 + 0.95 * 0.3   = 0.385
+    # delta_0 = 0 + 0.6 - 0.5 = 0.1             A_0 = 0.1 + 0.95 * 0.385 = 0.46575
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    assert advantages.tolist()[0] == pytest.approx([0.46575, 0.385, 0.3])
+    assert returns.tolist()[0] == pytest.approx([0.96575, 0.985, 1.0])  # A + V
+
+
+def test_gae_padding_is_not_bootstrapped_from():
+    # The same response as above, with garbage in a padded 4th position.
+    rewards, values, mask = t([[0.0, 0.0, 1.0, 5.0]]), t([[0.5, 0.6, 0.7, 9.0]]), t([[1, 1, 1, 0]])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    assert advantages.tolist()[0] == pytest.approx([0.46575, 0.385, 0.3, 0.0])
+    assert returns.tolist()[0] == pytest.approx([0.96575, 0.985, 1.0, 0.0])
+
+
+def test_gae_matches_the_explicit_sum_on_ragged_rows():
+    """A_t = sum_l (gamma*lam)^l delta_{t+l} (GAE paper), as a plain double loop."""
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    values = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    lengths = [5, 3, 1]
+    mask = t([[1.0 if j < n else 0.0 for j in range(5)] for n in lengths])
+    gamma, lam = 0.9, 0.8
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    for i, n in enumerate(lengths):
+        r, v = rewards[i].tolist(), values[i].tolist()
+        v_next = v[1:n] + [0.0]
+        deltas = [r[k] + gamma * v_next[k] - v[k] for k in range(n)]
+        for j in range(5):
+            if j < n:
+                expected = sum((gamma * lam) ** (k - j) * deltas[k] for k in range(j, n))
+                assert advantages[i, j].item() == pytest.approx(expected)
+                assert returns[i, j].item() == pytest.approx(expected + v[j])
+            else:
+                assert advantages[i, j].item() == 0.0 and returns[i, j].item() == 0.0
+
+
+def test_gae_outputs_carry_no_gradient():
+    values = t([[0.5, 0.6]]).requires_grad_()
+    advantages, returns = gae(t([[0.0, 1.0]]), values, t([[1, 1]]), gamma=1.0, lam=1.0)
+    assert not advantages.requires_grad and not returns.requires_grad
+
+
+# --- losses --------------------------------------------------------------------------------
+
+
+def test_policy_loss_some_ratios_clip_some_do_not():
+    # old_logprobs = 0, so ratio = exp(logprob); cliprange 0.2 -> ratios clipped to [0.8, 1.2]
+    ratios = [[1.5, 0.5, 1.1], [0.5, 1.0, 1.0]]
+    logprobs = t([[math.log(r) for r in row] for row in ratios])
+    logprobs[1, 1] = 1000.0  # padding: exp would overflow if it were used
+    logprobs.requires_grad_()
+    old_logprobs = torch.zeros(2, 3, dtype=torch.float64)
+    advantages = t([[1.0, 1.0, -2.0], [-1.0, 5.0, 5.0]])
+    mask = t([[1, 1, 1], [1, 0, 0]])
+    # per real token: max(-A * ratio, -A * clip(ratio))
+    #   ratio 1.5, A  1: max(-1.5, -1.2) = -1.2  (clipped wins)
+    #   ratio 0.5, A  1: max(-0.5, -0.8) = -0.5  (unclipped)
+    #   ratio 1.1, A -2: max( 2.2,  2.2) =  2.2  (inside the range: not counted as clipped)
+    #   ratio 0.5, A -1: max( 0.5,  0.8) =  0.8  (clipped wins)
+    loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, cliprange=0.2)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2 + 0.8) / 4)
+    assert stats["clipfrac"].item() == pytest.approx(2 / 4)
+    log_ratios = [math.log(1.5), math.log(0.5), math.log(1.1), math.log(0.5)]
+    assert stats["approxkl"].item() == pytest.approx(0.5 * sum(x * x for x in log_ratios) / 4)
+    # Where the clipped term wins the gradient is 0; elsewhere d(-A * exp(lp)) / dlp / 4.
+    loss.backward()
+    grad = logprobs.grad.tolist()
+    assert grad[0] == pytest.approx([0.0, -1.0 * 0.5 / 4, 2.0 * 1.1 / 4])
+    assert grad[1] == pytest.approx([0.0, 0.0, 0.0])
+
+
+def test_policy_loss_on_policy_is_minus_mean_advantage():
+    logprobs = t([[-1.0, -2.0, -3.0]])
+    loss, stats = policy_loss(logprobs, logprobs.clone(), t([[1.0, 2.0, 6.0]]), t([[1, 1, 1]]), 0.2)
+    assert loss.item() == pytest.approx(-3.0)  # ratio 1: -(1 + 2 + 6) / 3
+    assert stats["clipfrac"].item() == 0.0 and stats["approxkl"].item() == 0.0
+
+
+def test_value_loss_clipped_vs_not():
+    old_values = t([[1.0, 1.0, 1.0, 1.0]])
+    values = t([[1.5, 1.1, 0.5, 100.0]])
+    returns = t([[2.0, 0.0, 1.0, -100.0]])
+    mask = t([[1, 1, 1, 0]])
+    # cliprange 0.2: v_clipped = [1.2, 1.1, 0.8]
+    #   t0: max((1.5-2)^2, (1.2-2)^2) = max(0.25, 0.64) = 0.64   (clipped wins)
+    #   t1: max((1.1-0)^2, (1.1-0)^2) = 1.21                    (inside: not clipped)
+    #   t2: max((0.5-1)^2, (0.8-1)^2) = max(0.25, 0.04) = 0.25   (unclipped)
+    loss, stats = value_loss(values, old_values, returns, mask, cliprange_value=0.2)
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 1.21 + 0.25) / 3)
+    assert stats["clipfrac"].item() == pytest.approx(1 / 3)
+
+
+def test_value_loss_unclipped_is_half_mse():
+    values, returns = t([[1.0, 2.0]]), t([[0.0, 0.0]])
+    loss, stats = value_loss(values, values.clone(), returns, t([[1, 1]]), cliprange_value=0.2)
+    assert loss.item() == pytest.approx(0.5 * (1.0 + 4.0) / 2)
+    assert stats["clipfrac"].item() == 0.0
+
+
+# --- from logits -----------------------------------------------------------------------------
+
+
+def test_logprobs_from_logits_by_hand():
+    # softmax([0, ln 3]) = [1/4, 3/4]; shifting all logits by 1000 changes nothing
+    logits = t([[[0.0, math.log(3)], [1000.0, 1000.0 + math.log(3)]]])  # [1, 2, 2]
+    tokens = torch.tensor([[1, 0]])
+    out = logprobs_from_logits(logits, tokens)
+    assert out.shape == (1, 2)
+    assert out[0].tolist() == pytest.approx([math.log(3 / 4), math.log(1 / 4)])
+
+
+def test_logprobs_from_logits_upcasts_bf16():
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0]]], dtype=torch.bfloat16)
+    out = logprobs_from_logits(logits, torch.tensor([[2]]))
+    assert out.dtype == torch.float32
+    assert out.item() == pytest.approx(math.log(1 / 4))
+
+
+def test_entropy_from_logits_by_hand():
+    logits = t(
+        [
+            [[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, math.log(2), 0.0]],
+            [[1000.0, 1000.0, 0.0, 0.0], [7.0] * 4],
+        ]
+    )
+    # uniform over 4: ln 4; probs [1, 1, 2, 1] / 5: -(3 * 0.2 ln 0.2 + 0.4 ln 0.4)
+    # two logits at 1000 and two at 0: ln 2 (the others have probability ~e^-1000); 4 x 7.0: ln 4
+    out = entropy_from_logits(logits)
+    assert out.shape == (2, 2)
+    assert out[0].tolist() == pytest.approx([math.log(4), -(3 * 0.2 * math.log(0.2) + 0.4 * math.log(0.4))])
+    assert out[1].tolist() == pytest.approx([math.log(2), math.log(4)])
+
+
+# --- KL controllers --------------------------------------------------------------------------
+
+
+def test_fixed_kl_controller_never_changes():
+    ctl = FixedKLController(0.05)
+    ctl.update(current_kl=100.0, n_steps=512)
+    ctl.update(current_kl=0.0, n_steps=512)
+    assert ctl.value == 0.05
+
+
+@pytest.mark.parametrize(
+    "kl, expected",
+    [
+        (6.6, 0.1 * (1 + 0.1 * 256 / 10000)),  # error 6.6/6 - 1 = 0.1, inside the clip: up
+        (7.2, 0.1 * (1 + 0.2 * 256 / 10000)),  # error 0.2, at the clip: up
+        (60.0, 0.1 * (1 + 0.2 * 256 / 10000)),  # error 9 clipped to 0.2: up
+        (6.0, 0.1),  # on target: unchanged
+        (5.4, 0.1 * (1 - 0.1 * 256 / 10000)),  # error -0.1: down
+        (0.0, 0.1 * (1 - 0.2 * 256 / 10000)),  # error -1 clipped to -0.2: down
+    ],
+)
+def test_adaptive_kl_controller_step(kl, expected):
+    ctl = AdaptiveKLController(init_kl_coef=0.1, target=6.0, horizon=10000)
+    ctl.update(current_kl=kl, n_steps=256)
+    assert ctl.value == pytest.approx(expected, rel=1e-12)
+    assert (ctl.value > 0.1) == (kl > 6.0) and (ctl.value < 0.1) == (kl < 6.0)
+
+
+def test_adaptive_kl_controller_compounds():
+    ctl = AdaptiveKLController(init_kl_coef=0.2, target=1.0, horizon=100)
+    ctl.update(current_kl=1.1, n_steps=10)  # error 0.1: * 1.01
+    ctl.update(current_kl=0.5, n_steps=50)  # error -0.5 -> -0.2: * 0.9
+    assert ctl.value == pytest.approx(0.2 * 1.01 * 0.9, rel=1e-12)
