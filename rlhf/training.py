@@ -3,6 +3,7 @@ settings object, the history log, the tracker, and the train -> evaluate -> save
 that ends a run."""
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from transformers import TrainerCallback
 
 from rlhf.data import Splits, load_splits
 from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -115,11 +118,28 @@ def _netrc_has_wandb() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def dropped_by_trainer(trainer, data: Splits) -> int:
+    """Rows the TRL trainer filtered out while tokenizing (DPO drops pairs whose prompt alone
+    fills max_length under keep_start truncation): counted and reported, never silent."""
+    dropped = len(data.train) - len(trainer.train_dataset)
+    if data.eval is not None and trainer.eval_dataset is not None:
+        dropped += len(data.eval) - len(trainer.eval_dataset)
+    if dropped:
+        log.warning(
+            "dataset: the trainer dropped %d rows longer than max_length=%s; raise max_length or use "
+            "truncation_mode=keep_end to keep them",
+            dropped,
+            trainer.args.max_length,
+        )
+    return dropped
+
+
 def fit(trainer, run_dir: Path, inputs: StageInputs) -> dict:
     """Train, evaluate on the held-out split, save the adapter/model and tokenizer to final/,
     and return the final metrics as one flat dict."""
+    dropped = dropped_by_trainer(trainer, inputs.data)
     result = trainer.train()
-    metrics = {**result.metrics, "data/skipped_rows": inputs.data.skipped_rows}
+    metrics = {**result.metrics, "data/skipped_rows": inputs.data.skipped_rows, "data/dropped_rows": dropped}
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
     trainer.save_model(str(run_dir / "final"))

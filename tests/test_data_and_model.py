@@ -70,3 +70,66 @@ def test_tiny_model_is_cached_and_its_template_marks_assistant_tokens():
     encoded = tokenizer.apply_chat_template(chat, return_assistant_tokens_mask=True, return_dict=True)
     marked = [t for t, m in zip(encoded["input_ids"], encoded["assistant_masks"]) if m]
     assert tokenizer.decode(marked) == "cat<|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def qwen3_model_dir(tmp_path_factory):
+    """A one-layer random Qwen3 model with the real Qwen3 tokenizer from ../shared/data."""
+    from conftest import SHARED_DATA
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    source = SHARED_DATA / "tokenizers" / "qwen3"
+    if not source.exists():
+        pytest.skip(f"{source} is absent (the real tokenizer lives in ../shared/data beside the checkout)")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, eos_token_id=tokenizer.eos_token_id,
+    )
+    target = tmp_path_factory.mktemp("qwen3-tiny")
+    Qwen3ForCausalLM(config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def test_qwen3_sft_formatting_counts_only_assistant_tokens(qwen3_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_model_dir)
+    data = load_splits(dataset_cfg("builtin:sft_zh.jsonl", "belle", max_samples=4), kind="sft").train
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=128)
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(qwen3_model_dir), args=args, train_dataset=data, processing_class=tokenizer
+    )
+    row, source = trainer.train_dataset[0], data[0]
+    whole = tokenizer.apply_chat_template(source["prompt"] + source["completion"], tokenize=False)
+    assert tokenizer.decode(row["input_ids"]) == whole  # the Qwen3 chat template, applied once
+    assert whole.startswith("<|im_start|>user\n" + source["prompt"][0]["content"] + "<|im_end|>")
+    trained = tokenizer.decode([t for t in row["labels"] if t != -100])
+    assert trained == "<think>\n\n</think>\n\n" + source["completion"][0]["content"] + "<|im_end|>\n"
+
+
+def test_qwen3_dpo_formatting_splits_prompt_and_answers(qwen3_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_model_dir)
+    data = load_splits(dataset_cfg("builtin:preference_zh.jsonl", "preference", max_samples=4), kind="preference").train
+    args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=128)
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(qwen3_model_dir), args=args, train_dataset=data, processing_class=tokenizer
+    )
+    row, source = trainer.train_dataset[0], data[0]
+    assert tokenizer.decode(row["prompt_ids"]) == tokenizer.apply_chat_template(
+        source["prompt"], tokenize=False, add_generation_prompt=True
+    )
+    for answer in ("chosen", "rejected"):
+        assert tokenizer.decode(row[f"{answer}_ids"]).endswith(source[answer][0]["content"] + "<|im_end|>\n")
+
+
+def test_a_local_model_directory_trains_through_the_cli_config(qwen3_model_dir, tmp_path):
+    from conftest import train
+
+    metrics = train(tmp_path, "stage=sft", f"model.name_or_path={qwen3_model_dir}", "sft.max_steps=2", "dataset.max_samples=24")
+    assert metrics["train_loss"] > 0
