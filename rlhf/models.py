@@ -12,7 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from rlhf.errors import UserError, first_line
+from rlhf import model_sources
+from rlhf.errors import UserError
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DATA = Path(__file__).parent / "data" / "builtin"
@@ -57,35 +58,24 @@ def cache_dir() -> Path:
 def resolve_model_path(model_cfg) -> str:
     """A local directory holding the model named by `model.name_or_path`.
 
-    `builtin:tiny` is built (once) into the cache; an existing local path is used as it is;
-    anything else is a hub id, fetched or found in the hub's local cache.
+    `builtin:<name>` is built (once) into the cache; an existing local path is used as it is;
+    anything else is a hub id, fetched from `model.hub` or found in that hub's local cache.
     """
+    hub = model_sources.check_hub(model_cfg.get("hub"))  # a typo fails even when no hub is asked
     name = str(model_cfg.name_or_path)
     if name.startswith(BUILTIN_PREFIX):
+        builders = {"tiny": ensure_tiny_model, "smollm2-135m": model_sources.ensure_smollm2}
         builtin = name[len(BUILTIN_PREFIX):]
-        if builtin != "tiny":
-            raise UserError(f"model.name_or_path={name}: unknown built-in model; the built-in one is 'builtin:tiny'")
-        return str(ensure_tiny_model())
+        if builtin not in builders:
+            valid = ", ".join(BUILTIN_PREFIX + key for key in builders)
+            raise UserError(f"model.name_or_path={name}: unknown built-in model; valid ones: {valid}")
+        return str(builders[builtin]())
     local = Path(name).expanduser()
     if local.is_dir():
         return str(local)
     if local.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
         raise UserError(f"model.name_or_path={name}: no such directory")
-    return _download_from_hub(name, model_cfg)
-
-
-def _download_from_hub(repo_id: str, model_cfg) -> str:
-    """Fetch a hub model into the hub's cache (or find it there when offline)."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(repo_id, revision=model_cfg.get("revision") or None)
-    except Exception as err:  # any hub failure becomes the same actionable line
-        raise UserError(
-            f"model '{repo_id}' could not be loaded: it is not a local directory, not in the Hugging Face "
-            f"cache, and the hub said: {first_line(err)}. Download it where there is network and pass "
-            f"model.name_or_path=/path/to/local/dir"
-        ) from None
+    return model_sources.download(name, hub, model_cfg.get("revision"))
 
 
 def ensure_tiny_model() -> Path:
@@ -209,25 +199,54 @@ def load_tokenizer(model_path: str, model_cfg):
     return tokenizer
 
 
-def load_causal_lm(model_path: str, model_cfg, quantization_cfg, hardware_cfg):
-    """The policy: a causal LM in the hardware's dtype, quantized if asked."""
+def load_model(model_path: str, adapters: list, model_cfg, quantization_cfg, hardware_cfg, head: str = "causal_lm"):
+    """A model in the hardware's dtype, quantized if asked, with earlier runs' LoRA adapters
+    merged in (`rlhf.runs.policy_lineage`).
+
+    head="causal_lm" is a policy; head="reward" a sequence classifier with one output (a
+    reward model; its score head starts untrained unless an adapter brings one).
+    """
     import torch
     from hydra.utils import instantiate
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     quantization = instantiate(quantization_cfg) if quantization_cfg is not None else None
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path,
-        dtype=getattr(torch, hardware_cfg.dtype),
-        trust_remote_code=bool(model_cfg.trust_remote_code),
-        quantization_config=quantization,
-        attn_implementation=model_cfg.get("attn_implementation") or None,
-    )
+    if quantization is not None and adapters:
+        raise UserError(
+            "quantization with model.init_from=<a LoRA run> is not supported yet: the adapter cannot be merged "
+            "into quantized weights; start from a run trained with peft=none, or drop quantization"
+        )
+    kwargs = {
+        "dtype": getattr(torch, hardware_cfg.dtype),
+        "trust_remote_code": bool(model_cfg.trust_remote_code),
+        "quantization_config": quantization,
+        "attn_implementation": model_cfg.get("attn_implementation") or None,
+    }
+    if head == "reward":
+        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, **kwargs)
+        if model.config.pad_token_id is None:  # the score is read at the last non-pad token
+            model.config.pad_token_id = model.config.eos_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    for adapter in adapters:
+        model = merge_adapter(model, adapter)
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
+
+
+def merge_adapter(model, adapter_dir):
+    """Fold a saved LoRA adapter into the model's weights (its score head, if it saved one,
+    replaces the model's). A policy's adapter also merges into a reward model built on the
+    same base: only the shared transformer layers carry LoRA weights."""
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    if config.task_type == "CAUSAL_LM" and not hasattr(model, "prepare_inputs_for_generation"):
+        config.task_type = None  # a plain PeftModel: no generation hooks on a classifier
+    return PeftModel.from_pretrained(model, str(adapter_dir), config=config).merge_and_unload()
 
 
 def lora_config(r: int, alpha: float, dropout: float, target_modules, bias: str = "none", task_type: str = "CAUSAL_LM"):

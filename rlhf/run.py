@@ -28,15 +28,21 @@ def main(cfg, run_dir: Path | None = None):
     sweep objective."""
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     try:
-        stage = get_stage(cfg.stage)
-        write_json(run_dir / "env.json", environment(cfg))
-        metrics = stage(cfg, run_dir)
+        metrics = run_stage(cfg, run_dir)
+        print(f"final metrics ({run_dir}):\n" + json.dumps(metrics, indent=2, ensure_ascii=False))
+        return objective(cfg, metrics)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def run_stage(cfg, run_dir: Path) -> dict:
+    """env.json, the stage's training, metrics.json: one complete run directory."""
+    stage = get_stage(cfg.stage)
+    write_json(run_dir / "env.json", environment(cfg))
+    metrics = stage(cfg, run_dir)
     write_json(run_dir / "metrics.json", metrics)
-    print(f"final metrics ({run_dir}):\n" + json.dumps(metrics, indent=2, ensure_ascii=False))
-    return objective(cfg, metrics)
+    return metrics
 
 
 def objective(cfg, metrics: dict):

@@ -5,6 +5,7 @@ that ends a run."""
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
 from rlhf.data import Splits, load_splits
-from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
+from rlhf.models import load_model, load_tokenizer, resolve_model_path
+from rlhf.runs import finished_run, policy_lineage
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +30,34 @@ class StageInputs:
     peft_config: object  # peft.LoraConfig, or None for full fine-tuning
 
 
-def load_inputs(cfg, data_kind: str) -> StageInputs:
-    """Tokenizer, data (checked before the model loads, so bad rows fail fast), then model."""
-    model_path = resolve_model_path(cfg.model)
-    tokenizer = load_tokenizer(model_path, cfg.model)
+def load_inputs(cfg, data_kind: str, head: str = "causal_lm") -> StageInputs:
+    """Tokenizer, data (checked before the model loads, so bad rows fail fast), then the model
+    (with the runs it starts from merged in) and the LoRA settings for this stage's head."""
+    base_cfg, adapters = policy_lineage(cfg.model)
+    model_path = resolve_model_path(base_cfg)
+    tokenizer = load_tokenizer(model_path, base_cfg)
     data = load_splits(cfg.dataset, kind=data_kind)
-    model = load_causal_lm(model_path, cfg.model, cfg.quantization, cfg.hardware)
-    peft_config = instantiate(cfg.peft) if cfg.peft is not None else None
+    model = load_model(model_path, adapters, base_cfg, cfg.quantization, cfg.hardware, head=head)
+    peft_config = None
+    if cfg.peft is not None:  # a reward model's LoRA also trains and saves its score head
+        peft_config = instantiate(cfg.peft, task_type="SEQ_CLS" if head == "reward" else "CAUSAL_LM")
     return StageInputs(tokenizer, model, data, peft_config)
+
+
+def load_reward_model(rm_run, cfg):
+    """(reward model, its tokenizer) from a finished `stage=rm` run: its base model with every
+    adapter of its lineage and its own (score head included) merged in, frozen."""
+    rm_cfg = finished_run(rm_run, "ppo.reward_model", stages=("rm",))
+    base_cfg, adapters = policy_lineage(rm_cfg.model)
+    model_path = resolve_model_path(base_cfg)
+    final = Path(str(rm_run)).expanduser() / "final"
+    if (final / "adapter_config.json").is_file():
+        adapters = [*adapters, final]
+    else:  # trained with peft=none: final/ is the whole reward model
+        model_path, adapters = str(final), []
+    model = load_model(model_path, adapters, base_cfg, None, cfg.hardware, head="reward")
+    model.requires_grad_(False)
+    return model.eval(), load_tokenizer(model_path, base_cfg)
 
 
 def trainer_kwargs(cfg, stage_cfg, inputs: StageInputs, run_dir: Path) -> dict:
@@ -72,18 +94,21 @@ def run_name(cfg) -> str:
     return cfg.get("run_name") or "default"
 
 
+def append_history(path: Path, record: dict) -> None:
+    """One line of history.jsonl, written as it happens, so a crashed run keeps its history."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
 class HistoryWriter(TrainerCallback):
-    """Appends each log event of the trainer (train and eval) to <run_dir>/history.jsonl as it
-    happens, so a crashed run keeps the history up to the crash."""
+    """Appends each log event of a transformers Trainer (train and eval) to history.jsonl."""
 
     def __init__(self, path: Path):
         self.path = path
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            record = {"step": state.global_step, "epoch": state.epoch, **logs}
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            append_history(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
 
 
 def start_tracking(cfg, run_dir: Path) -> None:
@@ -144,9 +169,13 @@ def fit(trainer, run_dir: Path, inputs: StageInputs) -> dict:
         metrics.update(trainer.evaluate())
     trainer.save_model(str(run_dir / "final"))
     trainer.processing_class.save_pretrained(str(run_dir / "final"))
-    if trainer.args.report_to and "wandb" in trainer.args.report_to:
-        import wandb
+    finish_tracking(metrics)
+    return metrics
 
+
+def finish_tracking(metrics: dict) -> None:
+    """Put the final metrics in the W&B run's summary and close it (no-op without W&B)."""
+    wandb = sys.modules.get("wandb")  # only present when start_tracking opened a run
+    if wandb is not None and wandb.run is not None:
         wandb.summary.update(metrics)
         wandb.finish()
-    return metrics

@@ -23,13 +23,15 @@ def test_every_group_has_options():
 
 
 def combinations():
-    """Every combination of options; datasets vary with the stage alone (no other group
-    touches the dataset node), which keeps the count in the hundreds, not thousands."""
-    others = [group for group in GROUPS if group != "dataset"]
-    for combo in itertools.product(*(options(group) for group in others)):
-        yield dict(zip(others, combo))
-    for stage, dataset in itertools.product(options("stage"), options("dataset")):
-        yield {"stage": stage, "dataset": dataset}
+    """Every combination of the groups that interact (stage, peft, quantization, hardware,
+    logger); models and datasets fill nodes no other group reads, so each is crossed with
+    every stage alone. Hundreds of compositions, not thousands."""
+    crossed = ("stage", "peft", "quantization", "hardware", "logger")
+    for combo in itertools.product(*(options(group) for group in crossed)):
+        yield dict(zip(crossed, combo))
+    for group in ("model", "dataset"):
+        for stage, choice in itertools.product(options("stage"), options(group)):
+            yield {"stage": stage, group: choice}
 
 
 def test_every_combination_composes():
@@ -50,7 +52,18 @@ def test_stage_picks_a_fitting_default_dataset():
     assert compose_config("stage=dpo", "dataset=builtin_sft").dataset.format == "belle"  # the user's choice wins
 
 
-@pytest.mark.parametrize("stage", options("stage"))
+TRL_STAGES = [stage for stage in options("stage") if (CONF / stage / "default.yaml").exists()
+              and "_target_: trl." in (CONF / stage / "default.yaml").read_text()]
+
+
+def test_own_stage_settings_build():
+    from rlhf.ppo.trainer import PPOConfig
+
+    settings = instantiate(compose_config("stage=ppo", "ppo.kl_coef=0.05").ppo)
+    assert isinstance(settings, PPOConfig) and settings.kl_coef == 0.05
+
+
+@pytest.mark.parametrize("stage", TRL_STAGES)
 @pytest.mark.parametrize("hardware", options("hardware"))
 def test_trl_settings_build_for_every_stage_and_hardware(stage, hardware, tmp_path):
     from rlhf.training import training_args
@@ -87,7 +100,7 @@ def test_unknown_stage_name_in_a_saved_config_lists_the_valid_ones():
     from rlhf.errors import UserError
     from rlhf.stages import get_stage
 
-    with pytest.raises(UserError, match="valid stages: dpo, sft"):
+    with pytest.raises(UserError, match="valid stages: chain, dpo, ppo, rm, sft"):
         get_stage("ppo_typo")
 
 

@@ -1,0 +1,106 @@
+"""A pipeline of stages in one command (`experiment=rlhf_chain`: SFT -> RM -> PPO).
+
+Each step of `chain.steps` is a list of overrides composed with conf/config.yaml exactly as if
+typed after `python train.py`, and runs in its own complete run directory <run dir>/<step>/.
+In a step's overrides, "@<step>" stands for the run directory of an earlier step, so a stage
+starts from the one before it (`model.init_from=@sft`, `ppo.reward_model=@rm`).
+
+Overrides given on the chain's command line reach every step, except another stage's
+hyperparameters (`ppo.kl_coef=0.05` reaches only the ppo step). A step whose directory already
+holds a finished run with the same config is skipped, so a failed chain resumes where it broke.
+"""
+
+import json
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+
+from rlhf import PROJECT_ROOT
+from rlhf.errors import UserError
+
+STEP_REFERENCE = "@"
+NOT_INHERITED = ("experiment", "stage", "chain", "hydra", "run_name")
+
+
+def run(cfg, run_dir: Path) -> dict:
+    from rlhf.run import run_stage  # the same path a single run takes
+
+    if not cfg.chain.steps:
+        raise UserError("stage=chain needs chain.steps (see conf/experiment/rlhf_chain.yaml)")
+    step_dirs = {name: run_dir / name for name in cfg.chain.steps}
+    metrics = {}
+    for name, step_overrides in cfg.chain.steps.items():
+        overrides = [*inherited_overrides(step_stage(name, step_overrides)), *(resolve(o, step_dirs) for o in step_overrides)]
+        step_cfg = compose_step(overrides)
+        with open_dict(step_cfg):
+            step_cfg.run_name = f"{cfg.run_name or 'chain'}/{name}"
+        step_dir = step_dirs[name]
+        if finished_with(step_dir, step_cfg):
+            print(f"chain: {name} already finished in {step_dir} with this config; skipped", flush=True)
+            step_metrics = json.loads((step_dir / "metrics.json").read_text())
+        else:
+            print(f"chain: {name} -> {step_dir}", flush=True)
+            save_config(step_dir, step_cfg, overrides)
+            step_metrics = run_stage(step_cfg, step_dir)
+        metrics.update({f"{name}/{key}": value for key, value in step_metrics.items()})
+    return metrics
+
+
+def step_stage(name: str, step_overrides) -> str:
+    stages = [o.split("=", 1)[1] for o in step_overrides if o.startswith("stage=")]
+    if len(stages) != 1:
+        raise UserError(f"chain.steps.{name} must name exactly one stage=<name> override")
+    return stages[0]
+
+
+def inherited_overrides(stage: str) -> list:
+    """The chain's command-line overrides that apply to a step of `stage`."""
+    if not HydraConfig.initialized():
+        return []
+    from rlhf.stages import available_stages
+
+    other_stages = set(available_stages()) - {stage}
+    kept = []
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        root = key.split(".", 1)[0].split("/", 1)[0]
+        if root not in NOT_INHERITED and root not in other_stages:
+            kept.append(override)
+    return kept
+
+
+def resolve(override: str, step_dirs: dict) -> str:
+    """`key=@step` -> `key=<that step's run directory>`."""
+    key, _, value = override.partition("=")
+    if not value.startswith(STEP_REFERENCE):
+        return override
+    step = value[len(STEP_REFERENCE):]
+    if step not in step_dirs:
+        raise UserError(f"chain override {override}: no step named '{step}'; steps: {', '.join(step_dirs)}")
+    return f"{key}={step_dirs[step]}"
+
+
+def compose_step(overrides: list):
+    """The config `python train.py <overrides>` would run."""
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="config", overrides=overrides)
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def finished_with(step_dir: Path, step_cfg) -> bool:
+    saved = step_dir / ".hydra" / "config.yaml"
+    if not (step_dir / "metrics.json").is_file() or not saved.is_file():
+        return False
+    return OmegaConf.to_container(OmegaConf.load(saved)) == OmegaConf.to_container(step_cfg)
+
+
+def save_config(step_dir: Path, step_cfg, overrides: list) -> None:
+    """The step's .hydra/ as Hydra writes it for a single run: re-runnable on its own."""
+    hydra_dir = step_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(step_cfg, hydra_dir / "config.yaml")
+    OmegaConf.save(OmegaConf.create(overrides), hydra_dir / "overrides.yaml")

@@ -1,0 +1,68 @@
+"""PPO against a trained reward model (Ouyang et al. 2022), with the project's own PPO
+(`rlhf.ppo`): trl no longer ships one.
+
+The policy carries a scalar value head; the reference is the starting policy (under LoRA the
+same network with its adapter disabled; with peft=none a frozen copy). Start from an SFT run
+with `model.init_from=<sft run>` and name the reward model with `ppo.reward_model=<rm run>`.
+final/ holds the policy adapter (or model), the tokenizer and value_head.safetensors.
+"""
+
+import copy
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from peft import get_peft_model
+from safetensors.torch import save_file
+from transformers import set_seed
+
+from rlhf.errors import UserError
+from rlhf.ppo.trainer import PPOTrainer, ValueHead
+from rlhf.training import append_history, finish_tracking, load_inputs, load_reward_model, start_tracking
+
+
+def run(cfg, run_dir: Path) -> dict:
+    settings = instantiate(cfg.ppo)
+    if not settings.reward_model:
+        raise UserError("stage=ppo needs ppo.reward_model=<directory of a finished stage=rm run>")
+    device = torch.device("cpu" if cfg.hardware.training_args.use_cpu else "cuda")
+    set_seed(cfg.seed)
+    inputs = load_inputs(cfg, data_kind="prompt")
+    reward_model, reward_tokenizer = load_reward_model(settings.reward_model, cfg)
+
+    if inputs.peft_config is not None:
+        policy, reference = get_peft_model(inputs.model, inputs.peft_config), None  # reference = adapter disabled
+    else:
+        reference = copy.deepcopy(inputs.model).requires_grad_(False).eval()  # full fine-tuning: a frozen copy
+        policy = inputs.model
+    value_head = ValueHead(policy.config.hidden_size)
+    for module in (policy, reference, value_head, reward_model):
+        if module is not None:
+            module.to(device)
+
+    start_tracking(cfg, run_dir)
+    trainer = PPOTrainer(
+        policy, reference, value_head, inputs.tokenizer, reward_model, reward_tokenizer, settings, device,
+        log=lambda record: log_update(run_dir, record),
+    )
+    held_out = [row["prompt"] for row in inputs.data.eval] if inputs.data.eval is not None else []
+    metrics = {"eval_scores_before": trainer.mean_score(held_out)} if held_out else {}
+    metrics.update(trainer.train([row["prompt"] for row in inputs.data.train], seed=cfg.seed))
+    if held_out:
+        metrics["eval_scores"] = trainer.mean_score(held_out)
+    metrics["data/skipped_rows"] = inputs.data.skipped_rows
+
+    final = run_dir / "final"
+    policy.save_pretrained(final)
+    inputs.tokenizer.save_pretrained(final)
+    save_file(value_head.state_dict(), str(final / "value_head.safetensors"))
+    finish_tracking(metrics)
+    return metrics
+
+
+def log_update(run_dir: Path, record: dict) -> None:
+    append_history(run_dir / "history.jsonl", record)
+    print(" ".join(f"{key}={value:.4g}" for key, value in record.items()), flush=True)
+    wandb = __import__("sys").modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.log(record, step=record["step"])

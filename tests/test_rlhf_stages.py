@@ -1,0 +1,104 @@
+"""Reward model, PPO and chains on the tiny default: the reward model separates held-out
+pairs, PPO raises the reward model's score, chained stages start from (and stay close to)
+the run before them."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import compose_config, history, train
+from rlhf.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def rlhf_chain(tmp_path_factory):
+    """SFT -> RM -> PPO through `experiment=rlhf_chain`, shortened, once for this module."""
+    run_dir = tmp_path_factory.mktemp("rlhf_chain")
+    metrics = train(run_dir, "experiment=rlhf_chain", "sft.max_steps=60", "rm.max_steps=60", "ppo.total_updates=30")
+    return run_dir, metrics
+
+
+def test_chain_leaves_complete_step_directories(rlhf_chain):
+    run_dir, metrics = rlhf_chain
+    for step in ("sft", "rm", "ppo"):
+        for name in ("metrics.json", "history.jsonl", "env.json", ".hydra/config.yaml", "final"):
+            assert (run_dir / step / name).exists(), f"{step} lacks {name}"
+    assert (run_dir / "ppo" / "final" / "value_head.safetensors").is_file()
+    saved = (run_dir / "ppo" / ".hydra" / "config.yaml").read_text()
+    assert f"init_from: {run_dir / 'sft'}" in saved and f"reward_model: {run_dir / 'rm'}" in saved
+    assert metrics["rm/eval_accuracy"] >= 0.9
+
+
+def test_ppo_raises_the_reward_model_score_with_bounded_kl(rlhf_chain):
+    run_dir, metrics = rlhf_chain
+    scores = history(run_dir / "ppo", "objective/scores")
+    tenth = max(1, len(scores) // 10)
+    first, last = sum(scores[:tenth]) / tenth, sum(scores[-tenth:]) / tenth
+    assert last > first + 0.5, scores
+    assert metrics["ppo/eval_scores"] > metrics["ppo/eval_scores_before"]
+    assert max(history(run_dir / "ppo", "objective/kl")) < 50  # nats per response: the policy stays near its reference
+    for key in ("objective/entropy", "objective/kl_coef", "loss/policy", "loss/value", "policy/clipfrac", "policy/approxkl", "response_length"):
+        assert key in metrics["ppo/" + key.replace("ppo/", "")] if False else f"ppo/{key}" in metrics
+
+
+def test_finished_steps_are_skipped(rlhf_chain, capsys):
+    run_dir, _ = rlhf_chain
+    before = {step: (run_dir / step / "metrics.json").stat().st_mtime_ns for step in ("sft", "rm", "ppo")}
+    train(run_dir, "experiment=rlhf_chain", "sft.max_steps=60", "rm.max_steps=60", "ppo.total_updates=30")
+    assert "already finished" in capsys.readouterr().out
+    assert before == {step: (run_dir / step / "metrics.json").stat().st_mtime_ns for step in ("sft", "rm", "ppo")}
+
+
+def test_dpo_chain_reference_is_the_sft_policy(tmp_path, monkeypatch):
+    """In DPO started from SFT, the adapter-disabled model (TRL's reference under LoRA) computes
+    exactly the SFT policy's logits, not the base model's."""
+    import trl
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.models import ensure_tiny_model
+
+    trained = {}
+    original = trl.DPOTrainer.__init__
+
+    def keep_model(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        trained["model"], trained["ref_model"] = self.model, self.ref_model
+
+    monkeypatch.setattr(trl.DPOTrainer, "__init__", keep_model)
+    train(tmp_path, "experiment=dpo_chain", "sft.max_steps=30", "dpo.max_steps=10")
+    assert (tmp_path / "sft" / "metrics.json").is_file() and (tmp_path / "dpo" / "metrics.json").is_file()
+    assert trained["ref_model"] is None  # no second copy: the reference is the disabled adapter
+
+    inputs = torch.tensor([[5, 17, 42, 99, 7]])
+    base = AutoModelForCausalLM.from_pretrained(ensure_tiny_model())
+    sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ensure_tiny_model()), tmp_path / "sft" / "final")
+    dpo = trained["model"].eval()
+    with torch.no_grad(), dpo.disable_adapter():
+        reference_logits = dpo(inputs).logits
+    with torch.no_grad():
+        assert torch.allclose(reference_logits, sft.eval()(inputs).logits, atol=1e-5)
+        assert not torch.allclose(reference_logits, base(inputs).logits, atol=1e-3)
+        assert not torch.allclose(dpo(inputs).logits, reference_logits, atol=1e-3)  # DPO moved away from it
+
+
+def test_reward_model_alone_reaches_high_accuracy(tmp_path):
+    metrics = train(tmp_path, "stage=rm", "rm.max_steps=60")
+    assert metrics["eval_accuracy"] >= 0.9 and metrics["eval_margin"] > 0
+    adapter = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]  # the head is saved
+
+
+def test_stage_inputs_from_other_runs_are_checked(tmp_path):
+    from rlhf.run import run_stage
+
+    with pytest.raises(UserError, match="ppo.reward_model"):
+        run_stage(compose_config("stage=ppo"), tmp_path / "a")
+    with pytest.raises(UserError, match="not a run directory"):
+        run_stage(compose_config("stage=dpo", f"model.init_from={tmp_path / 'nowhere'}"), tmp_path / "b")
+    unfinished = tmp_path / "unfinished"
+    (unfinished / ".hydra").mkdir(parents=True)
+    (unfinished / ".hydra" / "config.yaml").write_text("stage: sft\n")
+    with pytest.raises(UserError, match="did not finish"):
+        run_stage(compose_config("stage=dpo", f"model.init_from={unfinished}"), tmp_path / "c")
