@@ -41,6 +41,8 @@ def load_splits(dataset_cfg, kind: str) -> Splits:
         if dataset_cfg.max_samples is not None and len(records) >= dataset_cfg.max_samples:
             break
         try:
+            if isinstance(row, RowError):  # a line that is not valid JSON
+                raise row
             record = fmt.convert(row)
         except RowError as err:
             if not dataset_cfg.get("skip_invalid", False):
@@ -118,7 +120,8 @@ def data_files(path: str, split) -> list:
 
 
 def read_file(path: Path):
-    """Yield (location, row) from a JSON array, JSON Lines (either optionally gzipped) or Parquet file."""
+    """Yield (location, row) from a JSON array, JSON Lines (either optionally gzipped) or Parquet
+    file; a JSON Lines line that does not parse comes as a RowError in place of the row."""
     if path.name.endswith(".parquet"):
         import pyarrow.parquet
 
@@ -147,7 +150,7 @@ def read_file(path: Path):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise UserError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+            row = RowError(f"not valid JSON ({err.msg})")
         yield f"line {number}", row
 
 

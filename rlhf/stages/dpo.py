@@ -1,22 +1,23 @@
 """Direct Preference Optimization (Rafailov et al. 2023) with TRL's DPOTrainer.
 
 The loss pushes up the policy's log-ratio to the reference on chosen answers against rejected
-ones: -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))]).
-Under LoRA the reference is the same network with its adapter disabled (no second copy in
-memory); with `peft=none` TRL keeps a frozen copy of the starting weights.
+ones: -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))]),
+plus, with `dpo.kl_coef` > 0, an explicit KL(policy || reference) penalty on the chosen
+answers (`rlhf.trainers.KLDPOTrainer`). Under LoRA the reference is the same network with its
+adapter disabled (no second copy in memory); with `peft=none` TRL keeps a frozen copy of the
+starting weights. Evaluations add win_rate, kendall_tau and margin of the implicit reward.
 """
 
 from pathlib import Path
 
-from trl import DPOTrainer
-
+from rlhf.trainers import KLDPOTrainer
 from rlhf.training import fit, load_inputs, start_tracking, trainer_kwargs
 
 
 def run(cfg, run_dir: Path) -> dict:
     inputs = load_inputs(cfg, data_kind="preference")
     start_tracking(cfg, run_dir)
-    trainer = DPOTrainer(
+    trainer = KLDPOTrainer(
         ref_model=None,  # LoRA: the adapter-disabled policy; full fine-tuning: TRL copies the start model
         **trainer_kwargs(cfg, cfg.dpo, inputs, run_dir),
     )

@@ -2,19 +2,18 @@
 preference pairs by the Bradley-Terry loss -log sigmoid(r(x, y_w) - r(x, y_l)) (Ouyang et
 al. 2022, eq. 1). Under LoRA the score head trains in full and is saved with the adapter.
 
-metrics.json reports eval_accuracy (share of held-out pairs scored chosen > rejected) and
-eval_margin (mean r(x, y_w) - r(x, y_l)).
+metrics.json reports eval_accuracy (share of held-out pairs scored chosen > rejected),
+eval_margin (mean r(x, y_w) - r(x, y_l)), and eval_win_rate / eval_kendall_tau (`rlhf.metrics`).
 """
 
 from pathlib import Path
 
-from trl import RewardTrainer
-
+from rlhf.trainers import RankingRewardTrainer
 from rlhf.training import fit, load_inputs, start_tracking, trainer_kwargs
 
 
 def run(cfg, run_dir: Path) -> dict:
     inputs = load_inputs(cfg, data_kind="preference", head="reward")
     start_tracking(cfg, run_dir)
-    trainer = RewardTrainer(**trainer_kwargs(cfg, cfg.rm, inputs, run_dir))
+    trainer = RankingRewardTrainer(**trainer_kwargs(cfg, cfg.rm, inputs, run_dir))
     return fit(trainer, run_dir, inputs)

@@ -1,0 +1,124 @@
+"""The project's additions to TRL's trainers, kept small and on top of TRL's own loss code:
+
+- every evaluation of a preference model (DPO policy or reward model) also reports
+  win_rate, kendall_tau and margin over the held-out pairs (`rlhf.metrics`);
+- DPO takes an explicit KL penalty, `dpo.kl_coef` times the mean per-token
+  KL(policy || reference) over the chosen responses' tokens.
+"""
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from trl import DPOConfig, DPOTrainer, RewardTrainer
+
+from rlhf.metrics import preference_metrics
+
+
+class PreferenceEvaluation:
+    """Mixin for trainers whose batches are [chosen rows; rejected rows]: after the library's
+    own evaluation, score every held-out pair once more and add the preference metrics."""
+
+    def pair_scores(self, model, batch) -> tuple:
+        """(chosen scores, rejected scores) of one collated batch."""
+        raise NotImplementedError
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        model = self.accelerator.unwrap_model(self.model)
+        chosen, rejected = [], []
+        with torch.no_grad():
+            for batch in dataloader:
+                batch_chosen, batch_rejected = self.pair_scores(model, self._prepare_inputs(batch))
+                chosen += batch_chosen.float().tolist()
+                rejected += batch_rejected.float().tolist()
+        for name, value in preference_metrics(chosen, rejected, self._prompt_keys(len(chosen))).items():
+            output.metrics[f"{metric_key_prefix}_{name}"] = value
+        return output
+
+    def _prompt_keys(self, count: int) -> list:
+        """One key per evaluated pair, equal for pairs of the same prompt (the eval loader keeps
+        the dataset's order); without prompts each pair stands alone."""
+        dataset = self.eval_dataset
+        if hasattr(dataset, "column_names") and "prompt" in dataset.column_names and len(dataset) == count:
+            return [json.dumps(prompt, ensure_ascii=False, sort_keys=True) for prompt in dataset["prompt"]]
+        return list(range(count))
+
+
+class RankingRewardTrainer(PreferenceEvaluation, RewardTrainer):
+    """TRL's RewardTrainer; each pair's scores are the reward model's outputs."""
+
+    def pair_scores(self, model, batch):
+        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, 0]
+        return scores.chunk(2)
+
+
+@dataclass
+class KLDPOConfig(DPOConfig):
+    """trl.DPOConfig plus the explicit KL penalty of the reference design."""
+
+    kl_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the mean per-token KL(policy || reference) on chosen responses (0 = plain DPO)."},
+    )
+
+
+class KLDPOTrainer(PreferenceEvaluation, DPOTrainer):
+    """TRL's DPOTrainer; with kl_coef > 0 the loss becomes
+
+        L = L_DPO + kl_coef * mean_t KL(pi(.|x, y_<t) || ref(.|x, y_<t))
+
+    over the non-padding tokens t of the chosen responses y. The KL is exact over the vocabulary
+    at each position (not a single-token estimate: the chosen tokens are not samples of the
+    policy). Both parts are logged as `dpo_loss` and `kl_loss`. With kl_coef = 0 the loss is
+    TRL's, untouched."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if return_outputs or self.args.kl_coef == 0:
+            return loss
+        mode = "train" if self.model.training else "eval"
+        kl = self.chosen_kl(model, inputs)
+        self._metrics[mode]["dpo_loss"].append(loss.item())
+        self._metrics[mode]["kl_loss"].append(kl.item())
+        return loss + self.args.kl_coef * kl
+
+    def chosen_kl(self, model, inputs) -> torch.Tensor:
+        """Mean per-token KL(policy || reference) over the chosen completions' tokens."""
+        half = inputs["input_ids"].shape[0] // 2  # batches are [chosen; rejected]
+        rows = {"input_ids": inputs["input_ids"][:half], "attention_mask": inputs["attention_mask"][:half], "use_cache": False}
+        mask = inputs["completion_mask"][:half, 1:].bool()  # position t-1 predicts token t
+        policy_logps = F.log_softmax(model(**rows).logits[:, :-1].float(), dim=-1)
+        with torch.no_grad(), self.reference() as reference:
+            reference_logps = F.log_softmax(reference(**rows).logits[:, :-1].float(), dim=-1)
+        per_token = (policy_logps.exp() * (policy_logps - reference_logps)).sum(dim=-1)
+        return per_token[mask].mean()
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The reference model: TRL's ref_model, or the policy with its adapter disabled."""
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
+        policy = self.accelerator.unwrap_model(self.model)
+        with policy.disable_adapter():
+            yield policy
+
+    def pair_scores(self, model, batch):
+        """DPO's implicit rewards, beta * (log pi(y|x) - log ref(y|x)), of chosen and rejected."""
+        logps = self.completion_logps(model, batch)
+        if "ref_chosen_logps" in batch:  # precomputed by TRL
+            reference_logps = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+        else:
+            with self.reference() as reference:
+                reference_logps = self.completion_logps(reference, batch)
+        return (self.beta * (logps - reference_logps)).chunk(2)
+
+    @staticmethod
+    def completion_logps(model, batch) -> torch.Tensor:
+        """Sum of log-probabilities of each row's completion tokens."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        token_logps = torch.gather(F.log_softmax(logits[:, :-1].float(), dim=-1), 2, batch["input_ids"][:, 1:, None])[..., 0]
+        return (token_logps * batch["completion_mask"][:, 1:]).sum(dim=1)
