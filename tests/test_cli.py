@@ -2,11 +2,13 @@
 config, fast config-only commands, and one-line errors."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
 
-from conftest import cli
+from conftest import ROOT, cli
 
 RUN_FILES = ("metrics.json", "history.jsonl", "env.json", ".hydra/config.yaml", ".hydra/overrides.yaml")
 
@@ -53,6 +55,16 @@ def test_dpo_beta_sweep_then_reproduce_a_job(tmp_path):
         assert yaml.safe_load((sweep / job / ".hydra/config.yaml").read_text())["dpo"]["beta"] == beta
         metrics[job] = json.loads((sweep / job / "metrics.json").read_text())
     assert metrics["0"]["train_loss"] != metrics["1"]["train_loss"]
+
+    # Comparing the two jobs, offline.
+    done = subprocess.run(
+        [sys.executable, "-m", "rlhf.compare", str(sweep), "--sort", "eval_win_rate"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "dpo.beta=0.1" in done.stdout and "dpo.beta=0.3" in done.stdout and "eval_win_rate" in done.stdout
+    csv_text = (sweep / "compare.csv").read_text()
+    assert csv_text.count("\n") == 3 and "eval_kendall_tau" in csv_text.splitlines()[0]
+    assert (sweep / "compare.png").read_bytes().startswith(b"\x89PNG")
 
     # The README's reproduce command: re-run job 1 from its saved config alone.
     rerun = tmp_path / "R"

@@ -100,7 +100,7 @@ def test_unknown_stage_name_in_a_saved_config_lists_the_valid_ones():
     from rlhf.errors import UserError
     from rlhf.stages import get_stage
 
-    with pytest.raises(UserError, match="valid stages: chain, dpo, ppo, rm, sft"):
+    with pytest.raises(UserError, match="valid stages: chain, dpo, eval, ppo, rm, sft"):
         get_stage("ppo_typo")
 
 
@@ -113,7 +113,7 @@ def test_sweep_files_compose():
         optuna = compose_config("sweeps=dpo_optuna")
     except ConfigCompositionException:
         pytest.skip("hydra-optuna-sweeper is not installed")
-    assert optuna.objective == "eval_rewards/accuracies"
+    assert optuna.objective == "eval_win_rate"
     assert "OptunaSweeper" in optuna.hydra.sweeper._target_
 
 

@@ -102,3 +102,14 @@ def test_stage_inputs_from_other_runs_are_checked(tmp_path):
     (unfinished / ".hydra" / "config.yaml").write_text("stage: sft\n")
     with pytest.raises(UserError, match="did not finish"):
         run_stage(compose_config("stage=dpo", f"model.init_from={unfinished}"), tmp_path / "c")
+
+
+def test_eval_stage_judges_the_ppo_policy_against_its_reference(rlhf_chain, tmp_path):
+    run_dir, _ = rlhf_chain
+    metrics = train(tmp_path, "stage=eval", f"eval.policy={run_dir / 'ppo'}", f"eval.reward_model={run_dir / 'rm'}", "eval.num_prompts=24")
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == metrics["eval_prompts"] == 24
+    assert {"prompt", "policy", "reference", "score_policy", "score_reference", "kl"} <= set(samples[0])
+    assert metrics["eval_score_policy"] > metrics["eval_score_reference"]  # PPO's answers please the reward model more
+    assert metrics["eval_win_rate"] > 0.5
+    assert metrics["eval_kl"] == pytest.approx(sum(s["kl"] for s in samples) / 24)

@@ -1,0 +1,109 @@
+"""Sampling responses and scoring them: shared by PPO's rollouts and `stage=eval`.
+
+Prompts are lists of chat messages; responses are the tokens after the prompt up to and
+including the first EOS.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhf.ppo import core
+
+
+@dataclass
+class Samples:
+    sequences: torch.Tensor  # prompt (left-padded) + response (right-padded), [B, P + R]
+    attention_mask: torch.Tensor  # 1 on real prompt and response tokens
+    response_mask: torch.Tensor  # 1 on response tokens up to and including EOS, [B, R]
+    texts: list  # the decoded responses
+    ended_with_eos: torch.Tensor  # False where the response hit max_new_tokens before EOS, [B]
+
+    def select(self, index: torch.Tensor) -> "Samples":
+        """The rows at `index` (a mini-batch)."""
+        return Samples(
+            self.sequences[index], self.attention_mask[index], self.response_mask[index],
+            [self.texts[i] for i in index.tolist()], self.ended_with_eos[index],
+        )
+
+    @property
+    def prompt_length(self) -> int:
+        return self.sequences.shape[1] - self.response_mask.shape[1]
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_length:]
+
+
+def encode_prompts(tokenizer, prompts: list, max_prompt_length: int, device) -> dict:
+    """Chat-templated prompts, left-padded (generation appends on the right), cut to
+    max_prompt_length from the left (the end of a prompt matters most)."""
+    ids = [
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)[-max_prompt_length:]
+        for messages in prompts
+    ]
+    width = max(len(row) for row in ids)
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, width - len(row):] = torch.tensor(row)
+        attention_mask[i, width - len(row):] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list, *, max_prompt_length: int, max_new_tokens: int, temperature: float, top_p: float, device) -> Samples:
+    """One response per prompt; temperature 0 means greedy decoding."""
+    encoded = encode_prompts(tokenizer, prompts, max_prompt_length, device)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sequences = model.generate(
+        **encoded,
+        **sampling,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    responses = sequences[:, encoded["input_ids"].shape[1]:]
+    response_mask = up_to_first_eos(responses, tokenizer.eos_token_id)
+    texts = [tokenizer.decode(row[mask.bool()], skip_special_tokens=True) for row, mask in zip(responses, response_mask)]
+    attention_mask = torch.cat([encoded["attention_mask"], response_mask.long()], dim=1)
+    ended_with_eos = (responses == tokenizer.eos_token_id).any(dim=1)
+    return Samples(sequences, attention_mask, response_mask, texts, ended_with_eos)
+
+
+def up_to_first_eos(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 on each response's tokens up to and including its first EOS, 0 after."""
+    is_eos = (responses == eos_token_id).long()
+    mask = ((is_eos.cumsum(dim=1) - is_eos) == 0).float()
+    mask[:, 0] = 1.0  # a response has at least one token
+    return mask
+
+
+def response_outputs(model, samples: Samples, temperature: float, hidden: bool = False):
+    """(logits, last hidden state or None) at the positions that predict the response tokens:
+    position t-1 predicts token t. Logits are divided by the sampling temperature, so their
+    log-probs are those of the distribution that was sampled from."""
+    position_ids = (samples.attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding shifts positions
+    output = model(
+        input_ids=samples.sequences, attention_mask=samples.attention_mask, position_ids=position_ids, output_hidden_states=hidden
+    )
+    predicting = slice(samples.prompt_length - 1, samples.sequences.shape[1] - 1)
+    logits = output.logits[:, predicting].float() / max(temperature, 1e-6)
+    return logits, output.hidden_states[-1][:, predicting].float() if hidden else None
+
+
+@torch.no_grad()
+def response_logprobs(model, samples: Samples, temperature: float) -> torch.Tensor:
+    logits, _ = response_outputs(model, samples, temperature)
+    return core.logprobs_from_logits(logits, samples.responses)
+
+
+@torch.no_grad()
+def reward_scores(reward_model, reward_tokenizer, prompts: list, responses: list, device) -> torch.Tensor:
+    """The reward model's score of each (prompt, response), templated with its own tokenizer."""
+    texts = [
+        reward_tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+        for messages, response in zip(prompts, responses)
+    ]
+    batch = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    return reward_model(**batch).logits[:, 0].float()

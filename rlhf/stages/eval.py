@@ -1,0 +1,110 @@
+"""Policy evaluation: sample answers to held-out prompts from a trained policy and from its
+reference (the policy it started from), and let a reward model judge them.
+
+Reports the reward model's win rate of policy over reference (ties count half), both mean
+scores, the mean KL(policy || reference) of the policy's own samples (sum over response
+tokens of log pi - log ref: unbiased, because the tokens are the policy's samples), and the
+mean response lengths. Every generation goes to samples.jsonl in the run directory.
+"""
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from peft import PeftModel
+from transformers import set_seed
+
+from rlhf.data import load_splits
+from rlhf.errors import UserError
+from rlhf.generation import response_logprobs, reward_scores, sample
+from rlhf.metrics import agreement
+from rlhf.models import load_model, load_tokenizer, resolve_model_path
+from rlhf.runs import finished_run, policy_lineage
+from rlhf.training import load_reward_model
+
+
+@dataclass
+class EvalConfig:
+    """Settings of `stage=eval` (conf/eval/default.yaml documents each key)."""
+
+    policy: str | None = None
+    reward_model: str | None = None
+    num_prompts: int = 64
+    batch_size: int = 16
+    max_prompt_length: int = 128
+    max_new_tokens: int = 32
+    temperature: float = 0.7
+    top_p: float = 1.0
+
+
+def run(cfg, run_dir: Path) -> dict:
+    settings = instantiate(cfg.eval)
+    if not settings.policy or not settings.reward_model:
+        raise UserError("stage=eval needs eval.policy=<policy run dir> and eval.reward_model=<rm run dir>")
+    device = torch.device("cpu" if cfg.hardware.training_args.use_cpu else "cuda")
+    set_seed(cfg.seed)
+    splits = load_splits(cfg.dataset, kind="prompt")
+    prompts = [row["prompt"] for row in (splits.eval if splits.eval is not None else splits.train)][: settings.num_prompts]
+    policy, reference, tokenizer = load_policy_and_reference(settings.policy, cfg)
+    reward_model, reward_tokenizer = load_reward_model(settings.reward_model, cfg)
+    for model in (policy, reference, reward_model):
+        if model is not None:
+            model.to(device).eval()
+
+    rows = []
+    for start in range(0, len(prompts), settings.batch_size):
+        batch = prompts[start : start + settings.batch_size]
+        generate = dict(
+            max_prompt_length=settings.max_prompt_length, max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature, top_p=settings.top_p, device=device,
+        )
+        from_policy = sample(policy, tokenizer, batch, **generate)
+        with as_reference(policy, reference) as ref:
+            from_reference = sample(ref, tokenizer, batch, **generate)
+            ref_logprobs = response_logprobs(ref, from_policy, settings.temperature)
+        kl = ((response_logprobs(policy, from_policy, settings.temperature) - ref_logprobs) * from_policy.response_mask).sum(dim=1)
+        policy_scores = reward_scores(reward_model, reward_tokenizer, batch, from_policy.texts, device)
+        reference_scores = reward_scores(reward_model, reward_tokenizer, batch, from_reference.texts, device)
+        for i, prompt in enumerate(batch):
+            rows.append({
+                "prompt": prompt,
+                "policy": from_policy.texts[i],
+                "reference": from_reference.texts[i],
+                "score_policy": policy_scores[i].item(),
+                "score_reference": reference_scores[i].item(),
+                "kl": kl[i].item(),
+                "length_policy": int(from_policy.response_mask[i].sum()),
+                "length_reference": int(from_reference.response_mask[i].sum()),
+            })
+    with open(run_dir / "samples.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    metrics = {"eval_win_rate": sum(agreement(row["score_policy"] - row["score_reference"]) for row in rows) / len(rows)}
+    for key in ("score_policy", "score_reference", "kl", "length_policy", "length_reference"):
+        metrics[f"eval_{key}"] = sum(row[key] for row in rows) / len(rows)
+    return {**metrics, "eval_prompts": len(rows)}
+
+
+def load_policy_and_reference(policy_run, cfg):
+    """(policy, reference or None, tokenizer). The reference is the policy the run started
+    from; for a LoRA run it is the same network with the run's adapter disabled (None)."""
+    run_cfg = finished_run(policy_run, "eval.policy", stages=("sft", "dpo", "ppo"))
+    base_cfg, adapters = policy_lineage(run_cfg.model)
+    base_path = resolve_model_path(base_cfg)
+    start = load_model(base_path, adapters, base_cfg, None, cfg.hardware)
+    final = Path(str(policy_run)).expanduser() / "final"
+    if (final / "adapter_config.json").is_file():
+        return PeftModel.from_pretrained(start, str(final)), None, load_tokenizer(base_path, base_cfg)
+    return load_model(str(final), [], base_cfg, None, cfg.hardware), start, load_tokenizer(base_path, base_cfg)
+
+
+@contextlib.contextmanager
+def as_reference(policy, reference):
+    """The reference model to call: the separate one, or the policy with its adapter disabled."""
+    if reference is not None:
+        yield reference
+        return
+    with policy.disable_adapter():
+        yield policy

@@ -1,0 +1,880 @@
+"""Check a composed job config before any model or dataset loads.
+
+`validate(cfg)` raises `UserError` with one line naming the key, the value and what is allowed:
+
+- `_target_` allowlist: every `_target_` must start with rlhf., trl., peft., transformers.,
+  torch.optim. or hydra_plugins., and must not reach a module outside them
+  (`rlhf.run.subprocess.run` is refused too). A shared `.hydra/config.yaml` re-run with
+  `--config-path` is checked before anything in it is instantiated.
+- unknown keys: a settings node (one with `_target_`) takes the constructor arguments of its
+  target (the dataclass fields of trl.DPOConfig, rlhf.trainers.KLDPOConfig, PPOConfig, ...);
+  `hardware.training_args` takes transformers.TrainingArguments fields; the other nodes take
+  the keys their config-group files define. The nearest valid key is suggested.
+- values out of range (`dpo.beta=-1: must be > 0`), incompatible choices (quantization with
+  peft=none), and runs a stage starts from that do not exist or did not finish.
+
+`check_overrides(argv)` is the command-line half: Hydra itself refuses to override a key the
+config lacks, with a message of its own; called by train.py before Hydra, it names the nearest
+valid key instead (`dpo.betta=0.1: unknown key; did you mean dpo.beta?`).
+
+Speed: nothing here imports torch, transformers, trl or peft. The fields of a target class are
+read from the installed packages' *source* with `ast` (following `from x import y` the way
+Python would, lazy `__init__` modules included via their `TYPE_CHECKING` imports), which takes
+milliseconds where importing trl takes seconds. When the source cannot settle a question
+(a name bound by an assignment, an extension module), the target is imported after all.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import dataclasses
+import difflib
+import functools
+import importlib.machinery
+import importlib.util
+import math
+import re
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from rlhf import PROJECT_ROOT
+from rlhf.errors import UserError, first_line
+from rlhf.runs import finished_run
+
+CONF_DIR = PROJECT_ROOT / "conf"
+EXTRA_GROUP_DIRS = {"sweeps": PROJECT_ROOT / "sweeps"}  # on Hydra's search path (conf/config.yaml)
+
+ALLOWED_TARGETS = ("rlhf.", "trl.", "peft.", "transformers.", "torch.optim.", "hydra_plugins.")
+# Hydra's own settings (the `hydra` node) also name Hydra's core plugins and the Optuna sampler.
+HYDRA_NODE_TARGETS = ("hydra._internal.core_plugins.", "optuna.samplers.")
+INSTANTIATE_KEYS = {"_target_", "_args_", "_partial_", "_convert_", "_recursive_"}
+FREE_FORM = ("hydra", "chain.steps")  # Hydra's settings; a chain's step names are the user's own
+TRAINING_ARGUMENTS = "transformers.TrainingArguments"  # what hardware.training_args feeds
+
+
+# ---- the entry points -------------------------------------------------------------------
+
+
+def validate(cfg) -> None:
+    """Raise UserError, naming key, value and what is allowed, at the first problem in `cfg`."""
+    check_targets(cfg)  # first: nothing below imports or builds anything a config names
+    check_keys(cfg)
+    check_values(cfg)
+    check_combinations(cfg)
+
+
+def check_overrides(argv, conf_dir: Path = CONF_DIR) -> None:
+    """Raise UserError for a command-line override of a key that no config file defines, with
+    the nearest valid key. Call it with `sys.argv[1:]` before Hydra composes the config.
+
+    Reads the YAML files only (no composition); keys it knows are left to Hydra, so a key
+    this check misses still fails in Hydra, and a valid command is never refused here."""
+    overrides, primary, skip = _split_command_line(list(argv), conf_dir)
+    if skip or not overrides:
+        return
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # a syntax error: Hydra reports it
+        return
+    schema = _schema(str(conf_dir), primary)
+    added = {o.key_or_group for o in parsed if o.type in (OverrideType.ADD, OverrideType.FORCE_ADD)}
+    for arg, override in zip(overrides, parsed):
+        key = override.key_or_group
+        if override.type not in (OverrideType.CHANGE, OverrideType.DEL) or override.package is not None:
+            continue
+        if key.split(".", 1)[0] == "hydra" or "/" in key or key in added or schema.knows(key):
+            continue
+        parent, _, leaf = key.rpartition(".")
+        candidates = schema.children(parent) if parent in schema.nodes else set()
+        owner = _settings_class(parent, schema)
+        fields = init_keys(owner, import_if_needed=False) if owner else None
+        if fields and leaf in fields and override.type == OverrideType.CHANGE:
+            raise UserError(
+                f"{arg}: {key} is a field of {owner} that this config does not list; "
+                f"set it with +{key}={arg.split('=', 1)[1]}"
+            )
+        hint = _suggestion(key, candidates | (fields or set()), schema)
+        if owner and not hint.startswith("; did"):
+            hint += f" ({parent} takes the fields of {owner})"
+        raise UserError(f"{arg}: unknown key{hint}")
+
+
+def _settings_class(node: str, schema) -> str | None:
+    """The class whose constructor a node's keys feed, when the config files agree on one."""
+    if node == "hardware.training_args":
+        return TRAINING_ARGUMENTS
+    targets = schema.targets.get(node, set())
+    return next(iter(targets)) if len(targets) == 1 else None
+
+
+# ---- 1. the _target_ allowlist ----------------------------------------------------------
+
+
+def check_targets(cfg) -> None:
+    """Every `_target_` anywhere in the config (lists included) must be one the project means
+    to instantiate."""
+    raw = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+    for path, target in _targets(raw, ""):
+        if isinstance(target, str) and "${" in target:  # an interpolation: check what it becomes
+            try:
+                target = OmegaConf.select(cfg, path, throw_on_resolution_failure=True)
+            except Exception as err:
+                raise UserError(f"{path}={raw_value(raw, path)}: cannot resolve it ({first_line(err)})") from None
+        check_target(target, path)
+
+
+def check_target(target, path: str) -> None:
+    """Refuse `target` (found at key `path`) unless it is allowed; see ALLOWED_TARGETS."""
+    allowed = ALLOWED_TARGETS + (HYDRA_NODE_TARGETS if path.split(".", 1)[0] == "hydra" else ())
+    refusal = f"refusing _target_={target} at {path}"
+    rule = f"only {', '.join(ALLOWED_TARGETS[:-1])} and Hydra plugin targets are instantiated"
+    if not isinstance(target, str) or not target.startswith(allowed):
+        raise UserError(f"{refusal}: {rule}")
+    parts = target.split(".")
+    if any(not part or part.startswith("__") for part in parts):  # __globals__, __builtins__, ...
+        raise UserError(f"{refusal}: dunder attributes and empty names are not allowed; {rule}")
+    try:
+        reached = _static_target(target)
+    except _Unknown:
+        origin = _runtime_origin(target)  # imports the target's package: seconds, rarely needed
+        if origin is not None and not _allowed_module(origin, allowed):
+            raise UserError(f"{refusal}: it resolves to an object of {origin}; {rule}") from None
+        return
+    for module in reached.through:
+        if not _allowed_module(module, allowed):
+            raise UserError(f"{refusal}: it reaches module {module}; {rule}")
+
+
+def _targets(node, path: str):
+    """(key path, value) of every `_target_` key under a plain container."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            sub = f"{path}.{key}" if path else str(key)
+            if key == "_target_":
+                yield sub, value
+            else:
+                yield from _targets(value, sub)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _targets(value, f"{path}[{index}]")
+
+
+def _allowed_module(module: str, allowed: tuple) -> bool:
+    return any(module == prefix[:-1] or module.startswith(prefix) for prefix in allowed)
+
+
+def raw_value(raw, path: str):
+    node = raw
+    for part in re.split(r"\.|\[(\d+)\]", path):
+        if part:
+            node = node[int(part)] if isinstance(node, list) else node.get(part)
+    return node
+
+
+# ---- 2. unknown keys --------------------------------------------------------------------
+
+
+def check_keys(cfg) -> None:
+    """Every key must be read by something: a settings node's keys are its target's
+    constructor arguments, other nodes' keys those their config-group files define."""
+    schema = _schema(str(CONF_DIR), None)
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    stage_target = None
+    stage = raw.get("stage")
+    if isinstance(stage, str) and isinstance(raw.get(stage), dict):
+        stage_target = raw[stage].get("_target_")
+    _check_node_keys(raw, "", schema, stage_target)
+
+
+def _check_node_keys(node: dict, path: str, schema, stage_target) -> None:
+    if path in FREE_FORM:
+        return
+    target = node.get("_target_")
+    if isinstance(target, str) and "${" not in target:
+        fields = init_keys(target)
+        if fields is not None:
+            for key, value in node.items():
+                if key not in fields and key not in INSTANTIATE_KEYS:
+                    where = f"{path}.{key}"
+                    raise UserError(
+                        f"{where}={_show(value)}: unknown key, not a field of {target}"
+                        f"{_suggestion(where, fields, schema, relative=True)}"
+                    )
+        return  # nested values of a settings node are its arguments, not config keys
+    if path == "hardware.training_args":
+        fields = set(init_keys(TRAINING_ARGUMENTS) or ())
+        if stage_target and fields:  # a stage's TRL config may add fields of its own
+            stage_fields = init_keys(stage_target) or set()
+            if fields <= stage_fields:
+                fields = stage_fields
+        if fields:
+            for key, value in node.items():
+                if key not in fields:
+                    where = f"{path}.{key}"
+                    raise UserError(
+                        f"{where}={_show(value)}: unknown key, not a field of {TRAINING_ARGUMENTS}"
+                        f"{_suggestion(where, fields, schema, relative=True)}"
+                    )
+        return
+    for key, value in node.items():
+        where = f"{path}.{key}" if path else str(key)
+        if where in FREE_FORM:
+            continue
+        if not schema.knows(where):
+            candidates = schema.children(path)
+            raise UserError(f"{where}={_show(value)}: unknown key{_suggestion(where, candidates, schema, relative=True)}")
+        if isinstance(value, dict):
+            _check_node_keys(value, where, schema, stage_target)
+
+
+def _suggestion(key: str, candidates, schema, relative: bool = False) -> str:
+    """'; did you mean X?' with the nearest valid key, or the valid keys when few."""
+    parent, _, leaf = key.rpartition(".")
+    prefix = f"{parent}." if parent else ""
+    names = sorted({c for c in candidates if c not in INSTANTIATE_KEYS})
+    close = difflib.get_close_matches(leaf, names, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {prefix}{close[0]}?"
+    if not relative and parent not in schema.nodes:  # the parent itself is a typo: match whole keys
+        whole = difflib.get_close_matches(key, sorted(schema.leaves_at_depth(key.count("."))), n=1, cutoff=0.6)
+        if whole:
+            return f"; did you mean {whole[0]}?"
+    if names and len(names) <= 20:
+        return f"; valid keys{' under ' + parent if parent else ''}: {', '.join(names)}"
+    return ""
+
+
+def _show(value) -> str:
+    if isinstance(value, (dict, list)):
+        return "{...}" if isinstance(value, dict) else "[...]"
+    return "null" if value is None else str(value)
+
+
+# ---- 3. values --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    test: object  # value -> bool
+    allowed: str  # what the message says is allowed
+    integer: bool = False  # the value must be a whole number
+    none_ok: bool = False  # null means "off" or "the default"
+
+
+def _between(low, high, low_open=False, high_open=False):
+    def test(value):
+        return (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+
+    return test
+
+
+POSITIVE = Rule(lambda v: v > 0, "> 0")
+NON_NEGATIVE = Rule(lambda v: v >= 0, ">= 0")
+AT_LEAST_ONE = Rule(lambda v: v >= 1, "an integer >= 1", integer=True)
+UNIT = Rule(_between(0, 1), "in [0, 1]")
+
+OPTIONAL_LENGTH = Rule(lambda v: v >= 1, "an integer >= 1 (or null)", integer=True, none_ok=True)
+
+# Keys every stage node (sft, rm, dpo, ppo, any later one) and hardware.training_args may hold.
+STAGE_RULES = {
+    "learning_rate": POSITIVE,
+    "per_device_train_batch_size": AT_LEAST_ONE,
+    "per_device_eval_batch_size": AT_LEAST_ONE,
+    "gradient_accumulation_steps": AT_LEAST_ONE,
+    "max_length": OPTIONAL_LENGTH,
+    "warmup_steps": NON_NEGATIVE,
+    "weight_decay": NON_NEGATIVE,
+    "max_grad_norm": NON_NEGATIVE,
+}
+# Keys of particular nodes (a stage's own rules add to STAGE_RULES).
+NODE_RULES = {
+    "dpo": {
+        "beta": POSITIVE,
+        "label_smoothing": Rule(_between(0, 0.5, high_open=True), "in [0, 0.5)"),
+        "kl_coef": NON_NEGATIVE,
+    },
+    "ppo": {
+        "batch_size": AT_LEAST_ONE,
+        "mini_batch_size": AT_LEAST_ONE,
+        "ppo_epochs": AT_LEAST_ONE,
+        "total_updates": AT_LEAST_ONE,
+        "max_prompt_length": OPTIONAL_LENGTH,
+        "max_new_tokens": AT_LEAST_ONE,
+        "kl_coef": NON_NEGATIVE,
+        "cliprange": POSITIVE,
+        "cliprange_value": POSITIVE,
+        "gamma": UNIT,
+        "lam": UNIT,
+        "temperature": POSITIVE,
+        "top_p": Rule(_between(0, 1, low_open=True), "in (0, 1]"),
+        "horizon": POSITIVE,
+        "target": POSITIVE,
+        "vf_coef": NON_NEGATIVE,
+        "logging_steps": AT_LEAST_ONE,
+        "max_grad_norm": POSITIVE,  # PPO clips to it every step: 0 would zero every gradient
+    },
+    "peft": {
+        "r": AT_LEAST_ONE,
+        "alpha": POSITIVE,
+        "dropout": Rule(_between(0, 1, high_open=True), "in [0, 1)"),
+    },
+    "dataset": {
+        "test_size": Rule(lambda v: v >= 0 and (v < 1 or float(v).is_integer()), ">= 0: a fraction below 1 or a count of rows"),
+        "max_samples": Rule(lambda v: v >= 1, "an integer >= 1 (or null)", integer=True, none_ok=True),
+    },
+}
+
+
+def check_values(cfg) -> None:
+    """Numbers in range: `dpo.beta=-1: must be > 0`."""
+    nodes = [name for name in _stage_names() if isinstance(cfg.get(name), DictConfig)]
+    for name in nodes:
+        _check_rules(cfg, name, {**STAGE_RULES, **NODE_RULES.get(name, {})})
+    if isinstance(cfg.get("hardware"), DictConfig) and isinstance(cfg.hardware.get("training_args"), DictConfig):
+        _check_rules(cfg, "hardware.training_args", STAGE_RULES)
+    for name in ("peft", "dataset"):
+        if isinstance(cfg.get(name), DictConfig):
+            _check_rules(cfg, name, NODE_RULES[name])
+    ppo = cfg.get("ppo")
+    if isinstance(ppo, DictConfig) and _is_int(ppo.get("batch_size")) and _is_int(ppo.get("mini_batch_size")):
+        if ppo.batch_size % ppo.mini_batch_size:
+            raise UserError(
+                f"ppo.batch_size={ppo.batch_size}: must be a multiple of ppo.mini_batch_size={ppo.mini_batch_size}"
+            )
+
+
+def _check_rules(cfg, path: str, rules: dict) -> None:
+    node = OmegaConf.select(cfg, path)
+    for key, rule in rules.items():
+        if key not in node:
+            continue
+        try:
+            value = node[key]
+        except Exception as err:
+            raise UserError(f"{path}.{key}: cannot resolve its value ({first_line(err)})") from None
+        if value is None and rule.none_ok:
+            continue
+        kind = "an integer" if rule.integer else "a number"
+        if not (_is_int(value) if rule.integer else _is_number(value)):
+            raise UserError(f"{path}.{key}={value}: must be {kind} {rule.allowed.removeprefix('an integer ')}".rstrip())
+        if not rule.test(value):
+            raise UserError(f"{path}.{key}={value}: must be {rule.allowed}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _stage_names() -> list:
+    from rlhf.stages import available_stages  # pkgutil only: no stage module is imported
+
+    return available_stages()
+
+
+# ---- 4. combinations and the runs a stage starts from -----------------------------------
+
+
+def check_combinations(cfg) -> None:
+    quantization, stage = cfg.get("quantization"), cfg.get("stage")
+    if quantization is not None and cfg.get("peft") is None:
+        bits = "4bit" if quantization.get("load_in_4bit") else "8bit" if quantization.get("load_in_8bit") else "<on>"
+        raise UserError(
+            f"quantization={bits} with peft=none: quantized weights cannot be trained directly; "
+            "use peft=lora (or quantization=none to train every weight)"
+        )
+    if stage == "chain":  # each step is validated when it runs, with its own overrides
+        return
+    if stage == "ppo":
+        ppo = cfg.get("ppo")
+        if ppo is None or not ppo.get("reward_model"):
+            raise UserError(
+                f"ppo.reward_model={_show(None if ppo is None else ppo.get('reward_model'))}: stage=ppo needs "
+                "ppo.reward_model=<directory of a finished stage=rm run>"
+            )
+        finished_run(ppo.reward_model, "ppo.reward_model", stages=("rm",))
+    model = cfg.get("model")
+    if isinstance(model, DictConfig) and model.get("init_from"):
+        finished_run(model.init_from, "model.init_from", stages=("sft", "dpo", "ppo"))
+
+
+# ---- the keys the config files define ---------------------------------------------------
+
+
+class _Schema:
+    """Every key some config file can set: `kinds[dotted key]` is "node", "list" or "leaf";
+    `targets[node]` the `_target_` values files give that node; `groups` the group names."""
+
+    def __init__(self):
+        self.kinds, self.targets, self.groups = {}, {}, set()
+
+    @property
+    def nodes(self):
+        return {key for key, kind in self.kinds.items() if kind == "node"} | {""}
+
+    def knows(self, key: str) -> bool:
+        if key in self.kinds or key in self.groups:
+            return True
+        parts = key.split(".")  # an index into a list value: dpo.loss_type.0
+        return any(self.kinds.get(".".join(parts[:n])) == "list" for n in range(1, len(parts)))
+
+    def children(self, parent: str) -> set:
+        depth = parent.count(".") + 1 if parent else 0
+        names = {key.split(".")[depth] for key in self.kinds if (key.startswith(parent + ".") if parent else True)}
+        return names | (self.groups if not parent else set())
+
+    def leaves_at_depth(self, depth: int) -> set:
+        return {key for key in self.kinds if key.count(".") == depth} | (self.groups if depth == 0 else set())
+
+    def add(self, data, prefix: str) -> None:
+        if not isinstance(data, dict):
+            return
+        for key, value in data.items():
+            if not prefix and key in ("defaults", "hydra"):
+                continue
+            where = f"{prefix}.{key}" if prefix else str(key)
+            kind = "node" if isinstance(value, dict) else "list" if isinstance(value, list) else "leaf"
+            if self.kinds.get(where) != "node":
+                self.kinds[where] = kind
+            if key == "_target_" and isinstance(value, str):
+                self.targets.setdefault(prefix, set()).add(value)
+            if isinstance(value, dict):
+                self.add(value, where)
+
+
+@functools.lru_cache(maxsize=8)
+def _schema(conf_dir: str, primary: str | None) -> _Schema:
+    schema = _Schema()
+    roots = [(Path(conf_dir), "")] + [(path, name) for name, path in EXTRA_GROUP_DIRS.items()]
+    for root, group_prefix in roots:
+        if not root.is_dir():
+            continue
+        for path in sorted(root.rglob("*.yaml")):
+            rel = path.relative_to(root).parent.as_posix()
+            group = "/".join(part for part in (group_prefix, "" if rel == "." else rel) if part)
+            if group.split("/", 1)[0] == "hydra":
+                continue
+            if group:
+                schema.groups.add(group.split("/", 1)[0])
+            text = path.read_text(encoding="utf-8")
+            package = _package(text, group)
+            try:
+                schema.add(yaml.safe_load(text), package)
+            except yaml.YAMLError:
+                continue
+    if primary:
+        try:
+            schema.add(yaml.safe_load(Path(primary).read_text(encoding="utf-8")), "")
+        except (OSError, yaml.YAMLError):
+            pass
+    return schema
+
+
+def _package(text: str, group: str) -> str:
+    """The node a config file's keys land in: its `# @package` header, else its group."""
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        match = re.match(r"#\s*@package\s+(\S+)", line)
+        if match:
+            package = match.group(1).replace("_group_", group.replace("/", "."))
+            return "" if package == "_global_" else package.removeprefix("_global_.")
+    return group.replace("/", ".")
+
+
+def _split_command_line(argv: list, conf_dir: Path):
+    """(the overrides, the primary config file when --config-path/--config-name name one,
+    whether to skip the check) from train.py's arguments, as Hydra's parser reads them."""
+    value_flags = {"--config-path": "cp", "-cp": "cp", "--config-name": "cn", "-cn": "cn", "--config-dir": "cd",
+                   "-cd": "cd", "--cfg": None, "-c": None, "--package": None, "-p": None, "--experimental-rerun": "skip"}
+    skip_flags = {"--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc", "--info", "-i"}
+    overrides, named, skip = [], {}, False
+    args = iter(argv)
+    for arg in args:
+        flag, eq, inline = arg.partition("=")
+        if arg.startswith("-") and flag in value_flags:
+            value = inline if eq else next(args, None)
+            if value_flags[flag]:
+                named[value_flags[flag]] = value
+        elif arg.startswith("-"):
+            skip = skip or flag in skip_flags
+        else:
+            overrides.append(arg)
+    if "cd" in named or "skip" in named:
+        skip = True  # another search path or a re-run: leave it to Hydra
+    primary = None
+    if "cp" in named or "cn" in named:
+        directory = PROJECT_ROOT / (named.get("cp") or conf_dir)  # relative to train.py, like Hydra
+        name = named.get("cn") or "config"
+        primary = str(directory / (name if name.endswith(".yaml") else name + ".yaml"))
+        if not Path(primary).is_file():
+            skip = True  # Hydra says the config is missing
+    return overrides, primary, skip
+
+
+# ---- the constructor arguments of a target, read from source ----------------------------
+
+
+class _Unknown(Exception):
+    """The source alone cannot settle it."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Def:
+    module: str
+    node: ast.AST  # ClassDef or FunctionDef
+
+
+@dataclasses.dataclass(frozen=True)
+class _Module:
+    name: str
+
+
+@dataclasses.dataclass
+class _Reached:
+    obj: object  # _Def or _Module
+    through: list  # modules entered through imports on the way, and the defining one
+
+
+def init_keys(target: str, import_if_needed: bool = True) -> set | None:
+    """The keyword arguments `hydra.utils.instantiate` may pass to `target`: the init fields of
+    a dataclass, the parameters of a class's __init__ or a function. None when anything goes
+    (**kwargs) or nobody can tell. Read from source; imported only as a last resort."""
+    keys = _static_keys(target)
+    if keys is _UNKNOWN and import_if_needed:
+        return _runtime_keys(target)
+    return None if keys is _UNKNOWN else keys
+
+
+_UNKNOWN = object()
+
+
+@functools.lru_cache(maxsize=None)
+def _static_keys(target: str):
+    try:
+        obj = _static_target(target).obj
+        if not isinstance(obj, _Def):
+            return _UNKNOWN
+        if isinstance(obj.node, ast.ClassDef):
+            keys = _class_keys(obj.module, obj.node, 0)
+        else:
+            keys = _params(obj.node)
+        return None if keys is None else frozenset(keys)  # None: it takes **kwargs
+    except (_Unknown, RecursionError, SyntaxError, OSError, UnicodeDecodeError):
+        return _UNKNOWN
+
+
+def _runtime_keys(target: str):
+    import inspect
+
+    obj = _import_object(target)
+    if obj is None:
+        return None
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _runtime_origin(target: str) -> str | None:
+    """The module the object `target` names comes from (importing it); None if it cannot be
+    imported, and then `instantiate` cannot call it either."""
+    import types
+
+    obj = _import_object(target)
+    if obj is None:
+        return None
+    if isinstance(obj, types.ModuleType):
+        return obj.__name__
+    return getattr(obj, "__module__", None) or getattr(type(obj), "__module__", None) or "<unknown>"
+
+
+def _import_object(target: str):
+    """What `instantiate` would call, imported the way Hydra imports it; None if it cannot be."""
+    try:
+        from hydra._internal.utils import _locate  # hydra.utils.get_object without its error log
+    except ImportError:  # pragma: no cover - a Hydra without it
+        from hydra.utils import get_object as _locate
+    try:
+        return _locate(target)
+    except Exception:
+        return None
+
+
+def _static_target(path: str) -> _Reached:
+    """What `hydra.utils.get_object(path)` would return, found in source: a definition or a
+    module, and the modules reached through imports on the way."""
+    parts = path.split(".")
+    if _spec(parts[0]) is None:
+        raise _Unknown(f"no module {parts[0]}")
+    obj, through = _Module(parts[0]), []
+    for part in parts[1:]:
+        if isinstance(obj, _Def):  # an attribute of a class or function defined in allowed code
+            break
+        obj = _member(obj.name, part, through, 0)
+    if isinstance(obj, _Module):
+        through.append(obj.name)
+    return _Reached(obj, through)
+
+
+def _member(module: str, name: str, through: list, depth: int):
+    """getattr(module, name) as Python would find it: a binding in the module's source, else a
+    submodule."""
+    if depth > 30:
+        raise _Unknown("import chain too long")
+    bindings = _bindings(module)
+    found = bindings["names"].get(name, [])
+    if len(found) > 1:
+        raise _Unknown(f"{module}.{name} is bound more than once")
+    if not found and "__getattr__" in bindings["names"]:
+        raise _Unknown(f"{module} hands out attributes from its __getattr__")
+    if found:
+        kind, *rest = found[0]
+        if kind == "def":
+            through.append(module)
+            return _Def(module, rest[0])
+        if kind == "module":
+            through.append(rest[0])
+            if _spec(rest[0]) is None:
+                raise _Unknown(f"no module {rest[0]}")
+            return _Module(rest[0])
+        if kind == "from":
+            source, attr = rest
+            if source == module and attr == name:  # `from pkg import sub` inside pkg
+                return _submodule(module, name)
+            through.append(source)  # an import: a jump to another module
+            return _member(source, attr, through, depth + 1)
+        raise _Unknown(f"{module}.{name} is assigned, not defined or imported")
+    if _spec(f"{module}.{name}") is not None:
+        return _submodule(module, name)
+    for star in bindings["stars"]:
+        trial = [*through, star]
+        try:
+            obj = _member(star, name, trial, depth + 1)
+        except _Unknown:
+            continue
+        through[:] = trial
+        return obj
+    raise _Unknown(f"{module} has no {name}")
+
+
+def _submodule(module: str, name: str) -> _Module:
+    """A submodule, reached by name (under its package: no jump elsewhere)."""
+    if _spec(f"{module}.{name}") is None:
+        raise _Unknown(f"no module {module}.{name}")
+    return _Module(f"{module}.{name}")
+
+
+@functools.lru_cache(maxsize=None)
+def _spec(name: str):
+    """The module's spec, found without importing it or its parents."""
+    try:
+        if "." not in name:
+            return importlib.util.find_spec(name)
+        parent = _spec(name.rpartition(".")[0])
+        if parent is None or not parent.submodule_search_locations:
+            return None
+        return importlib.machinery.PathFinder.find_spec(name, list(parent.submodule_search_locations))
+    except (ImportError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _bindings(module: str) -> dict:
+    """The names a module's source binds at its top level (in if/try/with blocks too, so a lazy
+    `__init__`'s TYPE_CHECKING imports count), and its star imports."""
+    spec = _spec(module)
+    origin = getattr(spec, "origin", None)
+    if spec is None or origin is None or not origin.endswith(".py"):
+        if spec is not None and origin in (None, "namespace") and spec.submodule_search_locations:
+            return {"names": {}, "stars": []}  # a namespace package: only submodules
+        raise _Unknown(f"no Python source for {module}")
+    tree = ast.parse(Path(origin).read_bytes(), filename=origin)
+    package = module if Path(origin).name == "__init__.py" else module.rpartition(".")[0]
+    names, stars = {}, []
+
+    def bind(name, binding):
+        if binding not in names.setdefault(name, []):
+            names[name].append(binding)
+
+    def visit(statements):
+        for stmt in statements:
+            if isinstance(stmt, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                bind(stmt.name, ("def", stmt))
+            elif isinstance(stmt, ast.Import):
+                for alias in stmt.names:
+                    if alias.asname:
+                        bind(alias.asname, ("module", alias.name))
+                    else:
+                        top = alias.name.split(".")[0]
+                        bind(top, ("module", top))
+            elif isinstance(stmt, ast.ImportFrom):
+                source = _absolute(stmt.module, stmt.level, package)
+                for alias in stmt.names:
+                    if alias.name == "*":
+                        stars.append(source)
+                    else:
+                        bind(alias.asname or alias.name, ("from", source, alias.name))
+            elif isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+                targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+                if isinstance(stmt, ast.AnnAssign) and stmt.value is None:
+                    continue
+                for name in _assigned_names(targets):
+                    bind(name, ("other",))
+            elif isinstance(stmt, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
+                for block in ("body", "orelse", "finalbody"):
+                    visit(getattr(stmt, block, []))
+                for handler in getattr(stmt, "handlers", []):
+                    visit(handler.body)
+            elif isinstance(stmt, ast.Delete):
+                for target in stmt.targets:
+                    if isinstance(target, ast.Name):
+                        bind(target.id, ("other",))
+
+    visit(tree.body)
+    return {"names": names, "stars": stars}
+
+
+def _assigned_names(targets) -> list:
+    """The names an assignment binds (`x = ...`, `a, b = ...`; not `x.attr = ...`)."""
+    names = []
+    for target in targets:
+        if isinstance(target, ast.Name):
+            names.append(target.id)
+        elif isinstance(target, (ast.Tuple, ast.List)):
+            names += _assigned_names(target.elts)
+        elif isinstance(target, ast.Starred):
+            names += _assigned_names([target.value])
+    return names
+
+
+def _absolute(module: str | None, level: int, package: str) -> str:
+    if not level:
+        return module or ""
+    base = package.split(".")
+    if level > 1:
+        base = base[: len(base) - (level - 1)]
+    return ".".join(part for part in [*base, module or ""] if part)
+
+
+def _decorator_name(expr) -> str:
+    if isinstance(expr, ast.Call):
+        expr = expr.func
+    if isinstance(expr, ast.Attribute):
+        return expr.attr
+    return expr.id if isinstance(expr, ast.Name) else ""
+
+
+def _is_dataclass(node: ast.ClassDef) -> bool:
+    for decorator in node.decorator_list:
+        if _decorator_name(decorator) == "dataclass":
+            if isinstance(decorator, ast.Call) and any(
+                kw.arg == "init" and isinstance(kw.value, ast.Constant) and kw.value.value is False
+                for kw in decorator.keywords
+            ):
+                return False  # init=False: the class writes its own __init__
+            return True
+    return False
+
+
+def _annotation_name(expr) -> str:
+    if isinstance(expr, ast.Subscript):
+        expr = expr.value
+    if isinstance(expr, ast.Constant) and isinstance(expr.value, str):  # a string annotation
+        return expr.value.split("[", 1)[0].rsplit(".", 1)[-1]
+    if isinstance(expr, ast.Attribute):
+        return expr.attr
+    return expr.id if isinstance(expr, ast.Name) else ""
+
+
+def _own_fields(node: ast.ClassDef) -> tuple:
+    """(init fields, fields with init=False) declared in a dataclass's own body."""
+    init, hidden = set(), set()
+    for stmt in node.body:
+        if not isinstance(stmt, ast.AnnAssign) or not isinstance(stmt.target, ast.Name):
+            continue
+        if _annotation_name(stmt.annotation) in ("ClassVar", "KW_ONLY"):
+            continue
+        value = stmt.value
+        if (
+            isinstance(value, ast.Call)
+            and _decorator_name(value) == "field"
+            and any(kw.arg == "init" and isinstance(kw.value, ast.Constant) and kw.value.value is False for kw in value.keywords)
+        ):
+            hidden.add(stmt.target.id)
+        else:
+            init.add(stmt.target.id)
+    return init, hidden
+
+
+def _dataclass_fields(module: str, node: ast.ClassDef, depth: int) -> set:
+    """The init fields `dataclasses.fields` would list: those of every dataclass in the MRO."""
+    if depth > 30:
+        raise _Unknown("class hierarchy too deep")
+    fields = set()
+    for base in reversed(node.bases):  # later bases first: earlier ones win, as in the MRO
+        resolved = _base(module, base)
+        if resolved is not None:
+            fields |= _dataclass_fields(resolved.module, resolved.node, depth + 1)
+    if _is_dataclass(node):
+        init, hidden = _own_fields(node)
+        fields = (fields - hidden) | init
+    return fields
+
+
+def _class_keys(module: str, node: ast.ClassDef, depth: int):
+    """Keyword arguments the class's constructor takes (None: **kwargs)."""
+    if depth > 30:
+        raise _Unknown("class hierarchy too deep")
+    for stmt in node.body:  # its own __init__ (which @dataclass keeps)
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) and stmt.name == "__init__":
+            params = _params(stmt)
+            return None if params is None else params - {"self"}
+    if _is_dataclass(node):
+        return _dataclass_fields(module, node, depth)
+    for base in node.bases:  # no __init__ of its own: the first base's
+        resolved = _base(module, base)
+        if resolved is not None:
+            return _class_keys(resolved.module, resolved.node, depth + 1)
+    return set()  # object()
+
+
+def _base(module: str, expr):
+    """The class definition a base-class expression names; None for builtins and typing."""
+    if isinstance(expr, ast.Subscript):  # Generic[T], SomeBase[int]
+        expr = expr.value
+    if isinstance(expr, ast.Name):
+        if expr.id not in _bindings(module)["names"] and hasattr(builtins, expr.id):
+            return None
+        obj = _member(module, expr.id, [], 0)
+    elif isinstance(expr, ast.Attribute) and isinstance(expr.value, ast.Name):
+        owner = _member(module, expr.value.id, [], 0)
+        if not isinstance(owner, _Module):
+            raise _Unknown("a base class inside a class")
+        obj = _member(owner.name, expr.attr, [], 0)
+    else:
+        raise _Unknown("a base class expression")
+    if isinstance(obj, _Def) and isinstance(obj.node, ast.ClassDef):
+        if obj.module in ("typing", "typing_extensions", "abc"):
+            return None
+        return obj
+    raise _Unknown("a base that is not a class definition")
+
+
+def _params(node) -> set | None:
+    args = node.args
+    if args.kwarg is not None:
+        return None
+    return {a.arg for a in [*args.args, *args.kwonlyargs]}
