@@ -94,7 +94,9 @@ def check_overrides(argv, conf_dir: Path = CONF_DIR) -> None:
         candidates = schema.children(parent) if parent in schema.nodes else set()
         owner = _settings_class(parent, schema)
         fields = init_keys(owner, import_if_needed=False) if owner else None
-        if fields and leaf in fields and override.type == OverrideType.CHANGE:
+        if fields and leaf in fields:
+            if override.type == OverrideType.DEL:
+                raise UserError(f"{arg}: {key} is not in this config; nothing to delete")
             raise UserError(
                 f"{arg}: {key} is a field of {owner} that this config does not list; "
                 f"set it with +{key}={arg.split('=', 1)[1]}"
@@ -438,6 +440,9 @@ class _Schema:
     def add(self, data, prefix: str) -> None:
         if not isinstance(data, dict):
             return
+        parts = prefix.split(".") if prefix else []
+        for n in range(1, len(parts) + 1):  # the node a group's file fills, and its parents
+            self.kinds[".".join(parts[:n])] = "node"
         for key, value in data.items():
             if not prefix and key in ("defaults", "hydra"):
                 continue
