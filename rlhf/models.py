@@ -217,6 +217,7 @@ def load_model(model_path: str, adapters: list, model_cfg, quantization_cfg, har
             "into quantized weights; start from a run trained with peft=none, or drop quantization"
         )
     kwargs = {
+        "use_safetensors": True,  # never unpickle weights: a .bin checkpoint can run code when loaded
         "dtype": getattr(torch, hardware_cfg.dtype),
         "trust_remote_code": bool(model_cfg.trust_remote_code),
         "quantization_config": quantization,
@@ -234,7 +235,22 @@ def load_model(model_path: str, adapters: list, model_cfg, quantization_cfg, har
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_cpu_training_working(model)
     return model
+
+
+def keep_4bit_cpu_training_working(model) -> None:
+    """bitsandbytes' AVX512-BF16 CPU path for 4-bit layers repacks the weights during an
+    inference forward (evaluation), after which the next training step fails ("a view of a
+    leaf Variable ... in-place operation"). Switching that path off on every 4-bit layer keeps
+    4-bit training with evaluation working on such CPUs; GPUs never take that path."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def merge_adapter(model, adapter_dir):

@@ -1,8 +1,10 @@
-"""Run one stage: find it, seed, record the environment, dispatch, write the metrics.
+"""Run one stage: claim the run directory, record the environment, dispatch to the stage,
+write the metrics and the run's status.
 
-Called by `train.py` with the composed config; the run directory is Hydra's output directory
-(which already holds `.hydra/`). Every user mistake surfaces as a `UserError` and is printed as
-one line, without a traceback.
+Called by `train.py` with the composed config; the run directory is Hydra's output directory.
+Every user mistake surfaces as a `UserError` and is printed as one line, without a traceback.
+In a multirun a failing job records its failure in status.json and the sweep goes on
+(`rlhf.runs.SweepSummary` reports all jobs at the end).
 """
 
 import json
@@ -11,13 +13,16 @@ import platform
 import shlex
 import subprocess
 import sys
+import traceback
 from importlib import metadata
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 from rlhf import PROJECT_ROOT
 from rlhf.errors import UserError
+from rlhf.runs import prepare_run_dir, write_json, write_status
 from rlhf.stages import get_stage
 
 RECORDED_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "hydra-core", "omegaconf")
@@ -25,23 +30,39 @@ RECORDED_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accele
 
 def main(cfg, run_dir: Path | None = None):
     """Train the configured stage in `run_dir` (default: Hydra's output directory); return the
-    sweep objective."""
-    run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
+    sweep objective (NaN for a failed job of a sweep)."""
+    hydra = HydraConfig.get() if HydraConfig.initialized() else None
+    run_dir = Path(run_dir or hydra.runtime.output_dir)
+    in_sweep = hydra is not None and hydra.mode == RunMode.MULTIRUN
     try:
+        prepare_run_dir(cfg, run_dir, hydra.overrides.task if hydra else [], hydra)
         metrics = run_stage(cfg, run_dir)
         print(f"final metrics ({run_dir}):\n" + json.dumps(metrics, indent=2, ensure_ascii=False))
         return objective(cfg, metrics)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        if not in_sweep:
+            raise SystemExit(2) from None
+    except Exception:
+        if not in_sweep:
+            raise
+        traceback.print_exc()  # a bug, not a user error: the job's log keeps the traceback
+    return float("nan") if cfg.get("objective") else None
 
 
 def run_stage(cfg, run_dir: Path) -> dict:
-    """env.json, the stage's training, metrics.json: one complete run directory."""
+    """env.json, the stage's training, metrics.json, and status.json throughout: one complete
+    run directory (or one that says why it is not)."""
     stage = get_stage(cfg.stage)
     write_json(run_dir / "env.json", environment(cfg))
-    metrics = stage(cfg, run_dir)
+    write_status(run_dir, "running")
+    try:
+        metrics = stage(cfg, run_dir)
+    except BaseException as err:
+        write_status(run_dir, "failed", f"{type(err).__name__}: {err}" if not isinstance(err, UserError) else str(err))
+        raise
     write_json(run_dir / "metrics.json", metrics)
+    write_status(run_dir, "done")
     return metrics
 
 
@@ -64,7 +85,7 @@ def environment(cfg) -> dict:
         except metadata.PackageNotFoundError:
             versions[package] = None
     return {
-        "command": " ".join(shlex.quote(arg) for arg in [sys.executable, *sys.argv]),
+        "command": " ".join(shlex.quote(redact(arg)) for arg in [sys.executable, *sys.argv]),
         "cwd": os.getcwd(),
         "seed": cfg.seed,
         "python": platform.python_version(),
@@ -72,6 +93,15 @@ def environment(cfg) -> dict:
         "packages": versions,
         "git": git_state(),
     }
+
+
+SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey")
+
+
+def redact(argument: str) -> str:
+    """`hub_token=abc` -> `hub_token=***`: credentials never reach env.json."""
+    key, sep, _ = argument.partition("=")
+    return f"{key}=***" if sep and any(word in key.lower() for word in SECRET_WORDS) else argument
 
 
 def git_state() -> dict:
@@ -83,11 +113,3 @@ def git_state() -> dict:
 
     commit = git("rev-parse", "HEAD")
     return {"commit": commit, "dirty": bool(git("status", "--porcelain")) if commit else None}
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write whole or not at all: a crash mid-write never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

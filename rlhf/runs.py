@@ -1,9 +1,16 @@
-"""Reading earlier runs: a stage that starts from another run (`model.init_from`,
-`ppo.reward_model`) learns from that run's saved config what base model and adapters it
-stands on, so users never copy adapter paths by hand."""
+"""Run directories: claiming one for a run (refusing to overwrite a finished run), its
+status, its checkpoints, the summary of a sweep, and reading earlier runs - a stage that
+starts from another run (`model.init_from`, `ppo.reward_model`) learns from that run's saved
+config what base model and adapters it stands on, so users never copy adapter paths by hand."""
 
+import json
+import os
+import shutil
+import sys
+import time
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from rlhf.errors import UserError
@@ -16,7 +23,7 @@ def finished_run(path, key: str, stages: tuple = ()):
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
         raise UserError(f"{key}={path}: not a run directory (no .hydra/config.yaml there)")
-    if not (run_dir / "metrics.json").is_file() or not (run_dir / "final").is_dir():
+    if read_status(run_dir) != "done" or not (run_dir / "final").is_dir():
         raise UserError(f"{key}={path}: that run did not finish (no metrics.json or final/); run it to the end first")
     cfg = OmegaConf.load(saved)
     if stages and cfg.get("stage") not in stages:
@@ -42,3 +49,104 @@ def policy_lineage(model_cfg) -> tuple:
         return base_cfg, [*adapters, final]
     full_model = OmegaConf.merge(base_cfg, {"name_or_path": str(final), "init_from": None})
     return full_model, []
+
+
+# ---- the lifecycle of a run directory --------------------------------------------------------
+
+CHECKPOINT_MARK = "rlhf_checkpoint.json"  # written last: a checkpoint without it is incomplete
+RESUME_MODES = ("auto", "overwrite")
+RUN_OUTPUTS = ("metrics.json", "status.json", "history.jsonl", "env.json", "checkpoints", "final", "samples.jsonl")
+
+
+def write_json(path: Path, data) -> None:
+    """Write whole or not at all: a temporary file renamed over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_status(run_dir: Path, status: str, error: str | None = None) -> None:
+    write_json(run_dir / "status.json", {"status": status, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def read_status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "status.json").read_text())["status"]
+    except (OSError, ValueError, KeyError):
+        return "done" if (run_dir / "metrics.json").is_file() else None
+
+
+def prepare_run_dir(cfg, run_dir: Path, overrides: list, hydra_node=None) -> None:
+    """Claim `run_dir` for this config: refuse to overwrite a finished run or to resume a
+    different config (unless resume=overwrite), then save .hydra/ (config, overrides, Hydra's
+    settings) as Hydra would, atomically."""
+    mode = cfg.get("resume", "auto")
+    if mode not in RESUME_MODES:
+        raise UserError(f"resume={mode}: must be one of {', '.join(RESUME_MODES)}")
+    job_cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    saved = run_dir / ".hydra" / "config.yaml"
+    if mode == "overwrite":
+        for name in RUN_OUTPUTS:
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    elif read_status(run_dir) == "done":
+        raise UserError(f"{run_dir} holds a finished run; pass resume=overwrite to replace it, or choose another hydra.run.dir")
+    elif saved.is_file() and comparable(OmegaConf.load(saved)) != comparable(job_cfg):
+        raise UserError(
+            f"{run_dir} holds an interrupted run of a different config; pass resume=overwrite to start over there, "
+            "or choose another hydra.run.dir"
+        )
+    hydra_dir = run_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(job_cfg, hydra_dir / "config.yaml")
+    save_yaml(OmegaConf.create(list(overrides)), hydra_dir / "overrides.yaml")
+    if hydra_node is not None:
+        save_yaml(OmegaConf.create({"hydra": hydra_node}), hydra_dir / "hydra.yaml")
+
+
+def comparable(cfg) -> dict:
+    """A config as compared for resuming: everything but the resume mode itself."""
+    plain = OmegaConf.to_container(cfg)
+    plain.pop("resume", None)
+    return plain
+
+
+def save_yaml(node, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    OmegaConf.save(node, tmp)
+    os.replace(tmp, path)
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose writing finished (it holds CHECKPOINT_MARK)."""
+    complete = [path.parent for path in (run_dir / "checkpoints").glob(f"checkpoint-*/{CHECKPOINT_MARK}")]
+    return max(complete, key=lambda path: int(path.name.rsplit("-", 1)[1]), default=None)
+
+
+class SweepSummary(Callback):
+    """After a multirun: one line per job (done or failed, with the error), and a non-zero exit
+    when any job failed. Jobs record their own status.json, so a failing job never stops the
+    others (see rlhf.run.main)."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+        failed = 0
+        print(f"sweep summary ({sweep_dir}):")
+        for job in jobs:
+            try:
+                status = json.loads((job / "status.json").read_text())
+            except (OSError, ValueError):
+                status = {"status": "unknown (no status.json)", "error": None}
+            overrides = (job / ".hydra" / "overrides.yaml")
+            label = ",".join(OmegaConf.load(overrides)) if overrides.is_file() else ""
+            failed += status["status"] != "done"
+            error = f": {status['error']}" if status.get("error") else ""
+            print(f"  job {job.name} [{label}]: {status['status']}{error}")
+        if failed:
+            print(f"{failed} of {len(jobs)} jobs failed", file=sys.stderr)
+            sys.exit(1)

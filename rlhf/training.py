@@ -4,6 +4,7 @@ that ends a run."""
 
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -11,13 +12,15 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
 from rlhf.data import Splits, load_splits
 from rlhf.models import load_model, load_tokenizer, resolve_model_path
-from rlhf.runs import finished_run, policy_lineage
+from rlhf.errors import UserError
+from rlhf.runs import CHECKPOINT_MARK, finished_run, last_complete_checkpoint, policy_lineage, write_json
 
 log = logging.getLogger(__name__)
 
@@ -159,18 +162,76 @@ def dropped_by_trainer(trainer, data: Splits) -> int:
     return dropped
 
 
-def fit(trainer, run_dir: Path, inputs: StageInputs) -> dict:
-    """Train, evaluate on the held-out split, save the adapter/model and tokenizer to final/,
-    and return the final metrics as one flat dict."""
+class RunGuard(TrainerCallback):
+    """Keeps a run safe to resume: a NaN or infinite loss (or weights) stops training before a
+    bad checkpoint is written; every checkpoint, once wholly written, gets a mark holding the
+    running loss total, so that only complete checkpoints are resumed from and a resumed run
+    reports the same train_loss as an uninterrupted one."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and not math.isfinite(logs["loss"]):
+            raise NonFiniteLoss(f"training diverged at step {state.global_step}: the loss is {logs['loss']}; {self.kept(args)}")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Before every log and checkpoint: NaN weights can still give a finite (even 0) loss.
+        if (control.should_save or control.should_log) and not all(
+            torch.isfinite(p).all() for p in self.trainer.model.parameters() if p.requires_grad
+        ):
+            raise NonFiniteLoss(f"training diverged at step {state.global_step}: the weights are no longer finite; {self.kept(args)}")
+
+    @staticmethod
+    def kept(args) -> str:
+        checkpoint = last_complete_checkpoint(Path(args.output_dir).parent)
+        return f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written before it"
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        # transformers keeps the loss sum of logged steps in _total_loss_scalar and of the
+        # steps since the last log in _tr_loss; a resumed Trainer starts both at zero.
+        # TRL counts the tokens trained on in _total_train_tokens, also restarted at zero.
+        total = self.trainer._total_loss_scalar + self.trainer._tr_loss.item()
+        tokens = getattr(self.trainer, "_total_train_tokens", 0)
+        if checkpoint.is_dir() and state.is_world_process_zero:
+            write_json(checkpoint / CHECKPOINT_MARK, {"step": state.global_step, "loss_total": total, "num_tokens": tokens})
+
+
+class NonFiniteLoss(UserError):
+    """Training diverged (NaN or infinite loss); the message names the step."""
+
+
+def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
+    """Train (resuming from the last complete checkpoint when there is one and resume=auto),
+    evaluate on the held-out split, save the adapter/model and tokenizer to final/, and return
+    the final metrics as one flat dict."""
     dropped = dropped_by_trainer(trainer, inputs.data)
-    result = trainer.train()
+    trainer.add_callback(RunGuard(trainer))
+    checkpoint = last_complete_checkpoint(run_dir) if cfg.get("resume", "auto") == "auto" else None
+    if checkpoint is not None:
+        print(f"resuming from {checkpoint}", flush=True)
+        mark = json.loads((checkpoint / CHECKPOINT_MARK).read_text())  # read now: rotation may delete it
+        truncate_history(run_dir / "history.jsonl", after_step=mark["step"])
+        if hasattr(trainer, "_total_train_tokens"):
+            trainer._total_train_tokens = mark["num_tokens"]
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics = {**result.metrics, "data/skipped_rows": inputs.data.skipped_rows, "data/dropped_rows": dropped}
+    if checkpoint is not None:  # the mean loss over all steps, not only those since the resume
+        metrics["train_loss"] = (mark["loss_total"] + trainer._total_loss_scalar) / trainer.state.global_step
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
     trainer.save_model(str(run_dir / "final"))
     trainer.processing_class.save_pretrained(str(run_dir / "final"))
     finish_tracking(metrics)
     return metrics
+
+
+def truncate_history(path: Path, after_step: int) -> None:
+    """Drop history lines logged after `after_step`: a resumed run logs those steps again."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= after_step]
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def finish_tracking(metrics: dict) -> None:

@@ -70,8 +70,10 @@ def check_overrides(argv, conf_dir: Path = CONF_DIR) -> None:
     """Raise UserError for a command-line override of a key that no config file defines, with
     the nearest valid key. Call it with `sys.argv[1:]` before Hydra composes the config.
 
-    Reads the YAML files only (no composition); keys it knows are left to Hydra, so a key
-    this check misses still fails in Hydra, and a valid command is never refused here."""
+    Reads the YAML files only (no composition, a few ms). It refuses only keys that no config
+    file under conf/ or sweeps/ (nor the --config-path/--config-name file) defines; every other
+    key is left to Hydra, which still refuses what this check lets through (`dpo.beta=0.3`
+    without stage=dpo). Skipped with --config-dir, --help, --info and --experimental-rerun."""
     overrides, primary, skip = _split_command_line(list(argv), conf_dir)
     if skip or not overrides:
         return
@@ -203,7 +205,7 @@ def _check_node_keys(node: dict, path: str, schema, stage_target) -> None:
         if fields is not None:
             for key, value in node.items():
                 if key not in fields and key not in INSTANTIATE_KEYS:
-                    where = f"{path}.{key}"
+                    where = f"{path}.{key}" if path else str(key)
                     raise UserError(
                         f"{where}={_show(value)}: unknown key, not a field of {target}"
                         f"{_suggestion(where, fields, schema, relative=True)}"
@@ -320,6 +322,14 @@ NODE_RULES = {
         "vf_coef": NON_NEGATIVE,
         "logging_steps": AT_LEAST_ONE,
         "max_grad_norm": POSITIVE,  # PPO clips to it every step: 0 would zero every gradient
+    },
+    "eval": {
+        "num_prompts": AT_LEAST_ONE,
+        "batch_size": AT_LEAST_ONE,
+        "max_prompt_length": OPTIONAL_LENGTH,
+        "max_new_tokens": AT_LEAST_ONE,
+        "temperature": Rule(lambda v: v >= 0, ">= 0 (0 = greedy decoding)"),
+        "top_p": Rule(_between(0, 1, low_open=True), "in (0, 1]"),
     },
     "peft": {
         "r": AT_LEAST_ONE,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rlhf.errors import UserError
 from rlhf.generation import Samples, response_logprobs, response_outputs, reward_scores, sample
 from rlhf.ppo import core
 
@@ -52,6 +53,10 @@ class PPOConfig:
     def __post_init__(self):
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"ppo.batch_size={self.batch_size} must be a multiple of ppo.mini_batch_size={self.mini_batch_size}")
+
+
+class NonFiniteLoss(UserError):
+    """PPO diverged (NaN or infinite loss)."""
 
 
 class ValueHead(nn.Module):
@@ -181,6 +186,8 @@ class PPOTrainer:
                     self.value_head(hidden), rollout.values[index], returns[index], mask, self.settings.cliprange_value
                 )
                 loss = pg_loss + self.settings.vf_coef * vf_loss
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(f"PPO diverged: the loss is {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()})")
                 self.optimizer.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.max_grad_norm)

@@ -21,4 +21,4 @@ def run(cfg, run_dir: Path) -> dict:
         ref_model=None,  # LoRA: the adapter-disabled policy; full fine-tuning: TRL copies the start model
         **trainer_kwargs(cfg, cfg.dpo, inputs, run_dir),
     )
-    return fit(trainer, run_dir, inputs)
+    return fit(trainer, run_dir, inputs, cfg)

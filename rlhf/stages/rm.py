@@ -16,4 +16,4 @@ def run(cfg, run_dir: Path) -> dict:
     inputs = load_inputs(cfg, data_kind="preference", head="reward")
     start_tracking(cfg, run_dir)
     trainer = RankingRewardTrainer(**trainer_kwargs(cfg, cfg.rm, inputs, run_dir))
-    return fit(trainer, run_dir, inputs)
+    return fit(trainer, run_dir, inputs, cfg)

@@ -17,4 +17,4 @@ def run(cfg, run_dir: Path) -> dict:
     trainer = SFTTrainer(
         **trainer_kwargs(cfg, cfg.sft, inputs, run_dir),
     )
-    return fit(trainer, run_dir, inputs)
+    return fit(trainer, run_dir, inputs, cfg)

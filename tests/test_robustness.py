@@ -1,0 +1,85 @@
+"""Runs survive interruption and refuse to destroy work: kill -9 and resume gives the same
+metrics, a finished run is never overwritten, divergence stops a run cleanly, and every run
+says how it ended in status.json."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, cli, train
+
+KILLABLE = ("sft.max_steps=40", "sft.save_steps=10", "sft.eval_steps=20", "sft.logging_steps=5")
+
+
+def status(run_dir) -> dict:
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def test_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path):
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "train.py", f"hydra.run.dir={run_dir}", *KILLABLE], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    mark = run_dir / "checkpoints" / "checkpoint-20" / "rlhf_checkpoint.json"
+    deadline = time.time() + 240
+    while not mark.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert mark.exists() and not (run_dir / "metrics.json").exists(), "the run must be killed mid-training"
+    assert status(run_dir)["status"] == "running"  # what a killed run leaves behind
+
+    done = cli(f"hydra.run.dir={run_dir}", *KILLABLE)  # the same command again
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stdout and "checkpoint-20" in done.stdout
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    uninterrupted = train(tmp_path / "whole", *KILLABLE)
+    for key, value in uninterrupted.items():
+        if "runtime" not in key and "per_second" not in key:
+            assert resumed[key] == pytest.approx(value, abs=1e-6), key
+    steps = [json.loads(line)["step"] for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # no step logged twice across the interruption
+    assert status(run_dir)["status"] == "done"
+
+    # A finished run is never overwritten, not even its saved config.
+    saved = (run_dir / ".hydra" / "config.yaml").read_text()
+    again = cli(f"hydra.run.dir={run_dir}", *KILLABLE, "sft.learning_rate=0.1")
+    assert again.returncode == 2 and "holds a finished run" in again.stderr and "Traceback" not in again.stderr
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == saved
+
+
+def test_overwrite_replaces_a_finished_run(tmp_path):
+    train(tmp_path, "sft.max_steps=2", "dataset.test_size=0")
+    with pytest.raises(Exception, match="holds a finished run"):
+        train(tmp_path, "sft.max_steps=2", "dataset.test_size=0")
+    metrics = train(tmp_path, "sft.max_steps=3", "dataset.test_size=0", "resume=overwrite")
+    assert metrics["epoch"] > 0 and status(tmp_path)["status"] == "done"
+    assert "max_steps: 3" in (tmp_path / ".hydra" / "config.yaml").read_text()
+
+
+def test_divergence_stops_with_the_step_and_marks_the_run_failed(tmp_path):
+    done = cli(f"hydra.run.dir={tmp_path}", "sft.max_steps=30", "sft.learning_rate=1e12", "sft.logging_steps=1", "sft.save_steps=1")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: training diverged at step ") and "checkpoint" in error
+    record = status(tmp_path)
+    assert record["status"] == "failed" and record["error"].startswith("training diverged")
+    from rlhf.runs import last_complete_checkpoint
+
+    kept = last_complete_checkpoint(tmp_path)
+    if kept is not None:  # whatever was kept was written before the weights went bad
+        from safetensors.torch import load_file
+        import torch
+
+        assert all(torch.isfinite(t).all() for t in load_file(str(kept / "adapter_model.safetensors")).values())
+
+
+def test_interrupted_run_of_another_config_is_not_resumed(tmp_path):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("stage: dpo\n")
+    (tmp_path / "status.json").write_text('{"status": "running"}')
+    with pytest.raises(Exception, match="interrupted run of a different config"):
+        train(tmp_path, "sft.max_steps=2")

@@ -1,0 +1,355 @@
+"""Config validation before anything loads (`rlhf.validate`): unknown keys with the nearest
+valid one, values out of range, incompatible choices and missing input runs, and the
+`_target_` allowlist. Each message is one line naming the key and its value.
+
+The tests at the end (`test_cli_*`) run `python train.py` and need the wiring: train.py calls
+`check_overrides(sys.argv[1:])` before Hydra, and `rlhf.run.run_stage` calls `validate(cfg)`.
+"""
+
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from omegaconf import OmegaConf, open_dict
+
+from conftest import CONF, ROOT, cli, compose_config
+from rlhf.errors import UserError
+from rlhf.validate import check_overrides, check_target, init_keys, validate
+
+
+def refused(cfg) -> str:
+    """The one-line message validate raises for `cfg`."""
+    with pytest.raises(UserError) as caught:
+        validate(cfg)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def fake_run(path, stage: str, finished: bool = True):
+    """A run directory as `rlhf.runs.finished_run` reads it (no weights needed to validate)."""
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "config.yaml").write_text(f"stage: {stage}\nmodel:\n  name_or_path: builtin:tiny\n")
+    if finished:
+        (path / "metrics.json").write_text("{}")
+        (path / "final").mkdir()
+    return path
+
+
+# ---- every shipped configuration passes ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),
+        ("stage=dpo",),
+        ("stage=rm",),
+        ("stage=eval",),
+        ("experiment=rlhf_chain",),
+        ("experiment=dpo_chain",),
+        ("stage=dpo", "peft=none"),
+        ("quantization=4bit",),
+        ("quantization=8bit", "hardware=gpu", "logger=wandb"),
+        ("sweeps=dpo_beta_rank",),
+        ("model=qwen3-0.6b", "dataset=hh_rlhf", "stage=dpo"),
+    ],
+)
+def test_shipped_configs_pass(overrides):
+    validate(compose_config(*overrides))
+
+
+def test_validate_imports_no_heavy_library_and_is_fast():
+    code = (
+        "import sys, time; sys.path[:0] = ['tests']\n"
+        "from conftest import compose_config\n"
+        "cfg = compose_config('stage=dpo')\n"
+        "start = time.perf_counter()\n"
+        "from rlhf.validate import validate\n"
+        "validate(cfg)\n"
+        "print(time.perf_counter() - start)\n"
+        "print(sorted({'torch', 'transformers', 'trl', 'peft', 'datasets'} & set(sys.modules)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seconds, heavy = done.stdout.split("\n")[:2]
+    assert heavy == "[]"
+    assert float(seconds) < 2.0  # about 0.1 s: source is read, not imported
+
+
+# ---- 1. unknown keys ------------------------------------------------------------------------
+
+
+def test_added_key_that_is_no_field_of_the_settings_class_is_refused_with_the_nearest():
+    message = refused(compose_config("stage=dpo", "+dpo.betta=1"))
+    assert message.startswith("dpo.betta=1: unknown key")
+    assert "rlhf.trainers.KLDPOConfig" in message and message.endswith("did you mean dpo.beta?")
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (("stage=ppo", "+ppo.kl_coeff=0.2"), "ppo.kl_coeff=0.2: unknown key, not a field of rlhf.ppo.trainer.PPOConfig; did you mean ppo.kl_coef?"),
+        (("+sft.learning_rat=0.1",), "sft.learning_rat=0.1: unknown key, not a field of trl.SFTConfig; did you mean sft.learning_rate?"),
+        (("+peft.rank=4",), "peft.rank=4: unknown key, not a field of rlhf.models.lora_config"),
+        (("+model.trust_remote=true",), "model.trust_remote=True: unknown key; did you mean model.trust_remote_code?"),
+        (("+dataset.max_sample=5",), "dataset.max_sample=5: unknown key; did you mean dataset.max_samples?"),
+        (("+hardware.training_args.use_cpuu=true",), "hardware.training_args.use_cpuu=True: unknown key, not a field of transformers.TrainingArguments; did you mean hardware.training_args.use_cpu?"),
+        (("+sed=1",), "sed=1: unknown key; did you mean seed?"),
+    ],
+)
+def test_unknown_keys_everywhere(overrides, expected):
+    assert refused(compose_config(*overrides)).startswith(expected)
+
+
+def test_fields_the_yaml_does_not_list_are_welcome():
+    validate(compose_config("stage=dpo", "+dpo.adam_beta1=0.8", "+hardware.training_args.fp16=false"))
+    validate(compose_config("stage=rm", "+rm.adam_epsilon=1e-6"))
+    validate(compose_config("peft.bias=all"))
+
+
+def test_fields_read_from_source_match_the_imported_classes():
+    """The source reading (fast) against dataclasses.fields / inspect.signature (imports trl)."""
+    import dataclasses
+    import inspect
+
+    from hydra.utils import get_object
+
+    targets = {yaml.safe_load(path.read_text()).get("_target_") for path in CONF.rglob("*.yaml")}
+    targets = sorted(t for t in targets if t) + ["transformers.TrainingArguments", "trl.DPOConfig"]
+    assert "rlhf.trainers.KLDPOConfig" in targets and "rlhf.ppo.trainer.PPOConfig" in targets
+    for target in targets:
+        static = init_keys(target, import_if_needed=False)
+        obj = get_object(target)
+        params = inspect.signature(obj).parameters.values()
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            assert static is None, target
+            continue
+        expected = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if dataclasses.is_dataclass(obj):
+            assert expected == {f.name for f in dataclasses.fields(obj) if f.init}, target
+        assert static == expected, target
+
+
+def test_command_line_typo_names_the_nearest_key():
+    with pytest.raises(UserError, match=r"^dpo\.betta=0\.1: unknown key; did you mean dpo\.beta\?$"):
+        check_overrides(["stage=dpo", "dpo.betta=0.1"])
+    with pytest.raises(UserError, match=r"^stag=dpo: unknown key; did you mean stage\?$"):
+        check_overrides(["stag=dpo"])
+    with pytest.raises(UserError, match=r"^dop\.beta=0\.3: unknown key; did you mean dpo\.beta\?$"):
+        check_overrides(["dop.beta=0.3"])
+    with pytest.raises(UserError, match=r"^model\.name_or_pth=x: unknown key; did you mean model\.name_or_path\?$"):
+        check_overrides(["model.name_or_pth=x"])
+
+
+def test_command_line_field_missing_from_the_yaml_says_to_add_it():
+    with pytest.raises(UserError, match=r"dpo\.adam_beta1=0\.9: .*field of rlhf\.trainers\.KLDPOConfig.*\+dpo\.adam_beta1=0\.9$"):
+        check_overrides(["stage=dpo", "dpo.adam_beta1=0.9"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["stage=dpo", "dpo.beta=0.3", "peft.r=8"],
+        ["-m", "stage=dpo", "dpo.beta=0.1,0.3"],
+        ["stage=dpo", "dpo.loss_type=[sigmoid,ipo]", "dpo.loss_type.0=hinge"],
+        ["experiment=rlhf_chain", "ppo.kl_coef=0.05", "sft.max_steps=2"],
+        ["sweeps=dpo_optuna", "objective=eval_loss"],
+        ["model=qwen3-0.6b", "dataset=hh_rlhf", "dataset.path=/x", "quantization=4bit", "logger=wandb", "logger.project=p"],
+        ["hydra.run.dir=/tmp/x", "hydra.job.chdir=false", "seed=1", "hardware.training_args.use_cpu=false"],
+        ["+dpo.betta=1"],  # adding is Hydra's business; validate() judges the added key
+        ["--cfg", "job", "stage=dpo"],
+        ["--help", "dpo.betta=1"],  # Hydra prints help and ignores overrides
+        ["dpo.beta=(broken"],  # a syntax error: Hydra reports it
+    ],
+)
+def test_valid_command_lines_pass(argv):
+    check_overrides(argv)
+
+
+# ---- 2. values out of range -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (("stage=dpo", "dpo.beta=-1"), "dpo.beta=-1: must be > 0"),
+        (("stage=dpo", "dpo.beta=0"), "dpo.beta=0: must be > 0"),
+        (("stage=dpo", "dpo.beta=abc"), "dpo.beta=abc: must be a number > 0"),
+        (("stage=dpo", "dpo.label_smoothing=0.5"), "dpo.label_smoothing=0.5: must be in [0, 0.5)"),
+        (("stage=dpo", "dpo.label_smoothing=-0.1"), "dpo.label_smoothing=-0.1: must be in [0, 0.5)"),
+        (("stage=dpo", "dpo.kl_coef=-0.1"), "dpo.kl_coef=-0.1: must be >= 0"),
+        (("peft.r=0",), "peft.r=0: must be an integer >= 1"),
+        (("sft.learning_rate=0",), "sft.learning_rate=0: must be > 0"),
+        (("stage=rm", "rm.learning_rate=-1e-5"), "rm.learning_rate=-1e-05: must be > 0"),
+        (("sft.per_device_train_batch_size=0",), "sft.per_device_train_batch_size=0: must be an integer >= 1"),
+        (("stage=dpo", "dpo.per_device_eval_batch_size=0"), "dpo.per_device_eval_batch_size=0: must be an integer >= 1"),
+        (("sft.gradient_accumulation_steps=0",), "sft.gradient_accumulation_steps=0: must be an integer >= 1"),
+        (("sft.max_length=0",), "sft.max_length=0: must be an integer >= 1 (or null)"),
+        (("stage=ppo", "ppo.batch_size=0"), "ppo.batch_size=0: must be an integer >= 1"),
+        (("stage=ppo", "ppo.mini_batch_size=0"), "ppo.mini_batch_size=0: must be an integer >= 1"),
+        (("stage=ppo", "ppo.batch_size=30"), "ppo.batch_size=30: must be a multiple of ppo.mini_batch_size=8"),
+        (("stage=ppo", "ppo.learning_rate=0"), "ppo.learning_rate=0: must be > 0"),
+        (("stage=ppo", "ppo.kl_coef=-1"), "ppo.kl_coef=-1: must be >= 0"),
+        (("stage=ppo", "ppo.cliprange=0"), "ppo.cliprange=0: must be > 0"),
+        (("stage=ppo", "ppo.cliprange_value=-0.2"), "ppo.cliprange_value=-0.2: must be > 0"),
+        (("stage=ppo", "ppo.gamma=1.5"), "ppo.gamma=1.5: must be in [0, 1]"),
+        (("stage=ppo", "ppo.lam=-0.1"), "ppo.lam=-0.1: must be in [0, 1]"),
+        (("stage=ppo", "ppo.temperature=0"), "ppo.temperature=0: must be > 0"),
+        (("stage=ppo", "ppo.top_p=0"), "ppo.top_p=0: must be in (0, 1]"),
+        (("stage=ppo", "ppo.top_p=1.2"), "ppo.top_p=1.2: must be in (0, 1]"),
+        (("dataset.test_size=-0.1",), "dataset.test_size=-0.1: must be >= 0: a fraction below 1 or a count of rows"),
+        (("dataset.test_size=1.5",), "dataset.test_size=1.5: must be >= 0: a fraction below 1 or a count of rows"),
+        (("stage=eval", "eval.temperature=-0.5"), "eval.temperature=-0.5: must be >= 0 (0 = greedy decoding)"),
+        (("experiment=rlhf_chain", "ppo.kl_coef=-1"), "ppo.kl_coef=-1: must be >= 0"),  # a chain's shared settings
+    ],
+)
+def test_values_out_of_range(overrides, expected):
+    assert refused(compose_config(*overrides)) == expected
+
+
+def test_values_at_the_edges_pass(tmp_path):
+    rm = fake_run(tmp_path / "rm", "rm")
+    validate(compose_config("stage=dpo", "dpo.label_smoothing=0.49", "dpo.kl_coef=0", "dpo.beta=1e-3", "dataset.test_size=0"))
+    validate(compose_config("sft.max_length=null", "dataset.test_size=20", "peft.r=1"))
+    validate(compose_config("stage=eval", "eval.temperature=0"))  # greedy decoding
+    for edge in ("ppo.top_p=1", "ppo.gamma=0", "ppo.gamma=1", "ppo.lam=1", "ppo.kl_coef=0", "ppo.batch_size=8"):
+        validate(compose_config("stage=ppo", f"ppo.reward_model={rm}", edge))
+
+
+# ---- 3. incompatible choices, and the runs a stage starts from --------------------------------
+
+
+def test_quantization_needs_lora():
+    message = refused(compose_config("quantization=4bit", "peft=none"))
+    assert message.startswith("quantization=4bit with peft=none: quantized weights cannot be trained directly")
+    assert "peft=lora" in message
+    assert refused(compose_config("quantization=8bit", "peft=none")).startswith("quantization=8bit with peft=none")
+    validate(compose_config("quantization=4bit", "peft=lora"))
+
+
+def test_ppo_needs_a_finished_reward_model_run(tmp_path):
+    assert refused(compose_config("stage=ppo")) == (
+        "ppo.reward_model=null: stage=ppo needs ppo.reward_model=<directory of a finished stage=rm run>"
+    )
+    nowhere = tmp_path / "nowhere"
+    assert refused(compose_config("stage=ppo", f"ppo.reward_model={nowhere}")).startswith(
+        f"ppo.reward_model={nowhere}: not a run directory"
+    )
+    unfinished = fake_run(tmp_path / "unfinished", "rm", finished=False)
+    assert "that run did not finish" in refused(compose_config("stage=ppo", f"ppo.reward_model={unfinished}"))
+    sft = fake_run(tmp_path / "sft", "sft")
+    assert "that is a stage=sft run; expected one of: rm" in refused(compose_config("stage=ppo", f"ppo.reward_model={sft}"))
+    rm = fake_run(tmp_path / "rm", "rm")
+    validate(compose_config("stage=ppo", f"ppo.reward_model={rm}", f"model.init_from={sft}"))
+
+
+def test_init_from_must_be_a_finished_run(tmp_path):
+    nowhere = tmp_path / "nowhere"
+    assert refused(compose_config("stage=dpo", f"model.init_from={nowhere}")) == (
+        f"model.init_from={nowhere}: not a run directory (no .hydra/config.yaml there)"
+    )
+    unfinished = fake_run(tmp_path / "unfinished", "sft", finished=False)
+    assert refused(compose_config("stage=dpo", f"model.init_from={unfinished}")).startswith(
+        f"model.init_from={unfinished}: that run did not finish"
+    )
+    validate(compose_config("stage=dpo", f"model.init_from={fake_run(tmp_path / 'sft', 'sft')}"))
+
+
+def test_chain_steps_are_not_checked_as_a_whole():
+    validate(compose_config("experiment=rlhf_chain"))  # ppo.reward_model comes with the step (@rm)
+
+
+# ---- 4. the _target_ allowlist ----------------------------------------------------------------
+
+REFUSAL = "only rlhf., trl., peft., transformers., torch.optim. and Hydra plugin targets are instantiated"
+
+
+def test_foreign_target_in_a_hand_made_config_is_refused():
+    cfg = OmegaConf.create({"stage": "sft", "evil": {"_target_": "os.system", "_args_": ["echo hi"]}})
+    assert refused(cfg) == f"refusing _target_=os.system at evil._target_: {REFUSAL}"
+
+
+@pytest.mark.parametrize(
+    "target, reason",
+    [
+        ("builtins.eval", REFUSAL),
+        ("subprocess.run", REFUSAL),
+        ("rlhfx.thing", REFUSAL),
+        ("rlhf.run.subprocess.run", "it reaches module subprocess"),  # an allowed prefix, a foreign module
+        ("rlhf.trainers.torch.load", "it reaches module torch"),
+        ("rlhf.run.main.__globals__", "dunder attributes"),
+    ],
+)
+def test_foreign_targets_are_refused_wherever_they_sit(target, reason):
+    cfg = compose_config("stage=dpo")
+    with open_dict(cfg):
+        cfg.dpo._target_ = target
+    message = refused(cfg)
+    assert message.startswith(f"refusing _target_={target} at dpo._target_: ") and reason in message
+    cfg = compose_config()
+    with open_dict(cfg):
+        cfg.sft.callbacks = [{"_target_": target}]  # nested in a list, too
+    assert refused(cfg).startswith(f"refusing _target_={target} at sft.callbacks[0]._target_")
+
+
+def test_interpolated_target_is_checked_resolved(monkeypatch):
+    monkeypatch.setenv("RLHF_TEST_TARGET", "os.system")
+    cfg = compose_config()
+    with open_dict(cfg):
+        cfg.sft._target_ = "${oc.env:RLHF_TEST_TARGET}"
+    assert refused(cfg).startswith("refusing _target_=os.system at sft._target_")
+
+
+@pytest.mark.parametrize(
+    "target", ["trl.DPOConfig", "rlhf.trainers.KLDPOConfig", "torch.optim.AdamW", "transformers.BitsAndBytesConfig", "peft.LoraConfig"]
+)
+def test_allowed_targets_pass(target):
+    check_target(target, "x._target_")
+
+
+# ---- the command line (needs the wiring in train.py and rlhf/run.py) ----------------------------
+
+
+def one_line_error(done) -> str:
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("stage=dpo", "dpo.betta=0.1"), "error: dpo.betta=0.1: unknown key; did you mean dpo.beta?"),  # train.py wiring
+        (("stage=dpo", "dpo.beta=-1"), "error: dpo.beta=-1: must be > 0"),  # run.py wiring
+    ],
+)
+def test_cli_mistakes_fail_fast_with_one_line(tmp_path, args, expected):
+    start = time.perf_counter()
+    try:
+        done = cli(*args, f"hydra.run.dir={tmp_path}", timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"train.py {' '.join(args)} ran on: is validate() wired into rlhf.run?")
+    seconds = time.perf_counter() - start
+    assert one_line_error(done) == expected
+    assert seconds < 5, f"{seconds:.1f} s"
+    assert not (tmp_path / "env.json").exists()  # nothing ran
+
+
+def test_cli_refuses_a_shared_config_with_a_foreign_target(tmp_path):
+    """A saved config re-run with --config-path: the PPO stage instantiates cfg.ppo first thing,
+    so without the check this would run `touch`."""
+    marker = tmp_path / "pwned"
+    job = compose_config("stage=ppo")
+    saved = OmegaConf.to_container(OmegaConf.masked_copy(job, [key for key in job if key != "hydra"]), resolve=False)
+    saved["ppo"] = {"_target_": "os.system", "_args_": [f"touch {marker}"]}
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "config.yaml").write_text(yaml.safe_dump(saved))
+    done = cli("--config-path", str(shared), "--config-name", "config", f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
+    assert one_line_error(done) == f"error: refusing _target_=os.system at ppo._target_: {REFUSAL}"
+    assert not marker.exists()
