@@ -8,7 +8,9 @@ import sys
 
 import hydra
 
+from rlhf.errors import UserError
 from rlhf.run import main as run_main
+from rlhf.validate import check_overrides
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -20,4 +22,9 @@ if __name__ == "__main__":
     # Hydra's parser takes flags only before the overrides; let -m/--multirun stand anywhere.
     multirun = [arg for arg in sys.argv[1:] if arg in ("-m", "--multirun")]
     sys.argv = [sys.argv[0], *multirun, *(arg for arg in sys.argv[1:] if arg not in multirun)]
+    try:
+        check_overrides(sys.argv[1:])  # a typo gets "did you mean", before Hydra's own refusal
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     main()

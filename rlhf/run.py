@@ -24,6 +24,7 @@ from rlhf import PROJECT_ROOT
 from rlhf.errors import UserError
 from rlhf.runs import prepare_run_dir, write_json, write_status
 from rlhf.stages import get_stage
+from rlhf.validate import validate
 
 RECORDED_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "hydra-core", "omegaconf")
 
@@ -36,6 +37,11 @@ def main(cfg, run_dir: Path | None = None):
     in_sweep = hydra is not None and hydra.mode == RunMode.MULTIRUN
     try:
         prepare_run_dir(cfg, run_dir, hydra.overrides.task if hydra else [], hydra)
+        try:
+            validate(cfg)  # before any model or dataset loads
+        except UserError as err:
+            write_status(run_dir, "failed", str(err))
+            raise
         metrics = run_stage(cfg, run_dir)
         print(f"final metrics ({run_dir}):\n" + json.dumps(metrics, indent=2, ensure_ascii=False))
         return objective(cfg, metrics)

@@ -95,7 +95,7 @@ def prepare_run_dir(cfg, run_dir: Path, overrides: list, hydra_node=None) -> Non
                 target.unlink(missing_ok=True)
     elif read_status(run_dir) == "done":
         raise UserError(f"{run_dir} holds a finished run; pass resume=overwrite to replace it, or choose another hydra.run.dir")
-    elif saved.is_file() and comparable(OmegaConf.load(saved)) != comparable(job_cfg):
+    elif saved.is_file() and last_complete_checkpoint(run_dir) and comparable(OmegaConf.load(saved)) != comparable(job_cfg):
         raise UserError(
             f"{run_dir} holds an interrupted run of a different config; pass resume=overwrite to start over there, "
             "or choose another hydra.run.dir"

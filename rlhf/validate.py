@@ -17,22 +17,17 @@
 config lacks, with a message of its own; called by train.py before Hydra, it names the nearest
 valid key instead (`dpo.betta=0.1: unknown key; did you mean dpo.beta?`).
 
-Speed: nothing here imports torch, transformers, trl or peft. The fields of a target class are
-read from the installed packages' *source* with `ast` (following `from x import y` the way
-Python would, lazy `__init__` modules included via their `TYPE_CHECKING` imports), which takes
-milliseconds where importing trl takes seconds. When the source cannot settle a question
-(a name bound by an assignment, an extension module), the target is imported after all.
+Speed: nothing is imported for what the project's config files define themselves, so
+`dpo.beta=-1` fails in well under a second. A `_target_` the config files do not use is
+imported to see what it resolves to, and a settings class is imported to ask about a key no
+config file defines (`+dpo.betta=1`): seconds for trl, which the run would import anyway.
 """
 
 from __future__ import annotations
 
-import ast
-import builtins
 import dataclasses
 import difflib
 import functools
-import importlib.machinery
-import importlib.util
 import math
 import re
 from pathlib import Path
@@ -61,7 +56,7 @@ TRAINING_ARGUMENTS = "transformers.TrainingArguments"  # what hardware.training_
 def validate(cfg) -> None:
     """Raise UserError, naming key, value and what is allowed, at the first problem in `cfg`."""
     check_targets(cfg)  # first: nothing below imports or builds anything a config names
-    check_keys(cfg)
+    check_keys(cfg)  # imports a settings class only for a key no config file defines
     check_values(cfg)
     check_combinations(cfg)
 
@@ -94,18 +89,12 @@ def check_overrides(argv, conf_dir: Path = CONF_DIR) -> None:
             continue
         parent, _, leaf = key.rpartition(".")
         candidates = schema.children(parent) if parent in schema.nodes else set()
+        if override.type == OverrideType.DEL:
+            raise UserError(f"{arg}: {key} is not in this config; nothing to delete")
+        hint = _suggestion(key, candidates, schema)
         owner = _settings_class(parent, schema)
-        fields = init_keys(owner, import_if_needed=False) if owner else None
-        if fields and leaf in fields:
-            if override.type == OverrideType.DEL:
-                raise UserError(f"{arg}: {key} is not in this config; nothing to delete")
-            raise UserError(
-                f"{arg}: {key} is a field of {owner} that this config does not list; "
-                f"set it with +{key}={arg.split('=', 1)[1]}"
-            )
-        hint = _suggestion(key, candidates | (fields or set()), schema)
-        if owner and not hint.startswith("; did"):
-            hint += f" ({parent} takes the fields of {owner})"
+        if owner and not hint.startswith("; did"):  # maybe a field the YAML does not list
+            hint += f" (to set a field of {owner} that the config does not list, use +{key}=...)"
         raise UserError(f"{arg}: unknown key{hint}")
 
 
@@ -121,8 +110,15 @@ def _settings_class(node: str, schema) -> str | None:
 
 
 def check_targets(cfg) -> None:
-    """Every `_target_` anywhere in the config (lists included) must be one the project means
-    to instantiate."""
+    """Every `_target_` anywhere in the config (lists included) must name something under an
+    allowed prefix, and - unless the project's own config files use that very target - must
+    resolve to an object of an allowed module (which imports it)."""
+    shipped = set().union(*_schema(str(CONF_DIR), None).targets.values())
+    for path, target in _resolved_targets(cfg):
+        check_target(target, path, resolve=target not in shipped)
+
+
+def _resolved_targets(cfg):
     raw = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
     for path, target in _targets(raw, ""):
         if isinstance(target, str) and "${" in target:  # an interpolation: check what it becomes
@@ -130,10 +126,10 @@ def check_targets(cfg) -> None:
                 target = OmegaConf.select(cfg, path, throw_on_resolution_failure=True)
             except Exception as err:
                 raise UserError(f"{path}={raw_value(raw, path)}: cannot resolve it ({first_line(err)})") from None
-        check_target(target, path)
+        yield path, target
 
 
-def check_target(target, path: str) -> None:
+def check_target(target, path: str, resolve: bool = True) -> None:
     """Refuse `target` (found at key `path`) unless it is allowed; see ALLOWED_TARGETS."""
     allowed = ALLOWED_TARGETS + (HYDRA_NODE_TARGETS if path.split(".", 1)[0] == "hydra" else ())
     refusal = f"refusing _target_={target} at {path}"
@@ -143,16 +139,13 @@ def check_target(target, path: str) -> None:
     parts = target.split(".")
     if any(not part or part.startswith("__") for part in parts):  # __globals__, __builtins__, ...
         raise UserError(f"{refusal}: dunder attributes and empty names are not allowed; {rule}")
-    try:
-        reached = _static_target(target)
-    except _Unknown:
-        origin = _runtime_origin(target)  # imports the target's package: seconds, rarely needed
-        if origin is not None and not _allowed_module(origin, allowed):
-            raise UserError(f"{refusal}: it resolves to an object of {origin}; {rule}") from None
+    if not resolve:
         return
-    for module in reached.through:
-        if not _allowed_module(module, allowed):
-            raise UserError(f"{refusal}: it reaches module {module}; {rule}")
+    # `rlhf.run.subprocess.run` starts with an allowed prefix but is subprocess.run: look at
+    # what the name resolves to (importing an allowed module is safe; it is imported to run anyway).
+    origin = _runtime_origin(target)
+    if origin is not None and not _allowed_module(origin, allowed):
+        raise UserError(f"{refusal}: it resolves to an object of {origin}; {rule}")
 
 
 def _targets(node, path: str):
@@ -200,32 +193,20 @@ def _check_node_keys(node: dict, path: str, schema, stage_target) -> None:
     if path in FREE_FORM:
         return
     target = node.get("_target_")
+    if path == "hardware.training_args":  # merged under the stage's settings object
+        target = stage_target or TRAINING_ARGUMENTS
     if isinstance(target, str) and "${" not in target:
-        fields = init_keys(target)
-        if fields is not None:
-            for key, value in node.items():
-                if key not in fields and key not in INSTANTIATE_KEYS:
-                    where = f"{path}.{key}" if path else str(key)
-                    raise UserError(
-                        f"{where}={_show(value)}: unknown key, not a field of {target}"
-                        f"{_suggestion(where, fields, schema, relative=True)}"
-                    )
+        for key, value in node.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key in INSTANTIATE_KEYS or schema.knows(where):
+                continue
+            fields = init_keys(target)  # a key no config file defines: ask the class itself
+            if fields is not None and key not in fields:
+                raise UserError(
+                    f"{where}={_show(value)}: unknown key, not a field of {target}"
+                    f"{_suggestion(where, set(fields) | schema.children(path), schema, relative=True)}"
+                )
         return  # nested values of a settings node are its arguments, not config keys
-    if path == "hardware.training_args":
-        fields = set(init_keys(TRAINING_ARGUMENTS) or ())
-        if stage_target and fields:  # a stage's TRL config may add fields of its own
-            stage_fields = init_keys(stage_target) or set()
-            if fields <= stage_fields:
-                fields = stage_fields
-        if fields:
-            for key, value in node.items():
-                if key not in fields:
-                    where = f"{path}.{key}"
-                    raise UserError(
-                        f"{where}={_show(value)}: unknown key, not a field of {TRAINING_ARGUMENTS}"
-                        f"{_suggestion(where, fields, schema, relative=True)}"
-                    )
-        return
     for key, value in node.items():
         where = f"{path}.{key}" if path else str(key)
         if where in FREE_FORM:
@@ -536,59 +517,15 @@ def _split_command_line(argv: list, conf_dir: Path):
     return overrides, primary, skip
 
 
-# ---- the constructor arguments of a target, read from source ----------------------------
-
-
-class _Unknown(Exception):
-    """The source alone cannot settle it."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Def:
-    module: str
-    node: ast.AST  # ClassDef or FunctionDef
-
-
-@dataclasses.dataclass(frozen=True)
-class _Module:
-    name: str
-
-
-@dataclasses.dataclass
-class _Reached:
-    obj: object  # _Def or _Module
-    through: list  # modules entered through imports on the way, and the defining one
-
-
-def init_keys(target: str, import_if_needed: bool = True) -> set | None:
-    """The keyword arguments `hydra.utils.instantiate` may pass to `target`: the init fields of
-    a dataclass, the parameters of a class's __init__ or a function. None when anything goes
-    (**kwargs) or nobody can tell. Read from source; imported only as a last resort."""
-    keys = _static_keys(target)
-    if keys is _UNKNOWN and import_if_needed:
-        return _runtime_keys(target)
-    return None if keys is _UNKNOWN else keys
-
-
-_UNKNOWN = object()
+# ---- the constructor arguments of a target ----------------------------------------------
 
 
 @functools.lru_cache(maxsize=None)
-def _static_keys(target: str):
-    try:
-        obj = _static_target(target).obj
-        if not isinstance(obj, _Def):
-            return _UNKNOWN
-        if isinstance(obj.node, ast.ClassDef):
-            keys = _class_keys(obj.module, obj.node, 0)
-        else:
-            keys = _params(obj.node)
-        return None if keys is None else frozenset(keys)  # None: it takes **kwargs
-    except (_Unknown, RecursionError, SyntaxError, OSError, UnicodeDecodeError):
-        return _UNKNOWN
-
-
-def _runtime_keys(target: str):
+def init_keys(target: str) -> frozenset | None:
+    """The keyword arguments `hydra.utils.instantiate` may pass to `target`: the parameters of
+    a class's __init__ (a dataclass's fields) or of a function. None when anything goes
+    (**kwargs) or it cannot be imported. Imports the target: only asked for keys the config
+    files do not define, so a normal run with a typo-free config never pays for it here."""
     import inspect
 
     obj = _import_object(target)
@@ -600,7 +537,7 @@ def _runtime_keys(target: str):
         return None
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
-    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 def _runtime_origin(target: str) -> str | None:
@@ -618,278 +555,9 @@ def _runtime_origin(target: str) -> str | None:
 
 def _import_object(target: str):
     """What `instantiate` would call, imported the way Hydra imports it; None if it cannot be."""
+    from hydra.utils import get_object
+
     try:
-        from hydra._internal.utils import _locate  # hydra.utils.get_object without its error log
-    except ImportError:  # pragma: no cover - a Hydra without it
-        from hydra.utils import get_object as _locate
-    try:
-        return _locate(target)
+        return get_object(target)
     except Exception:
         return None
-
-
-def _static_target(path: str) -> _Reached:
-    """What `hydra.utils.get_object(path)` would return, found in source: a definition or a
-    module, and the modules reached through imports on the way."""
-    parts = path.split(".")
-    if _spec(parts[0]) is None:
-        raise _Unknown(f"no module {parts[0]}")
-    obj, through = _Module(parts[0]), []
-    for part in parts[1:]:
-        if isinstance(obj, _Def):  # an attribute of a class or function defined in allowed code
-            break
-        obj = _member(obj.name, part, through, 0)
-    if isinstance(obj, _Module):
-        through.append(obj.name)
-    return _Reached(obj, through)
-
-
-def _member(module: str, name: str, through: list, depth: int):
-    """getattr(module, name) as Python would find it: a binding in the module's source, else a
-    submodule."""
-    if depth > 30:
-        raise _Unknown("import chain too long")
-    bindings = _bindings(module)
-    found = bindings["names"].get(name, [])
-    if len(found) > 1:
-        raise _Unknown(f"{module}.{name} is bound more than once")
-    if not found and "__getattr__" in bindings["names"]:
-        raise _Unknown(f"{module} hands out attributes from its __getattr__")
-    if found:
-        kind, *rest = found[0]
-        if kind == "def":
-            through.append(module)
-            return _Def(module, rest[0])
-        if kind == "module":
-            through.append(rest[0])
-            if _spec(rest[0]) is None:
-                raise _Unknown(f"no module {rest[0]}")
-            return _Module(rest[0])
-        if kind == "from":
-            source, attr = rest
-            if source == module and attr == name:  # `from pkg import sub` inside pkg
-                return _submodule(module, name)
-            through.append(source)  # an import: a jump to another module
-            return _member(source, attr, through, depth + 1)
-        raise _Unknown(f"{module}.{name} is assigned, not defined or imported")
-    if _spec(f"{module}.{name}") is not None:
-        return _submodule(module, name)
-    for star in bindings["stars"]:
-        trial = [*through, star]
-        try:
-            obj = _member(star, name, trial, depth + 1)
-        except _Unknown:
-            continue
-        through[:] = trial
-        return obj
-    raise _Unknown(f"{module} has no {name}")
-
-
-def _submodule(module: str, name: str) -> _Module:
-    """A submodule, reached by name (under its package: no jump elsewhere)."""
-    if _spec(f"{module}.{name}") is None:
-        raise _Unknown(f"no module {module}.{name}")
-    return _Module(f"{module}.{name}")
-
-
-@functools.lru_cache(maxsize=None)
-def _spec(name: str):
-    """The module's spec, found without importing it or its parents."""
-    try:
-        if "." not in name:
-            return importlib.util.find_spec(name)
-        parent = _spec(name.rpartition(".")[0])
-        if parent is None or not parent.submodule_search_locations:
-            return None
-        return importlib.machinery.PathFinder.find_spec(name, list(parent.submodule_search_locations))
-    except (ImportError, ValueError):
-        return None
-
-
-@functools.lru_cache(maxsize=None)
-def _bindings(module: str) -> dict:
-    """The names a module's source binds at its top level (in if/try/with blocks too, so a lazy
-    `__init__`'s TYPE_CHECKING imports count), and its star imports."""
-    spec = _spec(module)
-    origin = getattr(spec, "origin", None)
-    if spec is None or origin is None or not origin.endswith(".py"):
-        if spec is not None and origin in (None, "namespace") and spec.submodule_search_locations:
-            return {"names": {}, "stars": []}  # a namespace package: only submodules
-        raise _Unknown(f"no Python source for {module}")
-    tree = ast.parse(Path(origin).read_bytes(), filename=origin)
-    package = module if Path(origin).name == "__init__.py" else module.rpartition(".")[0]
-    names, stars = {}, []
-
-    def bind(name, binding):
-        if binding not in names.setdefault(name, []):
-            names[name].append(binding)
-
-    def visit(statements):
-        for stmt in statements:
-            if isinstance(stmt, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                bind(stmt.name, ("def", stmt))
-            elif isinstance(stmt, ast.Import):
-                for alias in stmt.names:
-                    if alias.asname:
-                        bind(alias.asname, ("module", alias.name))
-                    else:
-                        top = alias.name.split(".")[0]
-                        bind(top, ("module", top))
-            elif isinstance(stmt, ast.ImportFrom):
-                source = _absolute(stmt.module, stmt.level, package)
-                for alias in stmt.names:
-                    if alias.name == "*":
-                        stars.append(source)
-                    else:
-                        bind(alias.asname or alias.name, ("from", source, alias.name))
-            elif isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
-                targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
-                if isinstance(stmt, ast.AnnAssign) and stmt.value is None:
-                    continue
-                for name in _assigned_names(targets):
-                    bind(name, ("other",))
-            elif isinstance(stmt, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
-                for block in ("body", "orelse", "finalbody"):
-                    visit(getattr(stmt, block, []))
-                for handler in getattr(stmt, "handlers", []):
-                    visit(handler.body)
-            elif isinstance(stmt, ast.Delete):
-                for target in stmt.targets:
-                    if isinstance(target, ast.Name):
-                        bind(target.id, ("other",))
-
-    visit(tree.body)
-    return {"names": names, "stars": stars}
-
-
-def _assigned_names(targets) -> list:
-    """The names an assignment binds (`x = ...`, `a, b = ...`; not `x.attr = ...`)."""
-    names = []
-    for target in targets:
-        if isinstance(target, ast.Name):
-            names.append(target.id)
-        elif isinstance(target, (ast.Tuple, ast.List)):
-            names += _assigned_names(target.elts)
-        elif isinstance(target, ast.Starred):
-            names += _assigned_names([target.value])
-    return names
-
-
-def _absolute(module: str | None, level: int, package: str) -> str:
-    if not level:
-        return module or ""
-    base = package.split(".")
-    if level > 1:
-        base = base[: len(base) - (level - 1)]
-    return ".".join(part for part in [*base, module or ""] if part)
-
-
-def _decorator_name(expr) -> str:
-    if isinstance(expr, ast.Call):
-        expr = expr.func
-    if isinstance(expr, ast.Attribute):
-        return expr.attr
-    return expr.id if isinstance(expr, ast.Name) else ""
-
-
-def _is_dataclass(node: ast.ClassDef) -> bool:
-    for decorator in node.decorator_list:
-        if _decorator_name(decorator) == "dataclass":
-            if isinstance(decorator, ast.Call) and any(
-                kw.arg == "init" and isinstance(kw.value, ast.Constant) and kw.value.value is False
-                for kw in decorator.keywords
-            ):
-                return False  # init=False: the class writes its own __init__
-            return True
-    return False
-
-
-def _annotation_name(expr) -> str:
-    if isinstance(expr, ast.Subscript):
-        expr = expr.value
-    if isinstance(expr, ast.Constant) and isinstance(expr.value, str):  # a string annotation
-        return expr.value.split("[", 1)[0].rsplit(".", 1)[-1]
-    if isinstance(expr, ast.Attribute):
-        return expr.attr
-    return expr.id if isinstance(expr, ast.Name) else ""
-
-
-def _own_fields(node: ast.ClassDef) -> tuple:
-    """(init fields, fields with init=False) declared in a dataclass's own body."""
-    init, hidden = set(), set()
-    for stmt in node.body:
-        if not isinstance(stmt, ast.AnnAssign) or not isinstance(stmt.target, ast.Name):
-            continue
-        if _annotation_name(stmt.annotation) in ("ClassVar", "KW_ONLY"):
-            continue
-        value = stmt.value
-        if (
-            isinstance(value, ast.Call)
-            and _decorator_name(value) == "field"
-            and any(kw.arg == "init" and isinstance(kw.value, ast.Constant) and kw.value.value is False for kw in value.keywords)
-        ):
-            hidden.add(stmt.target.id)
-        else:
-            init.add(stmt.target.id)
-    return init, hidden
-
-
-def _dataclass_fields(module: str, node: ast.ClassDef, depth: int) -> set:
-    """The init fields `dataclasses.fields` would list: those of every dataclass in the MRO."""
-    if depth > 30:
-        raise _Unknown("class hierarchy too deep")
-    fields = set()
-    for base in reversed(node.bases):  # later bases first: earlier ones win, as in the MRO
-        resolved = _base(module, base)
-        if resolved is not None:
-            fields |= _dataclass_fields(resolved.module, resolved.node, depth + 1)
-    if _is_dataclass(node):
-        init, hidden = _own_fields(node)
-        fields = (fields - hidden) | init
-    return fields
-
-
-def _class_keys(module: str, node: ast.ClassDef, depth: int):
-    """Keyword arguments the class's constructor takes (None: **kwargs)."""
-    if depth > 30:
-        raise _Unknown("class hierarchy too deep")
-    for stmt in node.body:  # its own __init__ (which @dataclass keeps)
-        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) and stmt.name == "__init__":
-            params = _params(stmt)
-            return None if params is None else params - {"self"}
-    if _is_dataclass(node):
-        return _dataclass_fields(module, node, depth)
-    for base in node.bases:  # no __init__ of its own: the first base's
-        resolved = _base(module, base)
-        if resolved is not None:
-            return _class_keys(resolved.module, resolved.node, depth + 1)
-    return set()  # object()
-
-
-def _base(module: str, expr):
-    """The class definition a base-class expression names; None for builtins and typing."""
-    if isinstance(expr, ast.Subscript):  # Generic[T], SomeBase[int]
-        expr = expr.value
-    if isinstance(expr, ast.Name):
-        if expr.id not in _bindings(module)["names"] and hasattr(builtins, expr.id):
-            return None
-        obj = _member(module, expr.id, [], 0)
-    elif isinstance(expr, ast.Attribute) and isinstance(expr.value, ast.Name):
-        owner = _member(module, expr.value.id, [], 0)
-        if not isinstance(owner, _Module):
-            raise _Unknown("a base class inside a class")
-        obj = _member(owner.name, expr.attr, [], 0)
-    else:
-        raise _Unknown("a base class expression")
-    if isinstance(obj, _Def) and isinstance(obj.node, ast.ClassDef):
-        if obj.module in ("typing", "typing_extensions", "abc"):
-            return None
-        return obj
-    raise _Unknown("a base that is not a class definition")
-
-
-def _params(node) -> set | None:
-    args = node.args
-    if args.kwarg is not None:
-        return None
-    return {a.arg for a in [*args.args, *args.kwonlyargs]}

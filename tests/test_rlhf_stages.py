@@ -43,7 +43,10 @@ def test_ppo_raises_the_reward_model_score_with_bounded_kl(rlhf_chain):
 
 
 def test_finished_steps_are_skipped(rlhf_chain, capsys):
+    """A chain that broke (here: marked failed after its steps finished) is run again into the
+    same directory: every step that finished with the same config is skipped."""
     run_dir, _ = rlhf_chain
+    (run_dir / "status.json").write_text('{"status": "failed", "error": "interrupted"}')
     before = {step: (run_dir / step / "metrics.json").stat().st_mtime_ns for step in ("sft", "rm", "ppo")}
     train(run_dir, "experiment=rlhf_chain", "sft.max_steps=60", "rm.max_steps=60", "ppo.total_updates=30")
     assert "already finished" in capsys.readouterr().out

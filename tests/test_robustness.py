@@ -89,4 +89,17 @@ def test_interrupted_run_of_another_config_is_not_resumed(tmp_path, capsys):
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("stage: dpo\n")
     (tmp_path / "status.json").write_text('{"status": "running"}')
+    (tmp_path / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "checkpoint-5" / "rlhf_checkpoint.json").write_text('{"step": 5}')
     assert "interrupted run of a different config" in refused(capsys, tmp_path, "sft.max_steps=2")
+
+
+def test_a_failing_sweep_job_does_not_stop_the_others(tmp_path):
+    done = cli("stage=dpo", "dpo.beta=0.1,-1,0.3", "-m", f"hydra.sweep.dir={tmp_path}", "dpo.max_steps=2", "dataset.test_size=0")
+    assert done.returncode != 0
+    assert [status(tmp_path / job)["status"] for job in "012"] == ["done", "failed", "done"]
+    assert status(tmp_path / "1")["error"] == "dpo.beta=-1: must be > 0"
+    summary = done.stdout[done.stdout.index("sweep summary"):]
+    assert "job 0 [stage=dpo,dpo.beta=0.1" in summary and "]: done" in summary
+    assert "job 1 [stage=dpo,dpo.beta=-1,dpo.max_steps=2,dataset.test_size=0]: failed: dpo.beta=-1: must be > 0" in summary
+    assert "1 of 3 jobs failed" in done.stderr

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf, open_dict
 
 from rlhf import PROJECT_ROOT
 from rlhf.errors import UserError
+from rlhf.validate import validate
 
 STEP_REFERENCE = "@"
 NOT_INHERITED = ("experiment", "stage", "chain", "hydra", "run_name")
@@ -43,6 +44,7 @@ def run(cfg, run_dir: Path) -> dict:
             step_metrics = json.loads((step_dir / "metrics.json").read_text())
         else:
             print(f"chain: {name} -> {step_dir}", flush=True)
+            validate(step_cfg)
             save_config(step_dir, step_cfg, overrides)
             step_metrics = run_stage(step_cfg, step_dir)
         metrics.update({f"{name}/{key}": value for key, value in step_metrics.items()})
