@@ -1,5 +1,7 @@
 """RLHF experiments on transformers + trl + peft, configured by Hydra (see README.md)."""
 
+import os
+import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -9,3 +11,25 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # `${project_root:}` lets conf/config.yaml put the top-level sweeps/ folder on Hydra's search
 # path wherever the command is started from.
 OmegaConf.register_new_resolver("project_root", lambda: PROJECT_ROOT.as_posix(), replace=True)
+
+
+def launch_stamp() -> str:
+    """The run directory's last part: the launch time, or under torchrun / accelerate launch
+    the launch's run id, so that every rank of one launch agrees on one run directory (each
+    rank composes its own config, and their clocks can straddle a second)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"distributed-{run_id[:12]}"
+    return time.strftime("%H-%M-%S")
+
+
+def if_cuda(on_gpu, otherwise):
+    """`${if_cuda:A,B}`: A on a machine with a CUDA GPU, else B (resolved only when a run
+    starts, so composing a config never imports torch)."""
+    import torch
+
+    return on_gpu if torch.cuda.is_available() else otherwise
+
+
+OmegaConf.register_new_resolver("launch_stamp", launch_stamp, replace=True)
+OmegaConf.register_new_resolver("if_cuda", if_cuda, replace=True)

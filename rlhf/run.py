@@ -22,7 +22,7 @@ from hydra.types import RunMode
 
 from rlhf import PROJECT_ROOT
 from rlhf.errors import UserError
-from rlhf.runs import prepare_run_dir, write_json, write_status
+from rlhf.runs import is_main_process, prepare_run_dir, write_json, write_status
 from rlhf.stages import get_stage
 from rlhf.validate import validate
 
@@ -36,14 +36,16 @@ def main(cfg, run_dir: Path | None = None):
     run_dir = Path(run_dir or hydra.runtime.output_dir)
     in_sweep = hydra is not None and hydra.mode == RunMode.MULTIRUN
     try:
-        prepare_run_dir(cfg, run_dir, hydra.overrides.task if hydra else [], hydra)
+        prepare_run_dir(cfg, run_dir, hydra.overrides.task if hydra else [], hydra, write=is_main_process())
         try:
             validate(cfg)  # before any model or dataset loads
         except UserError as err:
-            write_status(run_dir, "failed", str(err))
+            if is_main_process():
+                write_status(run_dir, "failed", str(err))
             raise
         metrics = run_stage(cfg, run_dir)
-        print(f"final metrics ({run_dir}):\n" + json.dumps(metrics, indent=2, ensure_ascii=False))
+        if is_main_process():
+            print(f"final metrics ({run_dir}):\n" + json.dumps(metrics, indent=2, ensure_ascii=False))
         return objective(cfg, metrics)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -58,17 +60,21 @@ def main(cfg, run_dir: Path | None = None):
 
 def run_stage(cfg, run_dir: Path) -> dict:
     """env.json, the stage's training, metrics.json, and status.json throughout: one complete
-    run directory (or one that says why it is not)."""
+    run directory (or one that says why it is not). Under torchrun only rank 0 writes them."""
     stage = get_stage(cfg.stage)
-    write_json(run_dir / "env.json", environment(cfg))
-    write_status(run_dir, "running")
+    main_process = is_main_process()
+    if main_process:
+        write_json(run_dir / "env.json", environment(cfg))
+        write_status(run_dir, "running")
     try:
         metrics = stage(cfg, run_dir)
     except BaseException as err:
-        write_status(run_dir, "failed", f"{type(err).__name__}: {err}" if not isinstance(err, UserError) else str(err))
+        if main_process:
+            write_status(run_dir, "failed", f"{type(err).__name__}: {err}" if not isinstance(err, UserError) else str(err))
         raise
-    write_json(run_dir / "metrics.json", metrics)
-    write_status(run_dir, "done")
+    if main_process:
+        write_json(run_dir / "metrics.json", metrics)
+        write_status(run_dir, "done")
     return metrics
 
 

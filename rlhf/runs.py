@@ -55,7 +55,12 @@ def policy_lineage(model_cfg) -> tuple:
 
 CHECKPOINT_MARK = "rlhf_checkpoint.json"  # written last: a checkpoint without it is incomplete
 RESUME_MODES = ("auto", "overwrite")
-RUN_OUTPUTS = ("metrics.json", "status.json", "history.jsonl", "env.json", "checkpoints", "final", "samples.jsonl")
+RUN_OUTPUTS = ("metrics.json", "status.json", "history.jsonl", "env.json", "checkpoints", "final", "samples.jsonl", "wandb_id.txt")
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch (or a plain single process): the one that writes."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def write_json(path: Path, data) -> None:
@@ -77,7 +82,7 @@ def read_status(run_dir: Path) -> str | None:
         return "done" if (run_dir / "metrics.json").is_file() else None
 
 
-def prepare_run_dir(cfg, run_dir: Path, overrides: list, hydra_node=None) -> None:
+def prepare_run_dir(cfg, run_dir: Path, overrides: list, hydra_node=None, write: bool = True) -> None:
     """Claim `run_dir` for this config: refuse to overwrite a finished run or to resume a
     different config (unless resume=overwrite), then save .hydra/ (config, overrides, Hydra's
     settings) as Hydra would, atomically."""
@@ -86,7 +91,7 @@ def prepare_run_dir(cfg, run_dir: Path, overrides: list, hydra_node=None) -> Non
         raise UserError(f"resume={mode}: must be one of {', '.join(RESUME_MODES)}")
     job_cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
     saved = run_dir / ".hydra" / "config.yaml"
-    if mode == "overwrite":
+    if mode == "overwrite" and write:
         for name in RUN_OUTPUTS:
             target = run_dir / name
             if target.is_dir():
@@ -100,6 +105,8 @@ def prepare_run_dir(cfg, run_dir: Path, overrides: list, hydra_node=None) -> Non
             f"{run_dir} holds an interrupted run of a different config; pass resume=overwrite to start over there, "
             "or choose another hydra.run.dir"
         )
+    if not write:  # another rank of the same launch writes
+        return
     hydra_dir = run_dir / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(job_cfg, hydra_dir / "config.yaml")

@@ -31,7 +31,9 @@ class PreferenceEvaluation:
         chosen, rejected = [], []
         with torch.no_grad():
             for batch in dataloader:
-                batch_chosen, batch_rejected = self.pair_scores(model, self._prepare_inputs(batch))
+                scores = self.pair_scores(model, self._prepare_inputs(batch))
+                # Under DDP each rank scores its shard: gather them, in dataset order.
+                batch_chosen, batch_rejected = self.accelerator.gather_for_metrics(scores)
                 chosen += batch_chosen.float().tolist()
                 rejected += batch_rejected.float().tolist()
         for name, value in preference_metrics(chosen, rejected, self._prompt_keys(len(chosen))).items():

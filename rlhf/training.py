@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 from rlhf.data import Splits, load_splits
 from rlhf.models import load_model, load_tokenizer, resolve_model_path
 from rlhf.errors import UserError
-from rlhf.runs import CHECKPOINT_MARK, finished_run, last_complete_checkpoint, policy_lineage, write_json
+from rlhf.runs import CHECKPOINT_MARK, finished_run, is_main_process, last_complete_checkpoint, policy_lineage, write_json
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,12 @@ def run_name(cfg) -> str:
     return cfg.get("run_name") or "default"
 
 
+def device_for(cfg):
+    """Where a stage that drives its own loop (PPO, eval) computes: a GPU when the hardware
+    preset uses one and there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() and not cfg.hardware.training_args.use_cpu else "cpu")
+
+
 def append_history(path: Path, record: dict) -> None:
     """One line of history.jsonl, written as it happens, so a crashed run keeps its history."""
     with open(path, "a", encoding="utf-8") as f:
@@ -119,7 +125,7 @@ def start_tracking(cfg, run_dir: Path) -> None:
     trainer's own integration then logs into it."""
     if cfg.logger.report_to == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
-    if cfg.logger.report_to != "wandb":
+    if cfg.logger.report_to != "wandb" or not is_main_process():
         return
     import wandb
 
@@ -130,6 +136,8 @@ def start_tracking(cfg, run_dir: Path) -> None:
     if group is None and HydraConfig.get().mode == RunMode.MULTIRUN:
         group = Path(HydraConfig.get().sweep.dir).as_posix()  # all jobs of one sweep together
     wandb.init(
+        id=wandb_run_id(run_dir),  # the same id on resume: the W&B run continues
+        resume="allow",
         project=cfg.logger.project,
         entity=cfg.logger.entity,
         name=run_name(cfg),
@@ -139,6 +147,16 @@ def start_tracking(cfg, run_dir: Path) -> None:
         dir=str(run_dir),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The run directory's W&B id, made on first use and kept in the run directory."""
+    path = run_dir / "wandb_id.txt"
+    if not path.is_file():
+        import uuid
+
+        path.write_text(uuid.uuid4().hex[:16])
+    return path.read_text().strip()
 
 
 def _netrc_has_wandb() -> bool:
@@ -212,7 +230,8 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
     if checkpoint is not None:
         print(f"resuming from {checkpoint}", flush=True)
         mark = json.loads((checkpoint / CHECKPOINT_MARK).read_text())  # read now: rotation may delete it
-        truncate_history(run_dir / "history.jsonl", after_step=mark["step"])
+        if is_main_process():
+            truncate_history(run_dir / "history.jsonl", after_step=mark["step"])
         if hasattr(trainer, "_total_train_tokens"):
             trainer._total_train_tokens = mark["num_tokens"]
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -221,8 +240,9 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
         metrics["train_loss"] = (mark["loss_total"] + trainer._total_loss_scalar) / trainer.state.global_step
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
-    trainer.save_model(str(run_dir / "final"))
-    trainer.processing_class.save_pretrained(str(run_dir / "final"))
+    trainer.save_model(str(run_dir / "final"))  # on the main process only (the Trainer checks)
+    if is_main_process():
+        trainer.processing_class.save_pretrained(str(run_dir / "final"))
     finish_tracking(metrics)
     return metrics
 

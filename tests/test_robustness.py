@@ -103,3 +103,17 @@ def test_a_failing_sweep_job_does_not_stop_the_others(tmp_path):
     assert "job 0 [stage=dpo,dpo.beta=0.1" in summary and "]: done" in summary
     assert "job 1 [stage=dpo,dpo.beta=-1,dpo.max_steps=2,dataset.test_size=0]: failed: dpo.beta=-1: must be > 0" in summary
     assert "1 of 3 jobs failed" in done.stderr
+
+
+def test_wandb_run_keeps_its_id_across_a_resume(tmp_path):
+    """W&B (offline here) logs under the id kept in the run directory: a resumed run reuses it."""
+    pytest.importorskip("wandb")
+    train(tmp_path, "logger=wandb", "sft.max_steps=2", "dataset.test_size=0")
+    run_id = (tmp_path / "wandb_id.txt").read_text().strip()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and runs[0].name.endswith(run_id)
+    from rlhf.training import wandb_run_id
+
+    assert wandb_run_id(tmp_path) == run_id
+    (tmp_path / "other").mkdir()
+    assert wandb_run_id(tmp_path / "other") != run_id

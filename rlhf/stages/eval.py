@@ -23,7 +23,7 @@ from rlhf.generation import response_logprobs, reward_scores, sample
 from rlhf.metrics import agreement
 from rlhf.models import load_model, load_tokenizer, resolve_model_path
 from rlhf.runs import finished_run, policy_lineage
-from rlhf.training import load_reward_model
+from rlhf.training import device_for, load_reward_model
 
 
 @dataclass
@@ -44,7 +44,7 @@ def run(cfg, run_dir: Path) -> dict:
     settings = instantiate(cfg.eval)
     if not settings.policy or not settings.reward_model:
         raise UserError("stage=eval needs eval.policy=<policy run dir> and eval.reward_model=<rm run dir>")
-    device = torch.device("cpu" if cfg.hardware.training_args.use_cpu else "cuda")
+    device = device_for(cfg)
     set_seed(cfg.seed)
     splits = load_splits(cfg.dataset, kind="prompt")
     prompts = [row["prompt"] for row in (splits.eval if splits.eval is not None else splits.train)][: settings.num_prompts]

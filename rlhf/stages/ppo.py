@@ -18,14 +18,14 @@ from transformers import set_seed
 
 from rlhf.errors import UserError
 from rlhf.ppo.trainer import PPOTrainer, ValueHead
-from rlhf.training import append_history, finish_tracking, load_inputs, load_reward_model, start_tracking
+from rlhf.training import device_for, append_history, finish_tracking, load_inputs, load_reward_model, start_tracking
 
 
 def run(cfg, run_dir: Path) -> dict:
     settings = instantiate(cfg.ppo)
     if not settings.reward_model:
         raise UserError("stage=ppo needs ppo.reward_model=<directory of a finished stage=rm run>")
-    device = torch.device("cpu" if cfg.hardware.training_args.use_cpu else "cuda")
+    device = device_for(cfg)
     set_seed(cfg.seed)
     inputs = load_inputs(cfg, data_kind="prompt")
     reward_model, reward_tokenizer = load_reward_model(settings.reward_model, cfg)
