@@ -34,6 +34,7 @@ def main(cfg, run_dir: Path | None = None):
     sweep objective (NaN for a failed job of a sweep)."""
     hydra = HydraConfig.get() if HydraConfig.initialized() else None
     run_dir = Path(run_dir or hydra.runtime.output_dir)
+    adopt_slurm_ranks()
     in_sweep = hydra is not None and hydra.mode == RunMode.MULTIRUN
     try:
         prepare_run_dir(cfg, run_dir, hydra.overrides.task if hydra else [], hydra, write=is_main_process())
@@ -56,6 +57,17 @@ def main(cfg, run_dir: Path | None = None):
             raise
         traceback.print_exc()  # a bug, not a user error: the job's log keeps the traceback
     return float("nan") if cfg.get("objective") else None
+
+
+def adopt_slurm_ranks() -> None:
+    """A SLURM job with several tasks (hydra/launcher=slurm_multi_gpu) starts one process per
+    task but sets only SLURM's variables; torch.distributed reads RANK, WORLD_SIZE, LOCAL_RANK
+    and MASTER_ADDR/PORT, which submitit derives from them. torchrun sets them itself."""
+    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export()
 
 
 def run_stage(cfg, run_dir: Path) -> dict:

@@ -45,3 +45,45 @@ def test_ranks_of_one_launch_agree_on_the_run_directory(monkeypatch):
     assert launch_stamp() == "distributed-abcdef123456"
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert launch_stamp() != "distributed-abcdef123456"
+
+
+@pytest.mark.parametrize("launcher", ["submitit_slurm", "slurm_multi_gpu", "joblib", "submitit_local"])
+def test_cluster_launchers_compose(launcher):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the [cluster] extra is not installed")
+    from conftest import cli
+
+    done = cli(f"hydra/launcher={launcher}", "--cfg", "hydra")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "launcher:" in done.stdout and "_target_: hydra_plugins.hydra_" in done.stdout
+    if launcher == "slurm_multi_gpu":
+        assert "tasks_per_node: 8" in done.stdout and "gpus_per_node: 8" in done.stdout
+
+
+def test_joblib_sweep_runs_jobs_in_parallel_processes(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="the [cluster] extra is not installed")
+    from conftest import cli
+
+    done = cli("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "stage=dpo", "dpo.beta=0.1,0.3", "-m",
+               f"hydra.sweep.dir={tmp_path}", "dpo.max_steps=2", "dataset.test_size=0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for job in ("0", "1"):
+        assert json.loads((tmp_path / job / "status.json").read_text())["status"] == "done"
+        assert (tmp_path / job / "final" / "adapter_config.json").is_file()
+    assert "job 1 [stage=dpo,dpo.beta=0.3" in done.stdout
+
+
+def test_slurm_tasks_become_torch_ranks(monkeypatch):
+    pytest.importorskip("submitit", reason="the [cluster] extra is not installed")
+    from rlhf.run import adopt_slurm_ranks
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "unset")  # recorded, so the test's exports are undone afterwards
+        monkeypatch.delenv(key)
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1",
+             "SLURM_JOB_NODELIST": "node7", "SLURM_JOB_ID": "42", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    adopt_slurm_ranks()
+    import os
+
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"], os.environ["MASTER_ADDR"]) == ("1", "2", "1", "node7")
