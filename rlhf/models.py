@@ -211,11 +211,8 @@ def load_model(model_path: str, adapters: list, model_cfg, quantization_cfg, har
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     quantization = instantiate(quantization_cfg) if quantization_cfg is not None else None
-    if quantization is not None and adapters:
-        raise UserError(
-            "quantization with model.init_from=<a LoRA run> is not supported yet: the adapter cannot be merged "
-            "into quantized weights; start from a run trained with peft=none, or drop quantization"
-        )
+    if quantization is not None and adapters:  # LoRA merges into full-precision weights only
+        model_path, adapters = merged_copy(model_path, adapters, model_cfg, hardware_cfg, head), []
     kwargs = {
         "use_safetensors": True,  # never unpickle weights: a .bin checkpoint can run code when loaded
         "dtype": getattr(torch, hardware_cfg.dtype),
@@ -251,6 +248,26 @@ def keep_4bit_cpu_training_working(model) -> None:
     for module in model.modules():
         if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def merged_copy(model_path: str, adapters: list, model_cfg, hardware_cfg, head: str) -> str:
+    """A cached directory holding `model_path` with `adapters` merged in, in full precision, for
+    loading quantized (QLoRA on top of an earlier LoRA run). Built once per set of adapters."""
+    key = hashlib.sha256(json.dumps([model_path, head, *(str(a) for a in adapters)]).encode())
+    for adapter in adapters:
+        key.update((Path(adapter) / "adapter_model.safetensors").read_bytes())
+    target = cache_dir() / f"merged-{key.hexdigest()[:12]}"
+    if not (target / "config.json").exists():
+        staging = Path(tempfile.mkdtemp(prefix=".merging-", dir=cache_dir()))
+        try:
+            load_model(model_path, adapters, model_cfg, None, hardware_cfg, head).save_pretrained(staging)
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
 
 
 def merge_adapter(model, adapter_dir):

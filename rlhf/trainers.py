@@ -52,6 +52,17 @@ class PreferenceEvaluation:
 class RankingRewardTrainer(PreferenceEvaluation, RewardTrainer):
     """TRL's RewardTrainer; each pair's scores are the reward model's outputs."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # With quantized weights TRL turns every trainable weight into bf16 (QLoRA's recipe).
+        # The score head, unlike LoRA's layers, does not cast its input: keep it in the dtype
+        # of the hidden states it reads.
+        if getattr(self.model, "is_loaded_in_4bit", False) or getattr(self.model, "is_loaded_in_8bit", False):
+            hidden_dtype = self.model.get_input_embeddings().weight.dtype
+            for name, param in self.model.named_parameters():
+                if param.requires_grad and "lora_" not in name:
+                    param.data = param.data.to(hidden_dtype)
+
     def pair_scores(self, model, batch):
         scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, 0]
         return scores.chunk(2)

@@ -30,3 +30,18 @@ def test_quantized_layers_are_really_quantized(tmp_path):
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     assert layers and all(not layer.support_avx512bf16_for_cpu for layer in layers)
     assert OmegaConf.select(cfg, "quantization.bnb_4bit_use_double_quant") is True
+
+
+def test_every_stage_trains_quantized_also_on_top_of_lora_runs(tmp_path):
+    """Reward model and PPO (policy with value head) in 4 bits; PPO starts from a LoRA SFT run,
+    whose adapter is merged in full precision into a cached copy before quantizing."""
+    sft = tmp_path / "sft"
+    train(sft, "stage=sft", "sft.max_steps=5", "dataset.test_size=0")
+    rm = train(tmp_path / "rm", "stage=rm", "quantization=4bit", "rm.max_steps=10", "rm.eval_steps=5")
+    assert rm["eval_accuracy"] >= 0.5
+    ppo = train(tmp_path / "ppo", "stage=ppo", "quantization=4bit", f"model.init_from={sft}", f"ppo.reward_model={tmp_path / 'rm'}",
+                "ppo.total_updates=2", "ppo.batch_size=8", "ppo.mini_batch_size=4", "dataset.test_size=0")
+    assert "objective/scores" in ppo and (tmp_path / "ppo" / "final" / "value_head.safetensors").is_file()
+    from rlhf.models import cache_dir
+
+    assert list(cache_dir().glob("merged-*/config.json"))  # the merged copy that was quantized
