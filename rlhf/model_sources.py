@@ -11,8 +11,6 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from rlhf.errors import UserError, first_line
@@ -99,28 +97,13 @@ def smollm2_gguf() -> Path:
 def ensure_smollm2() -> Path:
     """SmolLM2-135M-Instruct as a trainable safetensors directory in the project cache, converted
     once from the shipped GGUF (transformers dequantizes GGUF to float32 but will not train it)."""
-    from rlhf.models import cache_dir  # here, not at the top: rlhf.models imports this module
+    from rlhf.models import build_once, cache_dir  # here, not at the top: rlhf.models imports this module
 
     gguf_path = smollm2_gguf()
     if importlib.util.find_spec("gguf") is None:
         raise UserError(f"model smollm2-135m needs the gguf package to read {gguf_path.name}: {SMOLLM2_INSTALL}")
     key = hashlib.sha256(f"{gguf_path.name}:{gguf_path.stat().st_size}:{SMOLLM2_RECIPE}".encode()).hexdigest()
-    target = cache_dir() / f"smollm2-135m-instruct-{key[:12]}"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("converting %s into %s (once)", gguf_path, target)
-    # Build beside the target and rename: concurrent sweep jobs never see half a model.
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
-        convert_gguf(gguf_path, staging)
-        os.rename(staging, target)
-    except OSError:
-        if not (target / "config.json").exists():  # not a lost race: a real failure
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_once(cache_dir() / f"smollm2-135m-instruct-{key[:12]}", lambda out: convert_gguf(gguf_path, out))
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:

@@ -88,14 +88,19 @@ def ensure_tiny_model() -> Path:
     key = hashlib.sha256(json.dumps(TINY_SPEC, sort_keys=True).encode() + CHAT_TEMPLATE.encode())
     for path in data_files:
         key.update(path.read_bytes())
-    target = cache_dir() / f"tiny-qwen-{key.hexdigest()[:12]}"
+    return build_once(cache_dir() / f"tiny-qwen-{key.hexdigest()[:12]}", lambda out: _build_tiny_model(out, data_files))
+
+
+def build_once(target: Path, build) -> Path:
+    """`target`, built by `build(directory)` unless an earlier run built it already. The build
+    goes to a directory beside the target, renamed when complete: concurrent sweep jobs never
+    see half a model, and the loser of a race uses the winner's."""
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: concurrent sweep jobs never see half a model.
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        _build_tiny_model(staging, data_files)
+        build(staging)
         os.rename(staging, target)
     except OSError:
         if not (target / "config.json").exists():  # not a lost race: a real failure
@@ -256,18 +261,11 @@ def merged_copy(model_path: str, adapters: list, model_cfg, hardware_cfg, head: 
     key = hashlib.sha256(json.dumps([model_path, head, *(str(a) for a in adapters)]).encode())
     for adapter in adapters:
         key.update((Path(adapter) / "adapter_model.safetensors").read_bytes())
-    target = cache_dir() / f"merged-{key.hexdigest()[:12]}"
-    if not (target / "config.json").exists():
-        staging = Path(tempfile.mkdtemp(prefix=".merging-", dir=cache_dir()))
-        try:
-            load_model(model_path, adapters, model_cfg, None, hardware_cfg, head).save_pretrained(staging)
-            os.rename(staging, target)
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return str(target)
+    merged = build_once(
+        cache_dir() / f"merged-{key.hexdigest()[:12]}",
+        lambda out: load_model(model_path, adapters, model_cfg, None, hardware_cfg, head).save_pretrained(out),
+    )
+    return str(merged)
 
 
 def merge_adapter(model, adapter_dir):

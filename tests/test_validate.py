@@ -14,7 +14,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf, open_dict
 
-from conftest import CONF, ROOT, cli, compose_config
+from conftest import ROOT, cli, compose_config
 from rlhf.errors import UserError
 from rlhf.validate import check_overrides, check_target, validate
 

@@ -12,7 +12,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from hydra.utils import instantiate
 from peft import PeftModel
 from transformers import set_seed

@@ -10,7 +10,6 @@ final/ holds the policy adapter (or model), the tokenizer and value_head.safeten
 import copy
 from pathlib import Path
 
-import torch
 from hydra.utils import instantiate
 from peft import get_peft_model
 from safetensors.torch import save_file
