@@ -31,5 +31,16 @@ def if_cuda(on_gpu, otherwise):
     return on_gpu if torch.cuda.is_available() else otherwise
 
 
+def ddp_backend():
+    """`${ddp_backend:}`: nccl between GPUs, gloo between CPU processes of a launch, and none
+    for a single process (setting one there makes TrainingArguments expect a process group)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "nccl"
+    return "gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+
 OmegaConf.register_new_resolver("launch_stamp", launch_stamp, replace=True)
+OmegaConf.register_new_resolver("ddp_backend", ddp_backend, replace=True)
 OmegaConf.register_new_resolver("if_cuda", if_cuda, replace=True)

@@ -3,18 +3,23 @@
 - every evaluation of a preference model (DPO policy or reward model) also reports
   win_rate, kendall_tau and margin over the held-out pairs (`rlhf.metrics`);
 - DPO takes an explicit KL penalty, `dpo.kl_coef` times the mean per-token
-  KL(policy || reference) over the chosen responses' tokens.
+  KL(policy || reference) over the chosen responses' tokens;
+- DPO's reference log-probs are cached on disk across runs (`dpo.ref_cache`).
 """
 
 import contextlib
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from trl import DPOConfig, DPOTrainer, RewardTrainer
 
 from rlhf.metrics import preference_metrics
+from rlhf.models import cache_dir
 
 
 class PreferenceEvaluation:
@@ -70,12 +75,26 @@ class RankingRewardTrainer(PreferenceEvaluation, RewardTrainer):
 
 @dataclass
 class KLDPOConfig(DPOConfig):
-    """trl.DPOConfig plus the explicit KL penalty of the reference design."""
+    """trl.DPOConfig plus the explicit KL penalty of the reference design and the reference
+    log-prob cache."""
 
     kl_coef: float = field(
         default=0.0,
         metadata={"help": "Weight of the mean per-token KL(policy || reference) on chosen responses (0 = plain DPO)."},
     )
+    ref_cache: bool = field(
+        default=True,
+        metadata={"help": "Compute reference log-probs once and keep them on disk for later runs (frozen references only)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sync_ref_model or self.kl_coef > 0:
+            # A moving reference cannot be cached; and the KL term runs the reference on every
+            # batch anyway (it needs its full distributions, not log-probs of the answers).
+            self.ref_cache = False
+        if self.ref_cache:  # the cache stores what TRL's precomputation produces
+            self.precompute_ref_log_probs = True
 
 
 class KLDPOTrainer(PreferenceEvaluation, DPOTrainer):
@@ -87,6 +106,46 @@ class KLDPOTrainer(PreferenceEvaluation, DPOTrainer):
     at each position (not a single-token estimate: the chosen tokens are not samples of the
     policy). Both parts are logged as `dpo_loss` and `kl_loss`. With kl_coef = 0 the loss is
     TRL's, untouched."""
+
+    def __init__(self, *args, reference_identity: str = "", **kwargs):
+        self.reference_identity = reference_identity  # what the reference model is, for the cache key
+        super().__init__(*args, **kwargs)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's precomputation of reference log-probs, kept on disk across runs: a beta sweep
+        computes them once. The key covers the reference model (base, merged adapters, dtype,
+        quantization), the tokenizer, the tokenized rows, and the truncation settings, so any
+        change there computes them anew."""
+        path = self.ref_cache_path(dataset) if self.args.ref_cache and self.reference_identity else None
+        if path is not None and path.is_file():
+            cached = load_file(str(path))
+            if len(cached["ref_chosen_logps"]) == len(dataset):
+                print(f"reference log-probs of the {name} split: loaded from {path}", flush=True)
+                for column in ("ref_chosen_logps", "ref_rejected_logps"):
+                    dataset = dataset.add_column(column, cached[column].tolist())
+                return dataset
+        dataset = super()._precompute_ref_logps(dataset, name, batch_size)
+        if path is not None and self.accelerator.is_main_process:
+            columns = {c: torch.tensor(list(dataset[c]), dtype=torch.float32) for c in ("ref_chosen_logps", "ref_rejected_logps")}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file(columns, str(tmp))
+            os.replace(tmp, path)  # whole or not at all
+        return dataset
+
+    def ref_cache_path(self, dataset):
+        rows = hashlib.sha256()
+        for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            rows.update(json.dumps(list(dataset[column])).encode())
+        tokenizer = self.processing_class
+        key = json.dumps({
+            "reference": self.reference_identity,
+            "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template],
+            "rows": rows.hexdigest(),
+            "truncation": [self.args.max_length, self.args.truncation_mode, self.args.pad_to_multiple_of],
+            "loss": [self.args.ld_alpha],  # LD-DPO weighs the reference's tail tokens differently
+        }, sort_keys=True, default=str)
+        return cache_dir() / "ref_logps" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -2,6 +2,7 @@
 settings object, the history log, the tracker, and the train -> evaluate -> save sequence
 that ends a run."""
 
+import hashlib
 import json
 import logging
 import math
@@ -61,6 +62,18 @@ def load_reward_model(rm_run, cfg):
     model = load_model(model_path, adapters, base_cfg, None, cfg.hardware, head="reward")
     model.requires_grad_(False)
     return model.eval(), load_tokenizer(model_path, base_cfg)
+
+
+def reference_identity(cfg) -> str:
+    """What the starting policy (DPO's reference) is, as a string that changes whenever its
+    weights could: the base model (a directory's weight files by size and time), every merged
+    adapter by content, the dtype and the quantization."""
+    base_cfg, adapters = policy_lineage(cfg.model)
+    base = Path(resolve_model_path(base_cfg))
+    weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in base.glob("*.safetensors"))
+    adapter_hashes = [hashlib.sha256((Path(a) / "adapter_model.safetensors").read_bytes()).hexdigest() for a in adapters]
+    quantization = OmegaConf.to_container(cfg.quantization, resolve=True) if cfg.quantization is not None else None
+    return json.dumps([str(base), weights, adapter_hashes, cfg.hardware.dtype, quantization], default=str)
 
 
 def trainer_kwargs(cfg, stage_cfg, inputs: StageInputs, run_dir: Path) -> dict:

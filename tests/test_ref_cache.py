@@ -1,0 +1,44 @@
+"""The reference log-prob cache: computed once per (reference, tokenizer, rows, truncation),
+reused by later runs with identical results, recomputed when any part of the key changes."""
+
+import pytest
+
+from conftest import history, train
+
+
+def cached_files():
+    from rlhf.models import cache_dir
+
+    return sorted((cache_dir() / "ref_logps").glob("*.safetensors"))
+
+
+def test_cached_and_uncached_runs_train_identically(tmp_path, capsys):
+    short = ("stage=dpo", "dpo.max_steps=4", "dpo.logging_steps=1", "dataset.max_samples=80", "dpo.max_length=200")
+    before = set(cached_files())
+    first = train(tmp_path / "first", *short, "dpo.beta=0.1")
+    written = set(cached_files()) - before
+    assert len(written) == 2  # the train and the eval split
+    capsys.readouterr()
+
+    second = train(tmp_path / "second", *short, "dpo.beta=0.3")  # another job of a beta sweep
+    assert capsys.readouterr().out.count("loaded from") == 2
+    assert set(cached_files()) - before == written  # nothing recomputed
+
+    again = train(tmp_path / "again", *short, "dpo.beta=0.1")
+    assert history(tmp_path / "again", "loss") == pytest.approx(history(tmp_path / "first", "loss"), abs=1e-6)
+    assert again["eval_loss"] == pytest.approx(first["eval_loss"], abs=1e-6)
+    assert second["train_loss"] != first["train_loss"]  # beta changed the loss, not the reference
+
+    uncached = train(tmp_path / "uncached", *short, "dpo.beta=0.1", "dpo.ref_cache=false")
+    assert history(tmp_path / "uncached", "loss") == pytest.approx(history(tmp_path / "first", "loss"), abs=1e-5)
+    assert uncached["eval_rewards/margins"] == pytest.approx(first["eval_rewards/margins"], abs=1e-4)
+
+
+def test_a_change_in_the_key_recomputes(tmp_path):
+    short = ("stage=dpo", "dpo.max_steps=1", "dataset.max_samples=40", "dataset.test_size=0")
+    train(tmp_path / "a", *short, "dpo.max_length=128")
+    count = len(cached_files())
+    train(tmp_path / "b", *short, "dpo.max_length=96")  # truncation differs
+    assert len(cached_files()) == count + 1
+    train(tmp_path / "c", *short, "dpo.max_length=96", "dataset.max_samples=30")  # the rows differ
+    assert len(cached_files()) == count + 2
