@@ -158,7 +158,7 @@ def start_tracking(cfg, run_dir: Path) -> None:
         tags=list(cfg.logger.tags),
         mode=mode,
         dir=str(run_dir),
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=OmegaConf.to_container(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]), resolve=True),
     )
 
 

@@ -11,8 +11,10 @@
 The math lives in `rlhf.ppo.core`; this module moves tensors between the models.
 """
 
+import contextlib
 import math
 import random
+import time
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +103,7 @@ class PPOTrainer:
         else:
             self.kl_controller = core.FixedKLController(settings.kl_coef)
         self.policy.eval()  # no dropout: log-probs at sampling and at update time must agree
+        self.seconds, self.generated_tokens = {}, 0  # where an update's time goes
 
     # ---- the loop ----------------------------------------------------------------------
 
@@ -117,7 +120,8 @@ class PPOTrainer:
             rewards, kl = core.kl_penalized_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask, self.kl_controller.value)
             advantages, returns = core.gae(rewards, rollout.values, mask, self.settings.gamma, self.settings.lam)
             advantages = core.masked_whiten(advantages, mask)
-            stats = self.optimise(rollout, advantages, returns)
+            with self.timed("optimisation"):
+                stats = self.optimise(rollout, advantages, returns)
             mean_kl = kl.sum(dim=1).mean().item()  # KL of whole responses, averaged over the batch
             record = {
                 "step": update,
@@ -133,7 +137,9 @@ class PPOTrainer:
             if update % self.settings.logging_steps == 0 or update == self.settings.total_updates:
                 self.log(record)
             last = record
-        return {key: value for key, value in last.items() if key != "step"}
+        timing = {f"time/{phase}_per_update": seconds / self.settings.total_updates for phase, seconds in self.seconds.items()}
+        timing["time/generated_tokens_per_second"] = self.generated_tokens / max(self.seconds.get("generation", 0.0), 1e-9)
+        return {**{key: value for key, value in last.items() if key != "step"}, **timing}
 
     def _batches(self, prompts: list, order: random.Random):
         """Endless batches of prompts: reshuffled passes over the dataset."""
@@ -147,21 +153,35 @@ class PPOTrainer:
 
     @torch.no_grad()
     def rollout(self, prompts: list) -> Rollout:
-        samples = self.sample(prompts)
-        logits, hidden = response_outputs(self.policy, samples, self.settings.temperature, hidden=True)
-        if self.ref_policy is None:
-            with self.policy.disable_adapter():  # the reference: the policy without its adapter
-                ref_logprobs = response_logprobs(self.policy, samples, self.settings.temperature)
-        else:
-            ref_logprobs = response_logprobs(self.ref_policy, samples, self.settings.temperature)
+        with self.timed("generation"):
+            samples = self.sample(prompts)
+        with self.timed("policy_and_value_forward"):
+            logits, hidden = response_outputs(self.policy, samples, self.settings.temperature, hidden=True)
+            values = self.value_head(hidden)
+        with self.timed("reference_forward"):
+            if self.ref_policy is None:
+                with self.policy.disable_adapter():  # the reference: the policy without its adapter
+                    ref_logprobs = response_logprobs(self.policy, samples, self.settings.temperature)
+            else:
+                ref_logprobs = response_logprobs(self.ref_policy, samples, self.settings.temperature)
+        with self.timed("scoring"):
+            scores = reward_scores(self.reward_model, self.reward_tokenizer, prompts, samples.texts, self.device)
+        self.generated_tokens += int(samples.response_mask.sum())
         return Rollout(
             samples=samples,
             logprobs=core.logprobs_from_logits(logits, samples.responses),
             ref_logprobs=ref_logprobs,
-            values=self.value_head(hidden),
+            values=values,
             entropy=core.entropy_from_logits(logits),
-            scores=reward_scores(self.reward_model, self.reward_tokenizer, prompts, samples.texts, self.device),
+            scores=scores,
         )
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        """Adds the wall time of the block to `self.seconds[phase]` (reported as time/<phase>)."""
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def sample(self, prompts: list) -> Samples:
         settings = self.settings

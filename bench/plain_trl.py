@@ -1,0 +1,72 @@
+"""The same training as `train.py stage=<sft|dpo>` written by hand with TRL alone: the
+baseline the framework's overhead is measured against (bench/run.py).
+
+    python bench/plain_trl.py --stage dpo --model DIR --steps 30 --out result.json
+"""
+
+import argparse
+import json
+import time
+
+START = time.perf_counter()
+
+from datasets import Dataset  # noqa: E402  (imports are part of what is timed)
+from peft import LoraConfig  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
+
+
+def rows(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--stage", choices=["sft", "dpo"], required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    data = rows(args.data)
+    if args.stage == "sft":
+        records = [
+            {
+                "prompt": [{"role": "user", "content": r["instruction"] + (f"\n{r['input']}" if r["input"].strip() else "")}],
+                "completion": [{"role": "assistant", "content": r["output"]}],
+            }
+            for r in data
+        ]
+    else:
+        records = [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                "rejected": [{"role": "assistant", "content": r["rejected"]}],
+            }
+            for r in data
+        ]
+    common = dict(
+        output_dir="/tmp/plain-trl-bench", max_steps=args.steps, per_device_train_batch_size=16, max_length=256,
+        logging_steps=5, save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True, bf16=False,
+        activation_checkpointing=False, seed=42, dataloader_num_workers=0,
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    dataset = Dataset.from_list(records)
+    if args.stage == "sft":
+        trainer = SFTTrainer(model=model, args=SFTConfig(learning_rate=2e-3, completion_only_loss=True, **common),
+                             train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    else:
+        trainer = DPOTrainer(model=model, args=DPOConfig(learning_rate=5e-4, beta=0.1, precompute_ref_log_probs=True, **common),
+                             train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    result = trainer.train()
+    with open(args.out, "w") as f:
+        json.dump({"train_runtime": result.metrics["train_runtime"], "process_seconds": time.perf_counter() - START}, f)
+
+
+if __name__ == "__main__":
+    main()
