@@ -92,17 +92,25 @@ def qwen3_model_dir(tmp_path_factory):
     return target
 
 
-def test_qwen3_sft_formatting_counts_only_assistant_tokens(qwen3_model_dir, tmp_path):
+def first_tokenized_row(model_dir, tmp_path, trainer_class, config_class, path, fmt, kind):
+    """(tokenizer, the trainer's first tokenized row, the record it came from) for 4 rows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = load_splits(dataset_cfg(path, fmt, max_samples=4), kind=kind).train
+    args = config_class(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=128)
+    trainer = trainer_class(
+        model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=data, processing_class=tokenizer
+    )
+    return tokenizer, trainer.train_dataset[0], data[0]
+
+
+def test_qwen3_sft_formatting_counts_only_assistant_tokens(qwen3_model_dir, tmp_path):
     from trl import SFTConfig, SFTTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(qwen3_model_dir)
-    data = load_splits(dataset_cfg("builtin:sft_zh.jsonl", "belle", max_samples=4), kind="sft").train
-    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=128)
-    trainer = SFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(qwen3_model_dir), args=args, train_dataset=data, processing_class=tokenizer
+    tokenizer, row, source = first_tokenized_row(
+        qwen3_model_dir, tmp_path, SFTTrainer, SFTConfig, "builtin:sft_zh.jsonl", "belle", "sft"
     )
-    row, source = trainer.train_dataset[0], data[0]
     whole = tokenizer.apply_chat_template(source["prompt"] + source["completion"], tokenize=False)
     assert tokenizer.decode(row["input_ids"]) == whole  # the Qwen3 chat template, applied once
     assert whole.startswith("<|im_start|>user\n" + source["prompt"][0]["content"] + "<|im_end|>")
@@ -111,16 +119,11 @@ def test_qwen3_sft_formatting_counts_only_assistant_tokens(qwen3_model_dir, tmp_
 
 
 def test_qwen3_dpo_formatting_splits_prompt_and_answers(qwen3_model_dir, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(qwen3_model_dir)
-    data = load_splits(dataset_cfg("builtin:preference_zh.jsonl", "preference", max_samples=4), kind="preference").train
-    args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=128)
-    trainer = DPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(qwen3_model_dir), args=args, train_dataset=data, processing_class=tokenizer
+    tokenizer, row, source = first_tokenized_row(
+        qwen3_model_dir, tmp_path, DPOTrainer, DPOConfig, "builtin:preference_zh.jsonl", "preference", "preference"
     )
-    row, source = trainer.train_dataset[0], data[0]
     assert tokenizer.decode(row["prompt_ids"]) == tokenizer.apply_chat_template(
         source["prompt"], tokenize=False, add_generation_prompt=True
     )
