@@ -4,6 +4,7 @@ Prompts are lists of chat messages; responses are the tokens after the prompt up
 including the first EOS.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -107,3 +108,14 @@ def reward_scores(reward_model, reward_tokenizer, prompts: list, responses: list
     ]
     batch = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     return reward_model(**batch).logits[:, 0].float()
+
+
+@contextlib.contextmanager
+def as_reference(policy, reference=None):
+    """The reference model to call: a separate frozen one, or else the (peft) policy with its
+    adapter disabled - the starting policy, with no second copy in memory."""
+    if reference is not None:
+        yield reference
+        return
+    with policy.disable_adapter():
+        yield policy

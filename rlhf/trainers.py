@@ -7,7 +7,6 @@
 - DPO's reference log-probs are cached on disk across runs (`dpo.ref_cache`).
 """
 
-import contextlib
 import hashlib
 import json
 import os
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from trl import DPOConfig, DPOTrainer, RewardTrainer
 
+from rlhf.generation import as_reference
 from rlhf.metrics import preference_metrics
 from rlhf.models import cache_dir
 
@@ -168,15 +168,9 @@ class KLDPOTrainer(PreferenceEvaluation, DPOTrainer):
         per_token = (policy_logps.exp() * (policy_logps - reference_logps)).sum(dim=-1)
         return per_token[mask].mean()
 
-    @contextlib.contextmanager
     def reference(self):
         """The reference model: TRL's ref_model, or the policy with its adapter disabled."""
-        if self.ref_model is not None:
-            yield self.ref_model
-            return
-        policy = self.accelerator.unwrap_model(self.model)
-        with policy.disable_adapter():
-            yield policy
+        return as_reference(self.accelerator.unwrap_model(self.model), self.ref_model)
 
     def pair_scores(self, model, batch):
         """DPO's implicit rewards, beta * (log pi(y|x) - log ref(y|x)), of chosen and rejected."""

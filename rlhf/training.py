@@ -267,9 +267,15 @@ def truncate_history(path: Path, after_step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
+def open_wandb_run():
+    """The W&B run start_tracking opened, or None (wandb is imported only when one was opened)."""
+    wandb = sys.modules.get("wandb")
+    return wandb if wandb is not None and wandb.run is not None else None
+
+
 def finish_tracking(metrics: dict) -> None:
     """Put the final metrics in the W&B run's summary and close it (no-op without W&B)."""
-    wandb = sys.modules.get("wandb")  # only present when start_tracking opened a run
-    if wandb is not None and wandb.run is not None:
+    wandb = open_wandb_run()
+    if wandb is not None:
         wandb.summary.update(metrics)
         wandb.finish()

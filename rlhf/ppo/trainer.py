@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from rlhf.errors import UserError
-from rlhf.generation import Samples, response_logprobs, response_outputs, reward_scores, sample
+from rlhf.generation import Samples, as_reference, response_logprobs, response_outputs, reward_scores, sample
 from rlhf.ppo import core
 
 
@@ -158,12 +158,8 @@ class PPOTrainer:
         with self.timed("policy_and_value_forward"):
             logits, hidden = response_outputs(self.policy, samples, self.settings.temperature, hidden=True)
             values = self.value_head(hidden)
-        with self.timed("reference_forward"):
-            if self.ref_policy is None:
-                with self.policy.disable_adapter():  # the reference: the policy without its adapter
-                    ref_logprobs = response_logprobs(self.policy, samples, self.settings.temperature)
-            else:
-                ref_logprobs = response_logprobs(self.ref_policy, samples, self.settings.temperature)
+        with self.timed("reference_forward"), as_reference(self.policy, self.ref_policy) as reference:
+            ref_logprobs = response_logprobs(reference, samples, self.settings.temperature)
         with self.timed("scoring"):
             scores = reward_scores(self.reward_model, self.reward_tokenizer, prompts, samples.texts, self.device)
         self.generated_tokens += int(samples.response_mask.sum())

@@ -7,7 +7,6 @@ tokens of log pi - log ref: unbiased, because the tokens are the policy's sample
 mean response lengths. Every generation goes to samples.jsonl in the run directory.
 """
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from transformers import set_seed
 
 from rlhf.data import load_splits
 from rlhf.errors import UserError
-from rlhf.generation import response_logprobs, reward_scores, sample
+from rlhf.generation import as_reference, response_logprobs, reward_scores, sample
 from rlhf.metrics import agreement
 from rlhf.models import load_model, load_tokenizer, resolve_model_path
 from rlhf.runs import finished_run, policy_lineage
@@ -54,12 +53,12 @@ def run(cfg, run_dir: Path) -> dict:
             model.to(device).eval()
 
     rows = []
+    generate = dict(
+        max_prompt_length=settings.max_prompt_length, max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature, top_p=settings.top_p, device=device,
+    )
     for start in range(0, len(prompts), settings.batch_size):
         batch = prompts[start : start + settings.batch_size]
-        generate = dict(
-            max_prompt_length=settings.max_prompt_length, max_new_tokens=settings.max_new_tokens,
-            temperature=settings.temperature, top_p=settings.top_p, device=device,
-        )
         from_policy = sample(policy, tokenizer, batch, **generate)
         with as_reference(policy, reference) as ref:
             from_reference = sample(ref, tokenizer, batch, **generate)
@@ -97,13 +96,3 @@ def load_policy_and_reference(policy_run, cfg):
     if (final / "adapter_config.json").is_file():
         return PeftModel.from_pretrained(start, str(final)), None, load_tokenizer(base_path, base_cfg)
     return load_model(str(final), [], base_cfg, None, cfg.hardware), start, load_tokenizer(base_path, base_cfg)
-
-
-@contextlib.contextmanager
-def as_reference(policy, reference):
-    """The reference model to call: the separate one, or the policy with its adapter disabled."""
-    if reference is not None:
-        yield reference
-        return
-    with policy.disable_adapter():
-        yield policy

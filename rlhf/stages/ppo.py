@@ -17,7 +17,9 @@ from transformers import set_seed
 
 from rlhf.errors import UserError
 from rlhf.ppo.trainer import PPOTrainer, ValueHead
-from rlhf.training import device_for, append_history, finish_tracking, load_inputs, load_reward_model, start_tracking
+from rlhf.training import (
+    append_history, device_for, finish_tracking, load_inputs, load_reward_model, open_wandb_run, start_tracking,
+)
 
 
 def run(cfg, run_dir: Path) -> dict:
@@ -62,6 +64,6 @@ def run(cfg, run_dir: Path) -> dict:
 def log_update(run_dir: Path, record: dict) -> None:
     append_history(run_dir / "history.jsonl", record)
     print(" ".join(f"{key}={value:.4g}" for key, value in record.items()), flush=True)
-    wandb = __import__("sys").modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
+    wandb = open_wandb_run()
+    if wandb is not None:
         wandb.log(record, step=record["step"])
