@@ -1,7 +1,7 @@
 """The same training as `train.py stage=<sft|dpo>` written by hand with TRL alone: the
 baseline the framework's overhead is measured against (bench/run.py).
 
-    python bench/plain_trl.py --stage dpo --model DIR --steps 30 --out result.json
+    python bench/plain_trl.py --stage dpo --model DIR --data FILE --steps 30 --out result.json
 """
 
 import argparse
@@ -26,6 +26,7 @@ def main():
     parser.add_argument("--stage", choices=["sft", "dpo"], required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True)
+    parser.add_argument("--batch", type=int, default=16, help="rows per step")
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -51,7 +52,7 @@ def main():
             for r in data
         ]
     common = dict(
-        output_dir="/tmp/plain-trl-bench", max_steps=args.steps, per_device_train_batch_size=16, max_length=256,
+        output_dir="/tmp/plain-trl-bench", max_steps=args.steps, per_device_train_batch_size=args.batch, max_length=256,
         logging_steps=5, save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True, bf16=False,
         activation_checkpointing=False, seed=42, dataloader_num_workers=0,
     )

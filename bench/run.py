@@ -1,17 +1,20 @@
-"""Measure the framework on this machine; writes bench/results/<date>.json and .md.
+"""Measure the framework on this machine; writes bench/results/<date>-<model>.json and .md.
 
-    python bench/run.py                 # the tiny default model, about 5 minutes on 2 CPU cores
-    python bench/run.py --steps 60
+    python bench/run.py                                  # the tiny default model, about 3 minutes on 2 CPU cores
+    python bench/run.py --model smollm2-135m --steps 8 --sweep-pairs 128 --ppo-updates 2 --repeats 1   # a real 135M model
 
 a. overhead: `train.py` SFT and DPO against bench/plain_trl.py (the same TRL trainer by hand):
    the ratio of training-phase time (the trainer's train_runtime) and of whole-process time;
 b. start-up: `train.py --cfg job` (composes the config, must not import torch);
-c. memory: peak RSS of DPO with LoRA (adapter-disabled reference) against SFT with LoRA;
-d. the reference log-prob cache: each job of a 3-point beta sweep, the first (computes the
-   reference log-probs) against the later ones (load them);
+c. memory: peak RSS of DPO with LoRA (adapter-disabled reference) against SFT with LoRA, both
+   with as many sequences per step, so the difference is what DPO keeps besides (no model copy);
+d. the reference log-prob cache: a 3-point beta sweep run as users run it (one `-m` process),
+   each job's stage time, the first (computes the reference log-probs) against the later ones
+   (load them). Each job trains one epoch over --sweep-pairs pairs;
 e. PPO: time per update in generation, policy/value forward, reference forward, scoring and
-   optimisation, and tokens generated per second.
-Each process runs with /usr/bin/time for its peak RSS; numbers are medians where repeated.
+   optimisation, and tokens generated per second, from a short SFT -> RM -> PPO chain.
+Each process runs under /usr/bin/time for its peak RSS, with a fresh model cache; (a) alternates
+framework and plain runs `--repeats` times and reports medians.
 """
 
 import argparse
@@ -27,6 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PAIRS_PER_STEP = 16  # DPO pairs per optimizer step; SFT takes twice as many sequences, so both see as many
 sys.path.insert(0, str(ROOT))
 
 
@@ -44,48 +48,71 @@ def timed(command: list, env: dict) -> tuple:
     return seconds, rss
 
 
-def framework_run(stage: str, steps: int, work: Path, env: dict, *extra) -> dict:
-    run_dir = work / f"{stage}-{len(list(work.iterdir()))}"
-    seconds, rss = timed([sys.executable, "train.py", f"stage={stage}", f"{stage}.max_steps={steps}", "dataset.test_size=0",
-                          f"{stage}.save_strategy=no", f"hydra.run.dir={run_dir}", *extra], env)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {"process_seconds": seconds, "peak_rss_mib": rss, "metrics": metrics}
+def train(run_dir: Path, args, env: dict, *overrides) -> dict:
+    """One `train.py` process: its wall time and peak RSS, and the metrics it wrote."""
+    seconds, rss = timed([sys.executable, "train.py", f"model={args.model}", f"hydra.run.dir={run_dir}", *overrides], env)
+    return {"process_seconds": seconds, "peak_rss_mib": rss, "metrics": json.loads((run_dir / "metrics.json").read_text())}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per training run")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--model", default="tiny", help="a conf/model option: tiny (default) or smollm2-135m")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per SFT/DPO/RM run of (a), (c) and (e)")
+    parser.add_argument("--sweep-pairs", type=int, default=576, help="pairs each sweep job of (d) trains on, once each")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each overhead measurement (medians reported)")
+    parser.add_argument("--ppo-updates", type=int, default=10, help="PPO updates in the timed chain")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for <date>-<model>.json/.md")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
     env = {**os.environ, "RLHF_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    os.environ["RLHF_CACHE"] = env["RLHF_CACHE"]
-    from rlhf.models import ensure_tiny_model
+    os.environ.update(RLHF_CACHE=env["RLHF_CACHE"], HF_HUB_OFFLINE="1")
+    from omegaconf import OmegaConf
 
-    model_dir = ensure_tiny_model()
+    from rlhf.models import resolve_model_path
+
+    # Build or convert the model into the fresh cache first, so that no timed run pays for it.
+    model_dir = resolve_model_path(OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml"))
     runs = work / "runs"
     runs.mkdir()
+    sweep_steps = max(1, args.sweep_pairs // PAIRS_PER_STEP)  # one epoch: the reference pass covers what is trained
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-              f"{platform.platform()}", "python": platform.python_version(), "steps": args.steps}
+              f"{platform.platform()}", "python": platform.python_version(), "model": args.model, "steps": args.steps,
+              "sweep_pairs": sweep_steps * PAIRS_PER_STEP, "ppo_updates": args.ppo_updates, "repeats": args.repeats}
+    common = {
+        "sft": [f"sft.per_device_train_batch_size={2 * PAIRS_PER_STEP}", "dataset.test_size=0"],
+        "dpo": [f"dpo.per_device_train_batch_size={PAIRS_PER_STEP}", "dataset.test_size=0"],
+    }
 
-    # a. overhead against plain TRL
+    # a. overhead against plain TRL; c. memory (SFT sees as many sequences per step as DPO's pairs hold)
     data = {"sft": ROOT / "rlhf/data/builtin/sft_zh.jsonl", "dpo": ROOT / "rlhf/data/builtin/preference_zh.jsonl"}
     for stage in ("sft", "dpo"):
-        ours = framework_run(stage, args.steps, runs, env)
-        plain_out = work / f"plain-{stage}.json"
-        plain_seconds, plain_rss = timed([sys.executable, "bench/plain_trl.py", "--stage", stage, "--model", str(model_dir),
-                                          "--data", str(data[stage]), "--steps", str(args.steps), "--out", str(plain_out)], env)
-        plain = json.loads(plain_out.read_text())
+        batch = 2 * PAIRS_PER_STEP if stage == "sft" else PAIRS_PER_STEP
+        runs_of = {"framework": [], "plain": []}
+        for repeat in range(args.repeats):  # alternating, so that a slow spell of the machine hits both
+            shutil.rmtree(Path(env["RLHF_CACHE"]) / "ref_logps", ignore_errors=True)  # both compute the reference pass
+            ours = train(runs / f"{stage}-{repeat}", args, env, f"stage={stage}", f"{stage}.max_steps={args.steps}",
+                         f"{stage}.save_strategy=no", *common[stage])
+            runs_of["framework"].append({"train_runtime": ours["metrics"]["train_runtime"], **ours})
+            plain_out = work / f"plain-{stage}-{repeat}.json"
+            seconds, rss = timed([sys.executable, "bench/plain_trl.py", "--stage", stage, "--model", model_dir,
+                                  "--data", str(data[stage]), "--batch", str(batch),
+                                  "--steps", str(args.steps), "--out", str(plain_out)], env)
+            plain = json.loads(plain_out.read_text())
+            runs_of["plain"].append({"train_runtime": plain["train_runtime"], "process_seconds": seconds, "peak_rss_mib": rss})
+        median = {side: {key: statistics.median(run[key] for run in measured)
+                         for key in ("train_runtime", "process_seconds", "peak_rss_mib")}
+                  for side, measured in runs_of.items()}
+        ours, plain = median["framework"], median["plain"]
         result[f"overhead_{stage}"] = {
-            "train_runtime_framework": ours["metrics"]["train_runtime"],
+            "train_runtime_framework": ours["train_runtime"],
             "train_runtime_plain_trl": plain["train_runtime"],
-            "training_ratio": ours["metrics"]["train_runtime"] / plain["train_runtime"],
+            "training_ratio": ours["train_runtime"] / plain["train_runtime"],
             "process_seconds_framework": ours["process_seconds"],
-            "process_seconds_plain_trl": plain_seconds,
-            "process_ratio": ours["process_seconds"] / plain_seconds,
+            "process_seconds_plain_trl": plain["process_seconds"],
+            "process_ratio": ours["process_seconds"] / plain["process_seconds"],
             "peak_rss_mib_framework": ours["peak_rss_mib"],
-            "peak_rss_mib_plain_trl": plain_rss,
+            "peak_rss_mib_plain_trl": plain["peak_rss_mib"],
         }
 
     # b. start-up of a config-only command
@@ -99,31 +126,46 @@ def main():
         "ratio": result["overhead_dpo"]["peak_rss_mib_framework"] / result["overhead_sft"]["peak_rss_mib_framework"],
     }
 
-    # d. the reference log-prob cache over a 3-point beta sweep (jobs as separate processes)
+    # d. the reference log-prob cache: a 3-point beta sweep as users run it, one `-m` process;
+    # a job's time is its stage_runtime (model loading to saved result; imports are paid once per process)
     shutil.rmtree(Path(env["RLHF_CACHE"]) / "ref_logps", ignore_errors=True)
-    sweep = [framework_run("dpo", args.steps, runs, env, f"dpo.beta={beta}") for beta in (0.1, 0.2, 0.3)]
-    first, later = sweep[0]["process_seconds"], statistics.mean(job["process_seconds"] for job in sweep[1:])
-    result["ref_cache_sweep"] = {"job_seconds": [job["process_seconds"] for job in sweep],
-                                 "later_vs_first": later / first, "later_jobs_faster_by": 1 - later / first}
+    sweep_dir = runs / "sweep"
+    sweep_seconds, _ = timed([sys.executable, "train.py", "-m", f"model={args.model}", "stage=dpo", "dpo.beta=0.1,0.2,0.3",
+                              f"dpo.max_steps={sweep_steps}", "dpo.save_strategy=no", *common["dpo"],
+                              f"dataset.max_samples={sweep_steps * PAIRS_PER_STEP}",
+                              f"hydra.sweep.dir={sweep_dir}"], env)
+    jobs = [json.loads((sweep_dir / str(job) / "metrics.json").read_text()) for job in range(3)]
+    first, later = jobs[0]["stage_runtime"], statistics.mean(job["stage_runtime"] for job in jobs[1:])
+    result["ref_cache_sweep"] = {
+        "job_seconds": [job["stage_runtime"] for job in jobs],
+        "reference_logps_seconds": [job["time/reference_logps"] for job in jobs],
+        "process_seconds": sweep_seconds,
+        "later_vs_first": later / first,
+        "later_jobs_faster_by": 1 - later / first,
+    }
 
     # e. PPO timing: a short SFT -> RM -> PPO chain
     chain_dir = runs / "chain"
-    timed([sys.executable, "train.py", "experiment=rlhf_chain", f"hydra.run.dir={chain_dir}", f"sft.max_steps={args.steps}",
-           f"rm.max_steps={args.steps}", "ppo.total_updates=10"], env)
+    timed([sys.executable, "train.py", f"model={args.model}", "experiment=rlhf_chain", f"hydra.run.dir={chain_dir}",
+           f"sft.max_steps={args.steps}", f"rm.max_steps={args.steps}", f"ppo.total_updates={args.ppo_updates}"], env)
     ppo = json.loads((chain_dir / "ppo" / "metrics.json").read_text())
     result["ppo"] = {key: value for key, value in ppo.items() if key.startswith("time/")}
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / time.strftime("%Y-%m-%d-%H%M")
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
+    stem = out / f"{time.strftime('%Y-%m-%d-%H%M')}-{args.model}"
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
+    print(f"written: {stem}.json, {stem}.md")
     shutil.rmtree(work, ignore_errors=True)
 
 
 def markdown(r: dict) -> str:
-    lines = [f"Measured {r['date']} on {r['machine']}, Python {r['python']}, tiny model, {r['steps']} steps per run.", "",
+    lines = [f"Measured {r['date']} on {r['machine']}, Python {r['python']}; model `{r['model']}`, {r['steps']} steps per "
+             f"SFT/DPO/RM run (SFT {2 * PAIRS_PER_STEP} sequences per step, DPO {PAIRS_PER_STEP} pairs per step), sweep jobs one "
+             f"epoch over {r['sweep_pairs']} pairs, {r['ppo_updates']} PPO updates; overhead rows are medians of "
+             f"{r['repeats']} runs.", "",
              "| measure | value |", "|---|---|"]
     for stage in ("sft", "dpo"):
         o = r[f"overhead_{stage}"]
@@ -136,7 +178,10 @@ def markdown(r: dict) -> str:
     lines.append(f"| peak RSS, DPO+LoRA / SFT+LoRA | {m['dpo_lora']:.0f} MiB / {m['sft_lora']:.0f} MiB = {m['ratio']:.2f} |")
     c = r["ref_cache_sweep"]
     jobs = ", ".join(f"{s:.1f}" for s in c["job_seconds"])
-    lines.append(f"| beta sweep jobs (first computes the reference, later load it) | {jobs} s; later {c['later_jobs_faster_by']:.0%} faster |")
+    refs = ", ".join(f"{s:.2f}" for s in c["reference_logps_seconds"])
+    lines.append(f"| beta sweep (one `-m` process), each job's stage time | {jobs} s; later jobs {c['later_jobs_faster_by']:.0%} "
+                 f"faster |")
+    lines.append(f"| ... of which reference log-probs (computed, then loaded from the cache) | {refs} s |")
     for key, value in r["ppo"].items():
         lines.append(f"| PPO {key} | {value:.3f} |")
     return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 import traceback
 from importlib import metadata
 from pathlib import Path
@@ -78,12 +79,14 @@ def run_stage(cfg, run_dir: Path) -> dict:
     if main_process:
         write_json(run_dir / "env.json", environment(cfg))
         write_status(run_dir, "running")
+    start = time.perf_counter()
     try:
         metrics = stage(cfg, run_dir)
     except BaseException as err:
         if main_process:
             write_status(run_dir, "failed", f"{type(err).__name__}: {err}" if not isinstance(err, UserError) else str(err))
         raise
+    metrics["stage_runtime"] = time.perf_counter() - start  # seconds from model loading to the saved result
     if main_process:
         write_json(run_dir / "metrics.json", metrics)
         write_status(run_dir, "done")

@@ -10,6 +10,7 @@
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -109,6 +110,7 @@ class KLDPOTrainer(PreferenceEvaluation, DPOTrainer):
 
     def __init__(self, *args, reference_identity: str = "", **kwargs):
         self.reference_identity = reference_identity  # what the reference model is, for the cache key
+        self.timings = {"time/reference_logps": 0.0}  # seconds computing or loading them (fit() reports it)
         super().__init__(*args, **kwargs)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -116,6 +118,12 @@ class KLDPOTrainer(PreferenceEvaluation, DPOTrainer):
         computes them once. The key covers the reference model (base, merged adapters, dtype,
         quantization), the tokenizer, the tokenized rows, and the truncation settings, so any
         change there computes them anew."""
+        start = time.perf_counter()
+        dataset = self._cached_ref_logps(dataset, name, batch_size)
+        self.timings["time/reference_logps"] += time.perf_counter() - start
+        return dataset
+
+    def _cached_ref_logps(self, dataset, name, batch_size):
         path = self.ref_cache_path(dataset) if self.args.ref_cache and self.reference_identity else None
         if path is not None and path.is_file():
             cached = load_file(str(path))

@@ -248,7 +248,8 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
         if hasattr(trainer, "_total_train_tokens"):
             trainer._total_train_tokens = mark["num_tokens"]
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    metrics = {**result.metrics, "data/skipped_rows": inputs.data.skipped_rows, "data/dropped_rows": dropped}
+    metrics = {**result.metrics, "data/skipped_rows": inputs.data.skipped_rows, "data/dropped_rows": dropped,
+               **getattr(trainer, "timings", {})}  # phases outside train(), e.g. DPO's reference log-probs
     if checkpoint is not None:  # the mean loss over all steps, not only those since the resume
         metrics["train_loss"] = (mark["loss_total"] + trainer._total_loss_scalar) / trainer.state.global_step
     if trainer.eval_dataset is not None:

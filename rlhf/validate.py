@@ -302,6 +302,8 @@ NODE_RULES = {
         "target": POSITIVE,
         "vf_coef": NON_NEGATIVE,
         "logging_steps": AT_LEAST_ONE,
+        "save_steps": Rule(lambda v: v >= 0, "an integer >= 0 (0 = no checkpoints)", integer=True),
+        "save_total_limit": AT_LEAST_ONE,
         "max_grad_norm": POSITIVE,  # PPO clips to it every step: 0 would zero every gradient
     },
     "eval": {

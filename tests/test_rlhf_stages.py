@@ -53,6 +53,41 @@ def test_finished_steps_are_skipped(rlhf_chain, capsys):
     assert before == {step: (run_dir / step / "metrics.json").stat().st_mtime_ns for step in ("sft", "rm", "ppo")}
 
 
+def test_interrupted_ppo_resumes_to_the_metrics_of_an_uninterrupted_run(rlhf_chain, tmp_path, monkeypatch):
+    """PPO checkpoints every ppo.save_steps updates; the same command after a crash goes on from
+    the last one (weights, optimizer, KL coefficient, random state) and ends where an
+    uninterrupted run ends."""
+    from rlhf.ppo.trainer import PPOTrainer
+
+    chain_dir, _ = rlhf_chain
+    overrides = ("stage=ppo", f"model.init_from={chain_dir / 'sft'}", f"ppo.reward_model={chain_dir / 'rm'}",
+                 "ppo.total_updates=5", "ppo.save_steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2")
+    uninterrupted = train(tmp_path / "whole", *overrides)
+    assert [p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()] == ["checkpoint-4"]  # save_total_limit=1
+
+    original, calls = PPOTrainer.optimise, []
+
+    def crash_in_update_4(self, *args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("simulated crash")
+        return original(self, *args)
+
+    run_dir = tmp_path / "interrupted"
+    monkeypatch.setattr(PPOTrainer, "optimise", crash_in_update_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(run_dir, *overrides)
+    monkeypatch.setattr(PPOTrainer, "optimise", original)
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
+    assert history(run_dir, "step") == [1, 2, 3]
+
+    resumed = train(run_dir, *overrides)
+    assert history(run_dir, "step") == [1, 2, 3, 4, 5]  # update 3 again, and logged once
+    for key, value in uninterrupted.items():
+        if not key.startswith("time/") and key != "stage_runtime":
+            assert resumed[key] == pytest.approx(value, abs=1e-5), key
+
+
 def test_dpo_chain_reference_is_the_sft_policy(tmp_path, monkeypatch):
     """In DPO started from SFT, the adapter-disabled model (TRL's reference under LoRA) computes
     exactly the SFT policy's logits, not the base model's."""

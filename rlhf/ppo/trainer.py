@@ -12,10 +12,13 @@ The math lives in `rlhf.ppo.core`; this module moves tensors between the models.
 """
 
 import contextlib
+import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,6 +26,7 @@ from torch import nn
 from rlhf.errors import UserError
 from rlhf.generation import Samples, as_reference, response_logprobs, response_outputs, reward_scores, sample
 from rlhf.ppo import core
+from rlhf.runs import CHECKPOINT_MARK, is_main_process, write_json
 
 
 @dataclass
@@ -51,6 +55,8 @@ class PPOConfig:
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
     logging_steps: int = 1
+    save_steps: int = 10
+    save_total_limit: int = 1
 
     def __post_init__(self):
         if self.batch_size % self.mini_batch_size:
@@ -104,14 +110,19 @@ class PPOTrainer:
             self.kl_controller = core.FixedKLController(settings.kl_coef)
         self.policy.eval()  # no dropout: log-probs at sampling and at update time must agree
         self.seconds, self.generated_tokens = {}, 0  # where an update's time goes
+        self.done_updates = 0  # updates finished before this process started (a resumed run)
 
     # ---- the loop ----------------------------------------------------------------------
 
-    def train(self, prompts: list, seed: int) -> dict:
-        """Run `total_updates` PPO updates over batches drawn from `prompts` (message lists)."""
+    def train(self, prompts: list, seed: int, checkpoints: Path, keep: dict) -> dict:
+        """Run the PPO updates up to `total_updates` over batches drawn from `prompts` (message
+        lists); every `save_steps` updates a checkpoint in `checkpoints/` holds what resuming
+        needs, with `keep` (metrics measured before training) alongside."""
         order, last = random.Random(seed), {}
         batches = self._batches(prompts, order)
-        for update in range(1, self.settings.total_updates + 1):
+        for _ in range(self.done_updates):  # a resumed run draws the prompts an uninterrupted one would
+            next(batches)
+        for update in range(self.done_updates + 1, self.settings.total_updates + 1):
             rollout = self.rollout(next(batches))
             mask = rollout.samples.response_mask
             scores = rollout.scores
@@ -136,8 +147,11 @@ class PPOTrainer:
             self.kl_controller.update(mean_kl, self.settings.batch_size)
             if update % self.settings.logging_steps == 0 or update == self.settings.total_updates:
                 self.log(record)
+            if self.settings.save_steps > 0 and update % self.settings.save_steps == 0 and update < self.settings.total_updates:
+                self.save_checkpoint(checkpoints / f"checkpoint-{update}", update, keep)
             last = record
-        timing = {f"time/{phase}_per_update": seconds / self.settings.total_updates for phase, seconds in self.seconds.items()}
+        ran = max(self.settings.total_updates - self.done_updates, 1)  # updates timed in this process
+        timing = {f"time/{phase}_per_update": seconds / ran for phase, seconds in self.seconds.items()}
         timing["time/generated_tokens_per_second"] = self.generated_tokens / max(self.seconds.get("generation", 0.0), 1e-9)
         return {**{key: value for key, value in last.items() if key != "step"}, **timing}
 
@@ -148,6 +162,44 @@ class PPOTrainer:
             order.shuffle(shuffled)
             for start in range(0, len(shuffled) - self.settings.batch_size + 1, self.settings.batch_size):
                 yield shuffled[start : start + self.settings.batch_size]
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: Path, update: int, keep: dict) -> None:
+        """The trainable weights (adapter or whole policy), value head, optimizer, KL coefficient
+        and random state after `update`; the mark, written last, makes it complete. Older
+        checkpoints beyond `save_total_limit` are deleted once this one is whole."""
+        if not is_main_process():
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save({
+            "policy": {name: p.detach() for name, p in self.policy.named_parameters() if p.requires_grad},
+            "value_head": self.value_head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }, path / "ppo_state.pt")
+        write_json(path / CHECKPOINT_MARK, {"step": update, "kl_coef": self.kl_controller.value, "keep": keep})
+        older = sorted((p for p in path.parent.glob("checkpoint-*") if p != path), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+        for stale in older[: max(len(older) - self.settings.save_total_limit + 1, 0)]:
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def resume(self, path: Path) -> dict:
+        """Load a checkpoint written by save_checkpoint; return the `keep` metrics saved with it."""
+        mark = json.loads((path / CHECKPOINT_MARK).read_text())
+        state = torch.load(path / "ppo_state.pt", map_location=self.device, weights_only=True)
+        missing = set(state["policy"]) - {name for name, _ in self.policy.named_parameters()}
+        if missing:
+            raise UserError(f"{path}: the checkpoint's weights do not fit this policy (e.g. {sorted(missing)[0]})")
+        self.policy.load_state_dict(state["policy"], strict=False)
+        self.value_head.load_state_dict(state["value_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([rng.cpu() for rng in state["cuda_rng"]])
+        self.kl_controller.value = mark["kl_coef"]
+        self.done_updates = mark["step"]
+        return mark["keep"]
 
     # ---- 1-3: rollout, scoring, evaluation ---------------------------------------------
 

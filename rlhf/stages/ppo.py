@@ -4,7 +4,9 @@
 The policy carries a scalar value head; the reference is the starting policy (under LoRA the
 same network with its adapter disabled; with peft=none a frozen copy). Start from an SFT run
 with `model.init_from=<sft run>` and name the reward model with `ppo.reward_model=<rm run>`.
-final/ holds the policy adapter (or model), the tokenizer and value_head.safetensors.
+final/ holds the policy adapter (or model), the tokenizer and value_head.safetensors. Every
+`ppo.save_steps` updates a checkpoint holds what an interrupted run needs to go on exactly as
+an uninterrupted one would (weights, optimizer, KL coefficient, random state).
 """
 
 import copy
@@ -17,8 +19,10 @@ from transformers import set_seed
 
 from rlhf.errors import UserError
 from rlhf.ppo.trainer import PPOTrainer, ValueHead
+from rlhf.runs import is_main_process, last_complete_checkpoint
 from rlhf.training import (
     append_history, device_for, finish_tracking, load_inputs, load_reward_model, open_wandb_run, start_tracking,
+    truncate_history,
 )
 
 
@@ -47,8 +51,16 @@ def run(cfg, run_dir: Path) -> dict:
         log=lambda record: log_update(run_dir, record),
     )
     held_out = [row["prompt"] for row in inputs.data.eval] if inputs.data.eval is not None else []
-    metrics = {"eval_scores_before": trainer.mean_score(held_out)} if held_out else {}
-    metrics.update(trainer.train([row["prompt"] for row in inputs.data.train], seed=cfg.seed))
+    checkpoint = last_complete_checkpoint(run_dir) if cfg.get("resume", "auto") == "auto" else None
+    if checkpoint is not None:  # an interrupted run: go on from its last complete checkpoint
+        print(f"resuming from {checkpoint}", flush=True)
+        metrics = trainer.resume(checkpoint)
+        if is_main_process():
+            truncate_history(run_dir / "history.jsonl", after_step=trainer.done_updates)
+    else:
+        metrics = {"eval_scores_before": trainer.mean_score(held_out)} if held_out else {}
+    train_prompts = [row["prompt"] for row in inputs.data.train]
+    metrics.update(trainer.train(train_prompts, seed=cfg.seed, checkpoints=run_dir / "checkpoints", keep=metrics))
     if held_out:
         metrics["eval_scores"] = trainer.mean_score(held_out)
     metrics["data/skipped_rows"] = inputs.data.skipped_rows
