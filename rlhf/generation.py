@@ -13,6 +13,16 @@ from rlhf.ppo import core
 
 
 @dataclass
+class SamplingSettings:
+    """How responses are sampled: the part of `ppo.*` and `eval.*` that `sample` reads."""
+
+    max_prompt_length: int = 128
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
 class Samples:
     sequences: torch.Tensor  # prompt (left-padded) + response (right-padded), [B, P + R]
     attention_mask: torch.Tensor  # 1 on real prompt and response tokens
@@ -53,14 +63,15 @@ def encode_prompts(tokenizer, prompts: list, max_prompt_length: int, device) -> 
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list, *, max_prompt_length: int, max_new_tokens: int, temperature: float, top_p: float, device) -> Samples:
+def sample(model, tokenizer, prompts: list, settings: SamplingSettings, device) -> Samples:
     """One response per prompt; temperature 0 means greedy decoding."""
-    encoded = encode_prompts(tokenizer, prompts, max_prompt_length, device)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    encoded = encode_prompts(tokenizer, prompts, settings.max_prompt_length, device)
+    temperature = settings.temperature
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": settings.top_p} if temperature > 0 else {"do_sample": False}
     sequences = model.generate(
         **encoded,
         **sampling,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=settings.max_new_tokens,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )

@@ -24,14 +24,14 @@ import torch
 from torch import nn
 
 from rlhf.errors import UserError
-from rlhf.generation import Samples, as_reference, response_logprobs, response_outputs, reward_scores, sample
+from rlhf.generation import Samples, SamplingSettings, as_reference, response_logprobs, response_outputs, reward_scores, sample
 from rlhf.ppo import core
 from rlhf.runs import CHECKPOINT_MARK, is_main_process, write_json
 
 
 @dataclass
-class PPOConfig:
-    """Settings of `stage=ppo` (conf/stage/ppo.yaml documents each key)."""
+class PPOConfig(SamplingSettings):
+    """Settings of `stage=ppo` (conf/ppo/default.yaml documents each key)."""
 
     reward_model: str | None = None
     total_updates: int = 40
@@ -40,10 +40,6 @@ class PPOConfig:
     ppo_epochs: int = 4
     learning_rate: float = 1e-3
     max_grad_norm: float = 1.0
-    max_prompt_length: int = 128
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
     missing_eos_penalty: float | None = 1.0
     kl_coef: float = 0.1
     adaptive_kl: bool = True
@@ -232,11 +228,7 @@ class PPOTrainer:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def sample(self, prompts: list) -> Samples:
-        settings = self.settings
-        return sample(
-            self.policy, self.tokenizer, prompts, max_prompt_length=settings.max_prompt_length,
-            max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p, device=self.device,
-        )
+        return sample(self.policy, self.tokenizer, prompts, self.settings, self.device)
 
     # ---- 6: optimisation -----------------------------------------------------------------
 

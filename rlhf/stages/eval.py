@@ -17,7 +17,7 @@ from transformers import set_seed
 
 from rlhf.data import load_splits
 from rlhf.errors import UserError
-from rlhf.generation import as_reference, response_logprobs, reward_scores, sample
+from rlhf.generation import SamplingSettings, as_reference, response_logprobs, reward_scores, sample
 from rlhf.metrics import agreement
 from rlhf.models import load_model, load_tokenizer, resolve_model_path
 from rlhf.runs import finished_run, policy_lineage
@@ -25,17 +25,14 @@ from rlhf.training import device_for, load_reward_model
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(SamplingSettings):
     """Settings of `stage=eval` (conf/eval/default.yaml documents each key)."""
 
     policy: str | None = None
     reward_model: str | None = None
     num_prompts: int = 64
     batch_size: int = 16
-    max_prompt_length: int = 128
-    max_new_tokens: int = 32
     temperature: float = 0.7
-    top_p: float = 1.0
 
 
 def run(cfg, run_dir: Path) -> dict:
@@ -53,15 +50,11 @@ def run(cfg, run_dir: Path) -> dict:
             model.to(device).eval()
 
     rows = []
-    generate = dict(
-        max_prompt_length=settings.max_prompt_length, max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature, top_p=settings.top_p, device=device,
-    )
     for start in range(0, len(prompts), settings.batch_size):
         batch = prompts[start : start + settings.batch_size]
-        from_policy = sample(policy, tokenizer, batch, **generate)
+        from_policy = sample(policy, tokenizer, batch, settings, device)
         with as_reference(policy, reference) as ref:
-            from_reference = sample(ref, tokenizer, batch, **generate)
+            from_reference = sample(ref, tokenizer, batch, settings, device)
             ref_logprobs = response_logprobs(ref, from_policy, settings.temperature)
         kl = ((response_logprobs(policy, from_policy, settings.temperature) - ref_logprobs) * from_policy.response_mask).sum(dim=1)
         policy_scores = reward_scores(reward_model, reward_tokenizer, batch, from_policy.texts, device)
