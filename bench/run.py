@@ -1,7 +1,7 @@
 """Measure the framework on this machine; writes bench/results/<date>-<model>.json and .md.
 
-    python bench/run.py                                  # the tiny default model, about 3 minutes on 2 CPU cores
-    python bench/run.py --model smollm2-135m --steps 8 --sweep-pairs 128 --ppo-updates 2 --repeats 1   # a real 135M model
+    python bench/run.py                                  # the tiny default model, 5 min 20 s on 2 CPU cores
+    python bench/run.py --model smollm2-135m --steps 8 --sweep-pairs 128 --ppo-updates 2 --repeats 1   # a real 135M model, 27 minutes
 
 a. overhead: `train.py` SFT and DPO against bench/plain_trl.py (the same TRL trainer by hand):
    the ratio of training-phase time (the trainer's train_runtime) and of whole-process time;

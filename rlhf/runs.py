@@ -116,9 +116,11 @@ def prepare_run_dir(cfg, run_dir: Path, overrides: list, hydra_node=None, write:
 
 
 def comparable(cfg) -> dict:
-    """A config as compared for resuming: everything but the resume mode itself."""
+    """A config as compared for resuming: everything but the resume mode and the display name
+    (a chain names its steps after all of its overrides, even those of other steps)."""
     plain = OmegaConf.to_container(cfg)
     plain.pop("resume", None)
+    plain.pop("run_name", None)
     return plain
 
 

@@ -110,7 +110,7 @@ class KLDPOTrainer(PreferenceEvaluation, DPOTrainer):
 
     def __init__(self, *args, reference_identity: str = "", **kwargs):
         self.reference_identity = reference_identity  # what the reference model is, for the cache key
-        self.timings = {"time/reference_logps": 0.0}  # seconds computing or loading them (fit() reports it)
+        self.timings = {}  # seconds computing or loading the reference log-probs, when precomputed (fit() reports it)
         super().__init__(*args, **kwargs)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -120,7 +120,7 @@ class KLDPOTrainer(PreferenceEvaluation, DPOTrainer):
         change there computes them anew."""
         start = time.perf_counter()
         dataset = self._cached_ref_logps(dataset, name, batch_size)
-        self.timings["time/reference_logps"] += time.perf_counter() - start
+        self.timings["time/reference_logps"] = self.timings.get("time/reference_logps", 0.0) + time.perf_counter() - start
         return dataset
 
     def _cached_ref_logps(self, dataset, name, batch_size):

@@ -240,11 +240,11 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
     dropped = dropped_by_trainer(trainer, inputs.data)
     trainer.add_callback(RunGuard(trainer))
     checkpoint = last_complete_checkpoint(run_dir) if cfg.get("resume", "auto") == "auto" else None
+    mark = json.loads((checkpoint / CHECKPOINT_MARK).read_text()) if checkpoint else {"step": 0}  # read now: rotation may delete it
+    if is_main_process():  # lines logged after the checkpoint (or by a run that crashed before one) are logged again
+        truncate_history(run_dir / "history.jsonl", after_step=mark["step"])
     if checkpoint is not None:
         print(f"resuming from {checkpoint}", flush=True)
-        mark = json.loads((checkpoint / CHECKPOINT_MARK).read_text())  # read now: rotation may delete it
-        if is_main_process():
-            truncate_history(run_dir / "history.jsonl", after_step=mark["step"])
         if hasattr(trainer, "_total_train_tokens"):
             trainer._total_train_tokens = mark["num_tokens"]
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -264,7 +264,13 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
 def truncate_history(path: Path, after_step: int) -> None:
     """Drop history lines logged after `after_step`: a resumed run logs those steps again."""
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= after_step]
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= after_step:
+                    kept.append(line)
+            except ValueError:  # a line cut short by the crash
+                continue
         path.write_text("".join(line + "\n" for line in kept))
 
 

@@ -10,7 +10,7 @@ from conftest import ROOT
 
 def test_benchmark_writes_its_json_and_markdown_table(tmp_path):
     done = subprocess.run(
-        [sys.executable, "bench/run.py", "--steps", "2", "--ppo-updates", "1", "--repeats", "1", "--sweep-pairs", "32", "--out", str(tmp_path)],
+        [sys.executable, "bench/run.py", "--steps", "2", "--ppo-updates", "1", "--repeats", "1", "--sweep-pairs", "128", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -24,7 +24,7 @@ def test_benchmark_writes_its_json_and_markdown_table(tmp_path):
     sweep = result["ref_cache_sweep"]
     assert len(sweep["job_seconds"]) == 3
     first, *later = sweep["reference_logps_seconds"]
-    assert max(later) < first, "later sweep jobs should load the reference log-probs, not compute them"
+    assert max(later) < 0.5 * first, "later sweep jobs should load the reference log-probs, not compute them"
     assert result["ppo"]["time/generated_tokens_per_second"] > 0
     assert {"time/generation_per_update", "time/optimisation_per_update"} <= set(result["ppo"])
     table = json_file.with_suffix(".md").read_text()

@@ -53,39 +53,66 @@ def test_finished_steps_are_skipped(rlhf_chain, capsys):
     assert before == {step: (run_dir / step / "metrics.json").stat().st_mtime_ns for step in ("sft", "rm", "ppo")}
 
 
+def crash_ppo_in_update(monkeypatch, update: int) -> None:
+    """Make PPO's optimisation step raise in `update` (counting from this call)."""
+    from rlhf.ppo.trainer import PPOTrainer
+
+    original, calls = PPOTrainer.optimise, []
+
+    def crashing(self, *args):
+        calls.append(1)
+        if len(calls) == update:
+            raise RuntimeError("simulated crash")
+        return original(self, *args)
+
+    monkeypatch.setattr(PPOTrainer, "optimise", crashing)
+
+
 def test_interrupted_ppo_resumes_to_the_metrics_of_an_uninterrupted_run(rlhf_chain, tmp_path, monkeypatch):
     """PPO checkpoints every ppo.save_steps updates; the same command after a crash goes on from
     the last one (weights, optimizer, KL coefficient, random state) and ends where an
-    uninterrupted run ends."""
-    from rlhf.ppo.trainer import PPOTrainer
-
+    uninterrupted run ends. A crash before the first checkpoint starts over, logging no step twice."""
     chain_dir, _ = rlhf_chain
     overrides = ("stage=ppo", f"model.init_from={chain_dir / 'sft'}", f"ppo.reward_model={chain_dir / 'rm'}",
                  "ppo.total_updates=5", "ppo.save_steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2")
     uninterrupted = train(tmp_path / "whole", *overrides)
     assert [p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()] == ["checkpoint-4"]  # save_total_limit=1
 
-    original, calls = PPOTrainer.optimise, []
-
-    def crash_in_update_4(self, *args):
-        calls.append(1)
-        if len(calls) == 4:
-            raise RuntimeError("simulated crash")
-        return original(self, *args)
-
     run_dir = tmp_path / "interrupted"
-    monkeypatch.setattr(PPOTrainer, "optimise", crash_in_update_4)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(run_dir, *overrides)
-    monkeypatch.setattr(PPOTrainer, "optimise", original)
-    assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
-    assert history(run_dir, "step") == [1, 2, 3]
+    for crash, logged in ((2, [1]), (4, [1, 2, 3])):  # before the first checkpoint, then after it
+        with monkeypatch.context() as patch:
+            crash_ppo_in_update(patch, crash)
+            with pytest.raises(RuntimeError, match="simulated crash"):
+                train(run_dir, *overrides)
+        assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
+        assert history(run_dir, "step") == logged
 
     resumed = train(run_dir, *overrides)
     assert history(run_dir, "step") == [1, 2, 3, 4, 5]  # update 3 again, and logged once
     for key, value in uninterrupted.items():
         if not key.startswith("time/") and key != "stage_runtime":
             assert resumed[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_chain_refuses_to_resume_a_step_of_another_config(tmp_path, monkeypatch, capsys):
+    """An interrupted chain step resumes only under the config it ran with; resume=overwrite
+    starts it over (stale history and checkpoints gone)."""
+    chain = ("experiment=rlhf_chain", "sft.max_steps=2", "rm.max_steps=2", "ppo.total_updates=3", "ppo.save_steps=1",
+             "ppo.batch_size=8", "ppo.mini_batch_size=8", "ppo.ppo_epochs=1")
+    with monkeypatch.context() as patch:
+        crash_ppo_in_update(patch, 3)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(tmp_path, *chain)
+    assert history(tmp_path / "ppo", "step") == [1, 2]
+
+    with pytest.raises(SystemExit) as stop:
+        train(tmp_path, *chain, "ppo.kl_coef=0.5")
+    assert stop.value.code == 2
+    assert "ppo holds an interrupted run of a different config" in capsys.readouterr().err
+
+    metrics = train(tmp_path, *chain, "ppo.kl_coef=0.5", "resume=overwrite")
+    assert history(tmp_path / "ppo", "step") == [1, 2, 3]
+    assert metrics["ppo/objective/kl_coef"] != pytest.approx(0.1, abs=1e-4)  # started at the new 0.5
 
 
 def test_dpo_chain_reference_is_the_sft_policy(tmp_path, monkeypatch):

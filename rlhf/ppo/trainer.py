@@ -168,6 +168,7 @@ class PPOTrainer:
         if not is_main_process():
             return
         path.mkdir(parents=True, exist_ok=True)
+        (path / CHECKPOINT_MARK).unlink(missing_ok=True)  # a directory being rewritten is incomplete until the end
         torch.save({
             "policy": {name: p.detach() for name, p in self.policy.named_parameters() if p.requires_grad},
             "value_head": self.value_head.state_dict(),
@@ -183,16 +184,18 @@ class PPOTrainer:
     def resume(self, path: Path) -> dict:
         """Load a checkpoint written by save_checkpoint; return the `keep` metrics saved with it."""
         mark = json.loads((path / CHECKPOINT_MARK).read_text())
-        state = torch.load(path / "ppo_state.pt", map_location=self.device, weights_only=True)
+        if mark["step"] >= self.settings.total_updates:
+            raise UserError(f"{path} is at update {mark['step']}, not before ppo.total_updates={self.settings.total_updates}")
+        state = torch.load(path / "ppo_state.pt", map_location="cpu", weights_only=True)  # load_state_dict moves it
         missing = set(state["policy"]) - {name for name, _ in self.policy.named_parameters()}
         if missing:
             raise UserError(f"{path}: the checkpoint's weights do not fit this policy (e.g. {sorted(missing)[0]})")
         self.policy.load_state_dict(state["policy"], strict=False)
         self.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"].cpu())
+        torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([rng.cpu() for rng in state["cuda_rng"]])
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.kl_controller.value = mark["kl_coef"]
         self.done_updates = mark["step"]
         return mark["keep"]

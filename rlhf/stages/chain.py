@@ -7,7 +7,9 @@ starts from the one before it (`model.init_from=@sft`, `ppo.reward_model=@rm`).
 
 Overrides given on the chain's command line reach every step, except another stage's
 hyperparameters (`ppo.kl_coef=0.05` reaches only the ppo step). A step whose directory already
-holds a finished run with the same config is skipped, so a failed chain resumes where it broke.
+holds a finished run with the same config is skipped, so a failed chain resumes where it broke;
+any other step directory is claimed as a single run's is (an interrupted step of the same config
+resumes, one of another config is refused unless resume=overwrite, which starts it over).
 """
 
 import json
@@ -20,6 +22,7 @@ from omegaconf import OmegaConf, open_dict
 
 from rlhf import PROJECT_ROOT
 from rlhf.errors import UserError
+from rlhf.runs import comparable, is_main_process, prepare_run_dir
 from rlhf.validate import validate
 
 STEP_REFERENCE = "@"
@@ -45,7 +48,8 @@ def run(cfg, run_dir: Path) -> dict:
         else:
             print(f"chain: {name} -> {step_dir}", flush=True)
             validate(step_cfg)
-            save_config(step_dir, step_cfg, overrides)
+            # As for a single run: never resume or replace a step run of another config unless resume=overwrite.
+            prepare_run_dir(step_cfg, step_dir, overrides, write=is_main_process())
             step_metrics = run_stage(step_cfg, step_dir)
         metrics.update({f"{name}/{key}": value for key, value in step_metrics.items()})
     return metrics
@@ -97,12 +101,5 @@ def finished_with(step_dir: Path, step_cfg) -> bool:
     saved = step_dir / ".hydra" / "config.yaml"
     if not (step_dir / "metrics.json").is_file() or not saved.is_file():
         return False
-    return OmegaConf.to_container(OmegaConf.load(saved)) == OmegaConf.to_container(step_cfg)
+    return comparable(OmegaConf.load(saved)) == comparable(step_cfg)
 
-
-def save_config(step_dir: Path, step_cfg, overrides: list) -> None:
-    """The step's .hydra/ as Hydra writes it for a single run: re-runnable on its own."""
-    hydra_dir = step_dir / ".hydra"
-    hydra_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(step_cfg, hydra_dir / "config.yaml")
-    OmegaConf.save(OmegaConf.create(overrides), hydra_dir / "overrides.yaml")

@@ -33,6 +33,8 @@ def run(cfg, run_dir: Path) -> dict:
     device = device_for(cfg)
     set_seed(cfg.seed)
     inputs = load_inputs(cfg, data_kind="prompt")
+    if len(inputs.data.train) < settings.batch_size:
+        raise UserError(f"ppo.batch_size={settings.batch_size}: the training split has only {len(inputs.data.train)} prompts")
     reward_model, reward_tokenizer = load_reward_model(settings.reward_model, cfg)
 
     if inputs.peft_config is not None:
@@ -55,10 +57,10 @@ def run(cfg, run_dir: Path) -> dict:
     if checkpoint is not None:  # an interrupted run: go on from its last complete checkpoint
         print(f"resuming from {checkpoint}", flush=True)
         metrics = trainer.resume(checkpoint)
-        if is_main_process():
-            truncate_history(run_dir / "history.jsonl", after_step=trainer.done_updates)
     else:
         metrics = {"eval_scores_before": trainer.mean_score(held_out)} if held_out else {}
+    if is_main_process():  # lines logged after the checkpoint (or by a run that crashed before one) are logged again
+        truncate_history(run_dir / "history.jsonl", after_step=trainer.done_updates)
     train_prompts = [row["prompt"] for row in inputs.data.train]
     metrics.update(trainer.train(train_prompts, seed=cfg.seed, checkpoints=run_dir / "checkpoints", keep=metrics))
     if held_out:
