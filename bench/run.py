@@ -30,13 +30,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PAIRS_PER_STEP = 16  # DPO pairs per optimizer step; SFT takes twice as many sequences, so both see as many
+PAIRS_PER_STEP = 16  # DPO pairs per optimizer step
+BATCH = {"sft": 2 * PAIRS_PER_STEP, "dpo": PAIRS_PER_STEP}  # rows per step: both stages see as many sequences
 sys.path.insert(0, str(ROOT))
 
 
 def timed(command: list, env: dict) -> tuple:
     """(wall seconds, peak RSS in MiB) of one process."""
-    rss_file = Path(tempfile.mktemp())
+    handle, name = tempfile.mkstemp()
+    os.close(handle)
+    rss_file = Path(name)
     start = time.perf_counter()
     done = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *command], cwd=ROOT, env=env,
                           capture_output=True, text=True)
@@ -63,8 +66,14 @@ def main():
     parser.add_argument("--ppo-updates", type=int, default=10, help="PPO updates in the timed chain")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for <date>-<model>.json/.md")
     args = parser.parse_args()
-
     work = Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
+    try:
+        measure(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # it holds a model cache of its own
+
+
+def measure(args, work: Path) -> None:
     env = {**os.environ, "RLHF_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     os.environ.update(RLHF_CACHE=env["RLHF_CACHE"], HF_HUB_OFFLINE="1")
     from omegaconf import OmegaConf
@@ -76,24 +85,22 @@ def main():
     runs = work / "runs"
     runs.mkdir()
     sweep_steps = max(1, args.sweep_pairs // PAIRS_PER_STEP)  # one epoch: the reference pass covers what is trained
-    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+    started, start = time.localtime(), time.perf_counter()
+    result = {"date": time.strftime("%Y-%m-%d %H:%M", started), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
               f"{platform.platform()}", "python": platform.python_version(), "model": args.model, "steps": args.steps,
               "sweep_pairs": sweep_steps * PAIRS_PER_STEP, "ppo_updates": args.ppo_updates, "repeats": args.repeats}
-    common = {
-        "sft": [f"sft.per_device_train_batch_size={2 * PAIRS_PER_STEP}", "dataset.test_size=0"],
-        "dpo": [f"dpo.per_device_train_batch_size={PAIRS_PER_STEP}", "dataset.test_size=0"],
-    }
+    common = {stage: [f"{stage}.per_device_train_batch_size={batch}", "dataset.test_size=0"] for stage, batch in BATCH.items()}
 
     # a. overhead against plain TRL; c. memory (SFT sees as many sequences per step as DPO's pairs hold)
     data = {"sft": ROOT / "rlhf/data/builtin/sft_zh.jsonl", "dpo": ROOT / "rlhf/data/builtin/preference_zh.jsonl"}
-    for stage in ("sft", "dpo"):
-        batch = 2 * PAIRS_PER_STEP if stage == "sft" else PAIRS_PER_STEP
+    for stage, batch in BATCH.items():
         runs_of = {"framework": [], "plain": []}
         for repeat in range(args.repeats):  # alternating, so that a slow spell of the machine hits both
             shutil.rmtree(Path(env["RLHF_CACHE"]) / "ref_logps", ignore_errors=True)  # both compute the reference pass
             ours = train(runs / f"{stage}-{repeat}", args, env, f"stage={stage}", f"{stage}.max_steps={args.steps}",
                          f"{stage}.save_strategy=no", *common[stage])
-            runs_of["framework"].append({"train_runtime": ours["metrics"]["train_runtime"], **ours})
+            runs_of["framework"].append({"train_runtime": ours["metrics"]["train_runtime"], **ours,
+                                         "reference_logps": ours["metrics"].get("time/reference_logps", 0.0)})
             plain_out = work / f"plain-{stage}-{repeat}.json"
             seconds, rss = timed([sys.executable, "bench/plain_trl.py", "--stage", stage, "--model", model_dir,
                                   "--data", str(data[stage]), "--batch", str(batch),
@@ -114,17 +121,17 @@ def main():
             "peak_rss_mib_framework": ours["peak_rss_mib"],
             "peak_rss_mib_plain_trl": plain["peak_rss_mib"],
         }
+        if stage == "dpo":  # where the framework's DPO process time goes besides training
+            result["overhead_dpo"]["reference_logps_seconds_framework"] = statistics.median(
+                run["reference_logps"] for run in runs_of["framework"])
 
     # b. start-up of a config-only command
     startups = [timed([sys.executable, "train.py", "--cfg", "job"], env)[0] for _ in range(5)]
     result["startup_cfg_job_seconds"] = statistics.median(startups)
 
-    # c. memory: DPO keeps no second model copy under LoRA
-    result["peak_rss_mib"] = {
-        "sft_lora": result["overhead_sft"]["peak_rss_mib_framework"],
-        "dpo_lora": result["overhead_dpo"]["peak_rss_mib_framework"],
-        "ratio": result["overhead_dpo"]["peak_rss_mib_framework"] / result["overhead_sft"]["peak_rss_mib_framework"],
-    }
+    # c. memory: DPO keeps no second model copy under LoRA (the peak RSS of the runs of a.)
+    result["peak_rss_ratio_dpo_over_sft"] = (result["overhead_dpo"]["peak_rss_mib_framework"]
+                                             / result["overhead_sft"]["peak_rss_mib_framework"])
 
     # d. the reference log-prob cache: a 3-point beta sweep as users run it, one `-m` process;
     # a job's time is its stage_runtime (model loading to saved result; imports are paid once per process)
@@ -140,7 +147,6 @@ def main():
         "job_seconds": [job["stage_runtime"] for job in jobs],
         "reference_logps_seconds": [job["time/reference_logps"] for job in jobs],
         "process_seconds": sweep_seconds,
-        "later_vs_first": later / first,
         "later_jobs_faster_by": 1 - later / first,
     }
 
@@ -153,12 +159,12 @@ def main():
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{time.strftime('%Y-%m-%d-%H%M')}-{args.model}"
+    result["total_seconds"] = time.perf_counter() - start
+    stem = out / f"{time.strftime('%Y-%m-%d-%H%M', started)}-{args.model}"
     Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     Path(f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
     print(f"written: {stem}.json, {stem}.md")
-    shutil.rmtree(work, ignore_errors=True)
 
 
 def markdown(r: dict) -> str:
@@ -174,8 +180,9 @@ def markdown(r: dict) -> str:
         lines.append(f"| {stage.upper()} whole process, framework / plain TRL | {o['process_seconds_framework']:.1f} s / "
                      f"{o['process_seconds_plain_trl']:.1f} s = {o['process_ratio']:.3f} |")
     lines.append(f"| `train.py --cfg job` start-up (median of 5) | {r['startup_cfg_job_seconds']:.2f} s |")
-    m = r["peak_rss_mib"]
-    lines.append(f"| peak RSS, DPO+LoRA / SFT+LoRA | {m['dpo_lora']:.0f} MiB / {m['sft_lora']:.0f} MiB = {m['ratio']:.2f} |")
+    sft_rss, dpo_rss = r["overhead_sft"]["peak_rss_mib_framework"], r["overhead_dpo"]["peak_rss_mib_framework"]
+    lines.append(f"| peak RSS, DPO+LoRA / SFT+LoRA | {dpo_rss:.0f} MiB / {sft_rss:.0f} MiB = {r['peak_rss_ratio_dpo_over_sft']:.2f} |")
+    lines.append(f"| DPO reference log-probs in the framework runs (computed) | {r['overhead_dpo']['reference_logps_seconds_framework']:.2f} s |")
     c = r["ref_cache_sweep"]
     jobs = ", ".join(f"{s:.1f}" for s in c["job_seconds"])
     refs = ", ".join(f"{s:.2f}" for s in c["reference_logps_seconds"])

@@ -8,15 +8,15 @@ from collections import defaultdict
 
 
 def preference_metrics(chosen_scores, rejected_scores, prompts) -> dict:
-    """win_rate, kendall_tau and the mean margin over pairs; `prompts` (one hashable key per
-    pair) groups the pairs that rank answers to the same prompt."""
+    """win_rate and kendall_tau over pairs; `prompts` (one hashable key per pair) groups the
+    pairs that rank answers to the same prompt. (The mean margin is the trainers' own:
+    DPO's rewards/margins, the reward model's eval_margin.)"""
     if not (len(chosen_scores) == len(rejected_scores) == len(prompts)) or not prompts:
         raise ValueError("need one chosen score, one rejected score and one prompt key per pair, and some pairs")
     margins = [float(c) - float(r) for c, r in zip(chosen_scores, rejected_scores)]
     return {
         "win_rate": sum(agreement(m) for m in margins) / len(margins),
         "kendall_tau": kendall_tau(margins, prompts),
-        "margin": sum(margins) / len(margins),
     }
 
 

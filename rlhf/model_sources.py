@@ -9,13 +9,11 @@ composing a config never pays for them.
 import hashlib
 import importlib.metadata
 import importlib.util
-import logging
 import os
 from pathlib import Path
 
 from rlhf.errors import UserError, first_line
 
-log = logging.getLogger(__name__)
 
 # model.hub -> (name shown in messages, the pip command that installs its client or None).
 HUBS = {

@@ -39,12 +39,6 @@ def main(cfg, run_dir: Path | None = None):
     in_sweep = hydra is not None and hydra.mode == RunMode.MULTIRUN
     try:
         prepare_run_dir(cfg, run_dir, hydra.overrides.task if hydra else [], hydra, write=is_main_process())
-        try:
-            validate(cfg)  # before any model or dataset loads
-        except UserError as err:
-            if is_main_process():
-                write_status(run_dir, "failed", str(err))
-            raise
         metrics = run_stage(cfg, run_dir)
         if is_main_process():
             print(f"final metrics ({run_dir}):\n" + json.dumps(metrics, indent=2, ensure_ascii=False))
@@ -74,17 +68,18 @@ def adopt_slurm_ranks() -> None:
 def run_stage(cfg, run_dir: Path) -> dict:
     """env.json, the stage's training, metrics.json, and status.json throughout: one complete
     run directory (or one that says why it is not). Under torchrun only rank 0 writes them."""
-    stage = get_stage(cfg.stage)
     main_process = is_main_process()
-    if main_process:
-        write_json(run_dir / "env.json", environment(cfg))
-        write_status(run_dir, "running")
-    start = time.perf_counter()
     try:
+        validate(cfg)  # before the stage's heavy imports and before any model or dataset loads
+        stage = get_stage(cfg.stage)
+        if main_process:
+            write_json(run_dir / "env.json", environment(cfg))
+            write_status(run_dir, "running")
+        start = time.perf_counter()
         metrics = stage(cfg, run_dir)
     except BaseException as err:
         if main_process:
-            write_status(run_dir, "failed", f"{type(err).__name__}: {err}" if not isinstance(err, UserError) else str(err))
+            write_status(run_dir, "failed", str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}")
         raise
     metrics["stage_runtime"] = time.perf_counter() - start  # seconds from model loading to the saved result
     if main_process:
@@ -122,13 +117,15 @@ def environment(cfg) -> dict:
     }
 
 
-SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey")
+SECRET_WORDS = {"token", "secret", "password", "apikey"}  # whole words of a key's last part, split at "_"
 
 
 def redact(argument: str) -> str:
-    """`hub_token=abc` -> `hub_token=***`: credentials never reach env.json."""
+    """`hub_token=abc` -> `hub_token=***`: credentials never reach env.json (but
+    `ppo.max_new_tokens=32` stays: a hyperparameter, not a secret)."""
     key, sep, _ = argument.partition("=")
-    return f"{key}=***" if sep and any(word in key.lower() for word in SECRET_WORDS) else argument
+    words = key.rsplit(".", 1)[-1].lower().replace("api_key", "apikey").split("_")
+    return f"{key}=***" if sep and SECRET_WORDS & set(words) else argument
 
 
 def git_state() -> dict:

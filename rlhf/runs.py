@@ -55,7 +55,8 @@ def policy_lineage(model_cfg) -> tuple:
 
 CHECKPOINT_MARK = "rlhf_checkpoint.json"  # written last: a checkpoint without it is incomplete
 RESUME_MODES = ("auto", "overwrite")
-RUN_OUTPUTS = ("metrics.json", "status.json", "history.jsonl", "env.json", "checkpoints", "final", "samples.jsonl", "wandb_id.txt")
+RUN_OUTPUTS = ("metrics.json", "status.json", "history.jsonl", "env.json", "checkpoints", "final", "samples.jsonl", "wandb_id.txt",
+               "wandb", "tensorboard")  # what resume=overwrite clears: everything a run writes
 
 
 def is_main_process() -> bool:
@@ -133,7 +134,44 @@ def save_yaml(node, path: Path) -> None:
 def last_complete_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint whose writing finished (it holds CHECKPOINT_MARK)."""
     complete = [path.parent for path in (run_dir / "checkpoints").glob(f"checkpoint-*/{CHECKPOINT_MARK}")]
-    return max(complete, key=lambda path: int(path.name.rsplit("-", 1)[1]), default=None)
+    return max(complete, key=checkpoint_step, default=None)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a `checkpoint-<step>` directory was written at."""
+    return int(path.name.rsplit("-", 1)[1])
+
+
+def resume_point(cfg, run_dir: Path) -> tuple:
+    """(checkpoint, its mark) to go on from under resume=auto, or (None, {"step": 0}) to start
+    afresh. Either way history.jsonl keeps only the lines up to that step: a resumed run logs
+    the later steps again, and a run that died before its first checkpoint starts over."""
+    checkpoint = last_complete_checkpoint(run_dir) if cfg.resume == "auto" else None
+    mark = json.loads((checkpoint / CHECKPOINT_MARK).read_text()) if checkpoint else {"step": 0}  # now: rotation may delete it
+    if checkpoint is not None:
+        print(f"resuming from {checkpoint}", flush=True)
+    if is_main_process():
+        truncate_history(run_dir / "history.jsonl", after_step=mark["step"])
+    return checkpoint, mark
+
+
+def append_history(path: Path, record: dict) -> None:
+    """One line of history.jsonl, written as it happens, so a crashed run keeps its history."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def truncate_history(path: Path, after_step: int) -> None:
+    """Drop history lines logged after `after_step`: a resumed run logs those steps again."""
+    if path.is_file():
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= after_step:
+                    kept.append(line)
+            except ValueError:  # a line cut short by the crash
+                continue
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 class SweepSummary(Callback):

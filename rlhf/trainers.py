@@ -1,7 +1,7 @@
 """The project's additions to TRL's trainers, kept small and on top of TRL's own loss code:
 
 - every evaluation of a preference model (DPO policy or reward model) also reports
-  win_rate, kendall_tau and margin over the held-out pairs (`rlhf.metrics`);
+  win_rate and kendall_tau over the held-out pairs (`rlhf.metrics`);
 - DPO takes an explicit KL penalty, `dpo.kl_coef` times the mean per-token
   KL(policy || reference) over the chosen responses' tokens;
 - DPO's reference log-probs are cached on disk across runs (`dpo.ref_cache`).

@@ -5,23 +5,24 @@ that ends a run."""
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
 from rlhf.data import Splits, load_splits
 from rlhf.models import load_model, load_tokenizer, resolve_model_path
-from rlhf.errors import UserError
-from rlhf.runs import CHECKPOINT_MARK, finished_run, is_main_process, last_complete_checkpoint, policy_lineage, write_json
+from rlhf.errors import NonFiniteLoss, UserError
+from rlhf.runs import (
+    CHECKPOINT_MARK, append_history, finished_run, is_main_process, last_complete_checkpoint, policy_lineage, resume_point, write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,11 @@ def load_inputs(cfg, data_kind: str, head: str = "causal_lm") -> StageInputs:
     return StageInputs(tokenizer, model, data, peft_config)
 
 
-def load_reward_model(rm_run, cfg):
-    """(reward model, its tokenizer) from a finished `stage=rm` run: its base model with every
-    adapter of its lineage and its own (score head included) merged in, frozen."""
-    rm_cfg = finished_run(rm_run, "ppo.reward_model", stages=("rm",))
+def load_reward_model(rm_run, cfg, key: str = "ppo.reward_model"):
+    """(reward model, its tokenizer) from a finished `stage=rm` run named by the setting `key`:
+    its base model with every adapter of its lineage and its own (score head included) merged
+    in, frozen."""
+    rm_cfg = finished_run(rm_run, key, stages=("rm",))
     base_cfg, adapters = policy_lineage(rm_cfg.model)
     model_path = resolve_model_path(base_cfg)
     final = Path(str(rm_run)).expanduser() / "final"
@@ -114,12 +116,6 @@ def device_for(cfg):
     """Where a stage that drives its own loop (PPO, eval) computes: a GPU when the hardware
     preset uses one and there is one."""
     return torch.device("cuda" if torch.cuda.is_available() and not cfg.hardware.training_args.use_cpu else "cpu")
-
-
-def append_history(path: Path, record: dict) -> None:
-    """One line of history.jsonl, written as it happens, so a crashed run keeps its history."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 class HistoryWriter(TrainerCallback):
@@ -194,7 +190,7 @@ def dropped_by_trainer(trainer, data: Splits) -> int:
 
 
 class RunGuard(TrainerCallback):
-    """Keeps a run safe to resume: a NaN or infinite loss (or weights) stops training before a
+    """Keeps a run safe to resume: weights gone NaN or infinite stop training before a
     bad checkpoint is written; every checkpoint, once wholly written, gets a mark holding the
     running loss total, so that only complete checkpoints are resumed from and a resumed run
     reports the same train_loss as an uninterrupted one."""
@@ -202,12 +198,10 @@ class RunGuard(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs and not math.isfinite(logs["loss"]):
-            raise NonFiniteLoss(f"training diverged at step {state.global_step}: the loss is {logs['loss']}; {self.kept(args)}")
-
     def on_step_end(self, args, state, control, **kwargs):
-        # Before every log and checkpoint: NaN weights can still give a finite (even 0) loss.
+        # Before every log and checkpoint. The weights, not the logged loss: transformers replaces
+        # a NaN step loss before logging it (logging_nan_inf_filter), and NaN weights can still
+        # give a finite loss; a NaN loss always reaches the weights through the optimizer step.
         if (control.should_save or control.should_log) and not all(
             torch.isfinite(p).all() for p in self.trainer.model.parameters() if p.requires_grad
         ):
@@ -229,22 +223,14 @@ class RunGuard(TrainerCallback):
             write_json(checkpoint / CHECKPOINT_MARK, {"step": state.global_step, "loss_total": total, "num_tokens": tokens})
 
 
-class NonFiniteLoss(UserError):
-    """Training diverged (NaN or infinite loss); the message names the step."""
-
-
 def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
     """Train (resuming from the last complete checkpoint when there is one and resume=auto),
     evaluate on the held-out split, save the adapter/model and tokenizer to final/, and return
     the final metrics as one flat dict."""
     dropped = dropped_by_trainer(trainer, inputs.data)
     trainer.add_callback(RunGuard(trainer))
-    checkpoint = last_complete_checkpoint(run_dir) if cfg.get("resume", "auto") == "auto" else None
-    mark = json.loads((checkpoint / CHECKPOINT_MARK).read_text()) if checkpoint else {"step": 0}  # read now: rotation may delete it
-    if is_main_process():  # lines logged after the checkpoint (or by a run that crashed before one) are logged again
-        truncate_history(run_dir / "history.jsonl", after_step=mark["step"])
+    checkpoint, mark = resume_point(cfg, run_dir)
     if checkpoint is not None:
-        print(f"resuming from {checkpoint}", flush=True)
         if hasattr(trainer, "_total_train_tokens"):
             trainer._total_train_tokens = mark["num_tokens"]
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -259,19 +245,6 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
         trainer.processing_class.save_pretrained(str(run_dir / "final"))
     finish_tracking(metrics)
     return metrics
-
-
-def truncate_history(path: Path, after_step: int) -> None:
-    """Drop history lines logged after `after_step`: a resumed run logs those steps again."""
-    if path.is_file():
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= after_step:
-                    kept.append(line)
-            except ValueError:  # a line cut short by the crash
-                continue
-        path.write_text("".join(line + "\n" for line in kept))
 
 
 def open_wandb_run():

@@ -37,6 +37,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from rlhf import PROJECT_ROOT
 from rlhf.errors import UserError, first_line
+from rlhf.model_sources import check_hub
 from rlhf.runs import finished_run
 
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -61,7 +62,7 @@ def validate(cfg) -> None:
     check_combinations(cfg)
 
 
-def check_overrides(argv, conf_dir: Path = CONF_DIR) -> None:
+def check_overrides(argv) -> None:
     """Raise UserError for a command-line override of a key that no config file defines, with
     the nearest valid key. Call it with `sys.argv[1:]` before Hydra composes the config.
 
@@ -69,7 +70,7 @@ def check_overrides(argv, conf_dir: Path = CONF_DIR) -> None:
     file under conf/ or sweeps/ (nor the --config-path/--config-name file) defines; every other
     key is left to Hydra, which still refuses what this check lets through (`dpo.beta=0.3`
     without stage=dpo). Skipped with --config-dir, --help, --info and --experimental-rerun."""
-    overrides, primary, skip = _split_command_line(list(argv), conf_dir)
+    overrides, primary, skip = _split_command_line(list(argv))
     if skip or not overrides:
         return
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -79,7 +80,7 @@ def check_overrides(argv, conf_dir: Path = CONF_DIR) -> None:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception:  # a syntax error: Hydra reports it
         return
-    schema = _schema(str(conf_dir), primary)
+    schema = _schema(str(CONF_DIR), primary)
     added = {o.key_or_group for o in parsed if o.type in (OverrideType.ADD, OverrideType.FORCE_ADD)}
     for arg, override in zip(overrides, parsed):
         key = override.key_or_group
@@ -87,10 +88,10 @@ def check_overrides(argv, conf_dir: Path = CONF_DIR) -> None:
             continue
         if key.split(".", 1)[0] == "hydra" or "/" in key or key in added or schema.knows(key):
             continue
-        parent, _, leaf = key.rpartition(".")
-        candidates = schema.children(parent) if parent in schema.nodes else set()
         if override.type == OverrideType.DEL:
             raise UserError(f"{arg}: {key} is not in this config; nothing to delete")
+        parent = key.rpartition(".")[0]
+        candidates = schema.children(parent) if parent in schema.nodes else set()
         hint = _suggestion(key, candidates, schema)
         owner = _settings_class(parent, schema)
         if owner and not hint.startswith("; did"):  # maybe a field the YAML does not list
@@ -264,6 +265,7 @@ NON_NEGATIVE = Rule(lambda v: v >= 0, ">= 0")
 AT_LEAST_ONE = Rule(lambda v: v >= 1, "an integer >= 1", integer=True)
 UNIT = Rule(_between(0, 1), "in [0, 1]")
 
+TOP_P = Rule(_between(0, 1, low_open=True), "in (0, 1]")
 OPTIONAL_LENGTH = Rule(lambda v: v >= 1, "an integer >= 1 (or null)", integer=True, none_ok=True)
 
 # Keys every stage node (sft, rm, dpo, ppo, any later one) and hardware.training_args may hold.
@@ -289,7 +291,7 @@ NODE_RULES = {
         "mini_batch_size": AT_LEAST_ONE,
         "ppo_epochs": AT_LEAST_ONE,
         "total_updates": AT_LEAST_ONE,
-        "max_prompt_length": OPTIONAL_LENGTH,
+        "max_prompt_length": AT_LEAST_ONE,  # prompts are cut to it: there is no "no limit"
         "max_new_tokens": AT_LEAST_ONE,
         "kl_coef": NON_NEGATIVE,
         "cliprange": POSITIVE,
@@ -297,7 +299,7 @@ NODE_RULES = {
         "gamma": UNIT,
         "lam": UNIT,
         "temperature": POSITIVE,
-        "top_p": Rule(_between(0, 1, low_open=True), "in (0, 1]"),
+        "top_p": TOP_P,
         "horizon": POSITIVE,
         "target": POSITIVE,
         "vf_coef": NON_NEGATIVE,
@@ -309,10 +311,10 @@ NODE_RULES = {
     "eval": {
         "num_prompts": AT_LEAST_ONE,
         "batch_size": AT_LEAST_ONE,
-        "max_prompt_length": OPTIONAL_LENGTH,
+        "max_prompt_length": AT_LEAST_ONE,
         "max_new_tokens": AT_LEAST_ONE,
         "temperature": Rule(lambda v: v >= 0, ">= 0 (0 = greedy decoding)"),
-        "top_p": Rule(_between(0, 1, low_open=True), "in (0, 1]"),
+        "top_p": TOP_P,
     },
     "peft": {
         "r": AT_LEAST_ONE,
@@ -321,7 +323,7 @@ NODE_RULES = {
     },
     "dataset": {
         "test_size": Rule(lambda v: v >= 0 and (v < 1 or float(v).is_integer()), ">= 0: a fraction below 1 or a count of rows"),
-        "max_samples": Rule(lambda v: v >= 1, "an integer >= 1 (or null)", integer=True, none_ok=True),
+        "max_samples": OPTIONAL_LENGTH,
     },
 }
 
@@ -389,17 +391,23 @@ def check_combinations(cfg) -> None:
         )
     if stage == "chain":  # each step is validated when it runs, with its own overrides
         return
-    if stage == "ppo":
-        ppo = cfg.get("ppo")
-        if ppo is None or not ppo.get("reward_model"):
-            raise UserError(
-                f"ppo.reward_model={_show(None if ppo is None else ppo.get('reward_model'))}: stage=ppo needs "
-                "ppo.reward_model=<directory of a finished stage=rm run>"
-            )
-        finished_run(ppo.reward_model, "ppo.reward_model", stages=("rm",))
-    model = cfg.get("model")
-    if isinstance(model, DictConfig) and model.get("init_from"):
-        finished_run(model.init_from, "model.init_from", stages=("sft", "dpo", "ppo"))
+    if isinstance(cfg.get("model"), DictConfig):
+        check_hub(cfg.model.get("hub"))
+    for key, (needed_by, stages) in RUN_INPUTS.items():
+        value = OmegaConf.select(cfg, key)
+        if needed_by == stage and not value:
+            raise UserError(f"{key}={_show(value)}: stage={stage} needs {key}=<directory of a finished stage={'/'.join(stages)} run>")
+        if value:
+            finished_run(value, key, stages=stages)
+
+
+# Settings that name an earlier run: key -> (the stage that cannot do without it, or None; the stages that run may be).
+RUN_INPUTS = {
+    "model.init_from": (None, ("sft", "dpo", "ppo")),
+    "ppo.reward_model": ("ppo", ("rm",)),
+    "eval.policy": ("eval", ("sft", "dpo", "ppo")),
+    "eval.reward_model": ("eval", ("rm",)),
+}
 
 
 # ---- the keys the config files define ---------------------------------------------------
@@ -489,7 +497,7 @@ def _package(text: str, group: str) -> str:
     return group.replace("/", ".")
 
 
-def _split_command_line(argv: list, conf_dir: Path):
+def _split_command_line(argv: list):
     """(the overrides, the primary config file when --config-path/--config-name name one,
     whether to skip the check) from train.py's arguments, as Hydra's parser reads them."""
     value_flags = {"--config-path": "cp", "-cp": "cp", "--config-name": "cn", "-cn": "cn", "--config-dir": "cd",
@@ -511,7 +519,7 @@ def _split_command_line(argv: list, conf_dir: Path):
         skip = True  # another search path or a re-run: leave it to Hydra
     primary = None
     if "cp" in named or "cn" in named:
-        directory = PROJECT_ROOT / (named.get("cp") or conf_dir)  # relative to train.py, like Hydra
+        directory = PROJECT_ROOT / (named.get("cp") or CONF_DIR)  # relative to train.py, like Hydra
         name = named.get("cn") or "config"
         primary = str(directory / (name if name.endswith(".yaml") else name + ".yaml"))
         if not Path(primary).is_file():

@@ -18,9 +18,12 @@ def test_benchmark_writes_its_json_and_markdown_table(tmp_path):
     result = json.loads(json_file.read_text())
     for stage in ("sft", "dpo"):
         overhead = result[f"overhead_{stage}"]
-        assert overhead["training_ratio"] > 0 and overhead["process_ratio"] > 0
-    assert 0 < result["startup_cfg_job_seconds"] < 30
-    assert result["peak_rss_mib"]["dpo_lora"] > 100 and result["peak_rss_mib"]["sft_lora"] > 100
+        # Loose bounds: 2-step training phases are too short to measure closely (the README's
+        # figures use 150 steps); these catch gross regressions, e.g. a second process start-up.
+        assert overhead["training_ratio"] < 4 and overhead["process_ratio"] < 1.5
+    assert result["startup_cfg_job_seconds"] < 3
+    assert result["peak_rss_ratio_dpo_over_sft"] < 1.3
+    assert result["overhead_dpo"]["reference_logps_seconds_framework"] > 0
     sweep = result["ref_cache_sweep"]
     assert len(sweep["job_seconds"]) == 3
     first, *later = sweep["reference_logps_seconds"]
@@ -28,5 +31,6 @@ def test_benchmark_writes_its_json_and_markdown_table(tmp_path):
     assert result["ppo"]["time/generated_tokens_per_second"] > 0
     assert {"time/generation_per_update", "time/optimisation_per_update"} <= set(result["ppo"])
     table = json_file.with_suffix(".md").read_text()
-    assert "| DPO training-phase time, framework / plain TRL |" in table
-    assert table.count("\n|") >= 12  # a row per measure
+    for measure in ("SFT training-phase time", "DPO whole process", "`train.py --cfg job` start-up", "peak RSS, DPO+LoRA",
+                    "beta sweep", "... of which reference log-probs", "PPO time/generation_per_update"):
+        assert f"| {measure}" in table, measure

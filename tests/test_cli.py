@@ -102,3 +102,18 @@ def test_wrong_data_kind_fails_with_one_line(tmp_path):
     done = cli("stage=dpo", "dataset=builtin_sft", f"hydra.run.dir={tmp_path}")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "preference data" in done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "argument, recorded",
+    [
+        ("+hub_token=abc", "+hub_token=***"),
+        ("logger.api_key=abc", "logger.api_key=***"),
+        ("ppo.max_new_tokens=32", "ppo.max_new_tokens=32"),  # a hyperparameter, kept for reproduction
+        ("dpo.beta=0.1", "dpo.beta=0.1"),
+    ],
+)
+def test_credentials_are_masked_in_the_recorded_command(argument, recorded):
+    from rlhf.run import redact
+
+    assert redact(argument) == recorded

@@ -47,7 +47,6 @@ def fake_run(path, stage: str, finished: bool = True):
         (),
         ("stage=dpo",),
         ("stage=rm",),
-        ("stage=eval",),
         ("experiment=rlhf_chain",),
         ("experiment=dpo_chain",),
         ("stage=dpo", "peft=none"),
@@ -198,7 +197,8 @@ def test_values_at_the_edges_pass(tmp_path):
     rm = fake_run(tmp_path / "rm", "rm")
     validate(compose_config("stage=dpo", "dpo.label_smoothing=0.49", "dpo.kl_coef=0", "dpo.beta=1e-3", "dataset.test_size=0"))
     validate(compose_config("sft.max_length=null", "dataset.test_size=20", "peft.r=1"))
-    validate(compose_config("stage=eval", "eval.temperature=0"))  # greedy decoding
+    sft = fake_run(tmp_path / "sft", "sft")
+    validate(compose_config("stage=eval", f"eval.policy={sft}", f"eval.reward_model={rm}", "eval.temperature=0"))  # greedy
     for edge in ("ppo.top_p=1", "ppo.gamma=0", "ppo.gamma=1", "ppo.lam=1", "ppo.kl_coef=0", "ppo.batch_size=8"):
         validate(compose_config("stage=ppo", f"ppo.reward_model={rm}", edge))
 
@@ -228,6 +228,20 @@ def test_ppo_needs_a_finished_reward_model_run(tmp_path):
     assert "that is a stage=sft run; expected one of: rm" in refused(compose_config("stage=ppo", f"ppo.reward_model={sft}"))
     rm = fake_run(tmp_path / "rm", "rm")
     validate(compose_config("stage=ppo", f"ppo.reward_model={rm}", f"model.init_from={sft}"))
+
+
+def test_eval_needs_a_finished_policy_and_reward_model_run(tmp_path):
+    sft, rm = fake_run(tmp_path / "sft", "sft"), fake_run(tmp_path / "rm", "rm")
+    assert refused(compose_config("stage=eval", f"eval.reward_model={rm}")) == (
+        "eval.policy=null: stage=eval needs eval.policy=<directory of a finished stage=sft/dpo/ppo run>"
+    )
+    assert "that is a stage=sft run; expected one of: rm" in refused(
+        compose_config("stage=eval", f"eval.policy={sft}", f"eval.reward_model={sft}")
+    )
+
+
+def test_an_unknown_hub_is_refused_before_anything_loads():
+    assert refused(compose_config("model.hub=modelscop")).startswith("model.hub=modelscop: unknown hub")
 
 
 def test_init_from_must_be_a_finished_run(tmp_path):

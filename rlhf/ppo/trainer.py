@@ -12,7 +12,6 @@ The math lives in `rlhf.ppo.core`; this module moves tensors between the models.
 """
 
 import contextlib
-import json
 import math
 import random
 import shutil
@@ -23,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf.errors import UserError
+from rlhf.errors import NonFiniteLoss, UserError
 from rlhf.generation import Samples, SamplingSettings, as_reference, response_logprobs, response_outputs, reward_scores, sample
 from rlhf.ppo import core
-from rlhf.runs import CHECKPOINT_MARK, is_main_process, write_json
+from rlhf.runs import CHECKPOINT_MARK, checkpoint_step, is_main_process, write_json
 
 
 @dataclass
@@ -53,14 +52,6 @@ class PPOConfig(SamplingSettings):
     logging_steps: int = 1
     save_steps: int = 10
     save_total_limit: int = 1
-
-    def __post_init__(self):
-        if self.batch_size % self.mini_batch_size:
-            raise ValueError(f"ppo.batch_size={self.batch_size} must be a multiple of ppo.mini_batch_size={self.mini_batch_size}")
-
-
-class NonFiniteLoss(UserError):
-    """PPO diverged (NaN or infinite loss)."""
 
 
 class ValueHead(nn.Module):
@@ -114,6 +105,8 @@ class PPOTrainer:
         """Run the PPO updates up to `total_updates` over batches drawn from `prompts` (message
         lists); every `save_steps` updates a checkpoint in `checkpoints/` holds what resuming
         needs, with `keep` (metrics measured before training) alongside."""
+        if len(prompts) < self.settings.batch_size:  # no full batch: the loop below would never get one
+            raise UserError(f"ppo.batch_size={self.settings.batch_size}: the training split has only {len(prompts)} prompts")
         order, last = random.Random(seed), {}
         batches = self._batches(prompts, order)
         for _ in range(self.done_updates):  # a resumed run draws the prompts an uninterrupted one would
@@ -128,7 +121,7 @@ class PPOTrainer:
             advantages, returns = core.gae(rewards, rollout.values, mask, self.settings.gamma, self.settings.lam)
             advantages = core.masked_whiten(advantages, mask)
             with self.timed("optimisation"):
-                stats = self.optimise(rollout, advantages, returns)
+                stats = self.optimise(rollout, advantages, returns, update)
             mean_kl = kl.sum(dim=1).mean().item()  # KL of whole responses, averaged over the batch
             record = {
                 "step": update,
@@ -146,9 +139,9 @@ class PPOTrainer:
             if self.settings.save_steps > 0 and update % self.settings.save_steps == 0 and update < self.settings.total_updates:
                 self.save_checkpoint(checkpoints / f"checkpoint-{update}", update, keep)
             last = record
-        ran = max(self.settings.total_updates - self.done_updates, 1)  # updates timed in this process
+        ran = self.settings.total_updates - self.done_updates  # updates timed in this process (>= 1: see resume)
         timing = {f"time/{phase}_per_update": seconds / ran for phase, seconds in self.seconds.items()}
-        timing["time/generated_tokens_per_second"] = self.generated_tokens / max(self.seconds.get("generation", 0.0), 1e-9)
+        timing["time/generated_tokens_per_second"] = self.generated_tokens / self.seconds["generation"]
         return {**{key: value for key, value in last.items() if key != "step"}, **timing}
 
     def _batches(self, prompts: list, order: random.Random):
@@ -177,20 +170,19 @@ class PPOTrainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }, path / "ppo_state.pt")
         write_json(path / CHECKPOINT_MARK, {"step": update, "kl_coef": self.kl_controller.value, "keep": keep})
-        older = sorted((p for p in path.parent.glob("checkpoint-*") if p != path), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+        older = sorted((p for p in path.parent.glob("checkpoint-*") if p != path), key=checkpoint_step)
         for stale in older[: max(len(older) - self.settings.save_total_limit + 1, 0)]:
             shutil.rmtree(stale, ignore_errors=True)
 
-    def resume(self, path: Path) -> dict:
-        """Load a checkpoint written by save_checkpoint; return the `keep` metrics saved with it."""
-        mark = json.loads((path / CHECKPOINT_MARK).read_text())
+    def resume(self, path: Path, mark: dict) -> dict:
+        """Load a checkpoint written by save_checkpoint (`mark`: its mark file); return the `keep`
+        metrics saved with it."""
         if mark["step"] >= self.settings.total_updates:
             raise UserError(f"{path} is at update {mark['step']}, not before ppo.total_updates={self.settings.total_updates}")
         state = torch.load(path / "ppo_state.pt", map_location="cpu", weights_only=True)  # load_state_dict moves it
-        missing = set(state["policy"]) - {name for name, _ in self.policy.named_parameters()}
-        if missing:
-            raise UserError(f"{path}: the checkpoint's weights do not fit this policy (e.g. {sorted(missing)[0]})")
-        self.policy.load_state_dict(state["policy"], strict=False)
+        unexpected = self.policy.load_state_dict(state["policy"], strict=False).unexpected_keys
+        if unexpected:
+            raise UserError(f"{path}: the checkpoint's weights do not fit this policy (e.g. {unexpected[0]})")
         self.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -235,8 +227,10 @@ class PPOTrainer:
 
     # ---- 6: optimisation -----------------------------------------------------------------
 
-    def optimise(self, rollout: Rollout, advantages, returns) -> dict:
-        """ppo_epochs passes over shuffled mini-batches; returns the mean losses and statistics."""
+    def optimise(self, rollout: Rollout, advantages, returns, update: int) -> dict:
+        """ppo_epochs passes over shuffled mini-batches; returns the mean losses and statistics.
+        A non-finite loss or gradient stops the run before the optimizer step can write it into
+        the weights (and so into a checkpoint)."""
         totals, count = {}, 0
         for _ in range(self.settings.ppo_epochs):
             for index in torch.randperm(self.settings.batch_size).split(self.settings.mini_batch_size):
@@ -250,10 +244,13 @@ class PPOTrainer:
                 )
                 loss = pg_loss + self.settings.vf_coef * vf_loss
                 if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"PPO diverged: the loss is {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()})")
+                    raise NonFiniteLoss(f"PPO diverged at update {update}: the loss is {loss.item()} "
+                                        f"(policy {pg_loss.item()}, value {vf_loss.item()})")
                 self.optimizer.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    raise NonFiniteLoss(f"PPO diverged at update {update}: the gradient norm is {grad_norm.item()}")
                 self.optimizer.step()
                 step = {
                     "loss/policy": pg_loss.item(),

@@ -23,7 +23,6 @@ from omegaconf import OmegaConf, open_dict
 from rlhf import PROJECT_ROOT
 from rlhf.errors import UserError
 from rlhf.runs import comparable, is_main_process, prepare_run_dir
-from rlhf.validate import validate
 
 STEP_REFERENCE = "@"
 NOT_INHERITED = ("experiment", "stage", "chain", "hydra", "run_name")
@@ -47,7 +46,6 @@ def run(cfg, run_dir: Path) -> dict:
             step_metrics = json.loads((step_dir / "metrics.json").read_text())
         else:
             print(f"chain: {name} -> {step_dir}", flush=True)
-            validate(step_cfg)
             # As for a single run: never resume or replace a step run of another config unless resume=overwrite.
             prepare_run_dir(step_cfg, step_dir, overrides, write=is_main_process())
             step_metrics = run_stage(step_cfg, step_dir)

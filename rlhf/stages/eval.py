@@ -16,7 +16,6 @@ from peft import PeftModel
 from transformers import set_seed
 
 from rlhf.data import load_splits
-from rlhf.errors import UserError
 from rlhf.generation import SamplingSettings, as_reference, response_logprobs, reward_scores, sample
 from rlhf.metrics import agreement
 from rlhf.models import load_model, load_tokenizer, resolve_model_path
@@ -37,26 +36,27 @@ class EvalConfig(SamplingSettings):
 
 def run(cfg, run_dir: Path) -> dict:
     settings = instantiate(cfg.eval)
-    if not settings.policy or not settings.reward_model:
-        raise UserError("stage=eval needs eval.policy=<policy run dir> and eval.reward_model=<rm run dir>")
     device = device_for(cfg)
     set_seed(cfg.seed)
     splits = load_splits(cfg.dataset, kind="prompt")
     prompts = [row["prompt"] for row in (splits.eval if splits.eval is not None else splits.train)][: settings.num_prompts]
     policy, reference, tokenizer = load_policy_and_reference(settings.policy, cfg)
-    reward_model, reward_tokenizer = load_reward_model(settings.reward_model, cfg)
+    reward_model, reward_tokenizer = load_reward_model(settings.reward_model, cfg, key="eval.reward_model")
     for model in (policy, reference, reward_model):
         if model is not None:
             model.to(device).eval()
 
+    # The KL of the distributions sampled from; greedy decoding (temperature 0) compares the
+    # untempered ones rather than dividing the logits by ~0.
+    kl_temperature = settings.temperature or 1.0
     rows = []
     for start in range(0, len(prompts), settings.batch_size):
         batch = prompts[start : start + settings.batch_size]
         from_policy = sample(policy, tokenizer, batch, settings, device)
         with as_reference(policy, reference) as ref:
             from_reference = sample(ref, tokenizer, batch, settings, device)
-            ref_logprobs = response_logprobs(ref, from_policy, settings.temperature)
-        kl = ((response_logprobs(policy, from_policy, settings.temperature) - ref_logprobs) * from_policy.response_mask).sum(dim=1)
+            ref_logprobs = response_logprobs(ref, from_policy, kl_temperature)
+        kl = ((response_logprobs(policy, from_policy, kl_temperature) - ref_logprobs) * from_policy.response_mask).sum(dim=1)
         policy_scores = reward_scores(reward_model, reward_tokenizer, batch, from_policy.texts, device)
         reference_scores = reward_scores(reward_model, reward_tokenizer, batch, from_reference.texts, device)
         for i, prompt in enumerate(batch):
@@ -86,6 +86,7 @@ def load_policy_and_reference(policy_run, cfg):
     base_path = resolve_model_path(base_cfg)
     start = load_model(base_path, adapters, base_cfg, None, cfg.hardware)
     final = Path(str(policy_run)).expanduser() / "final"
+    tokenizer = load_tokenizer(base_path, base_cfg)
     if (final / "adapter_config.json").is_file():
-        return PeftModel.from_pretrained(start, str(final)), None, load_tokenizer(base_path, base_cfg)
-    return load_model(str(final), [], base_cfg, None, cfg.hardware), start, load_tokenizer(base_path, base_cfg)
+        return PeftModel.from_pretrained(start, str(final)), None, tokenizer
+    return load_model(str(final), [], base_cfg, None, cfg.hardware), start, tokenizer

@@ -17,24 +17,16 @@ from peft import get_peft_model
 from safetensors.torch import save_file
 from transformers import set_seed
 
-from rlhf.errors import UserError
 from rlhf.ppo.trainer import PPOTrainer, ValueHead
-from rlhf.runs import is_main_process, last_complete_checkpoint
-from rlhf.training import (
-    append_history, device_for, finish_tracking, load_inputs, load_reward_model, open_wandb_run, start_tracking,
-    truncate_history,
-)
+from rlhf.runs import append_history, resume_point
+from rlhf.training import device_for, finish_tracking, load_inputs, load_reward_model, open_wandb_run, start_tracking
 
 
 def run(cfg, run_dir: Path) -> dict:
-    settings = instantiate(cfg.ppo)
-    if not settings.reward_model:
-        raise UserError("stage=ppo needs ppo.reward_model=<directory of a finished stage=rm run>")
+    settings = instantiate(cfg.ppo)  # validate() has checked ppo.reward_model
     device = device_for(cfg)
     set_seed(cfg.seed)
     inputs = load_inputs(cfg, data_kind="prompt")
-    if len(inputs.data.train) < settings.batch_size:
-        raise UserError(f"ppo.batch_size={settings.batch_size}: the training split has only {len(inputs.data.train)} prompts")
     reward_model, reward_tokenizer = load_reward_model(settings.reward_model, cfg)
 
     if inputs.peft_config is not None:
@@ -48,21 +40,20 @@ def run(cfg, run_dir: Path) -> dict:
             module.to(device)
 
     start_tracking(cfg, run_dir)
+    # PPO runs its own loop, so it writes TensorBoard events itself (the Trainer stages leave it to transformers).
+    tensorboard = tensorboard_writer(run_dir) if cfg.logger.report_to == "tensorboard" else None
     trainer = PPOTrainer(
         policy, reference, value_head, inputs.tokenizer, reward_model, reward_tokenizer, settings, device,
-        log=lambda record: log_update(run_dir, record),
+        log=lambda record: log_update(run_dir, record, tensorboard),
     )
     held_out = [row["prompt"] for row in inputs.data.eval] if inputs.data.eval is not None else []
-    checkpoint = last_complete_checkpoint(run_dir) if cfg.get("resume", "auto") == "auto" else None
+    checkpoint, mark = resume_point(cfg, run_dir)
     if checkpoint is not None:  # an interrupted run: go on from its last complete checkpoint
-        print(f"resuming from {checkpoint}", flush=True)
-        metrics = trainer.resume(checkpoint)
+        metrics = trainer.resume(checkpoint, mark)
     else:
         metrics = {"eval_scores_before": trainer.mean_score(held_out)} if held_out else {}
-    if is_main_process():  # lines logged after the checkpoint (or by a run that crashed before one) are logged again
-        truncate_history(run_dir / "history.jsonl", after_step=trainer.done_updates)
     train_prompts = [row["prompt"] for row in inputs.data.train]
-    metrics.update(trainer.train(train_prompts, seed=cfg.seed, checkpoints=run_dir / "checkpoints", keep=metrics))
+    metrics.update(trainer.train(train_prompts, seed=cfg.seed, checkpoints=run_dir / "checkpoints", keep=dict(metrics)))
     if held_out:
         metrics["eval_scores"] = trainer.mean_score(held_out)
     metrics["data/skipped_rows"] = inputs.data.skipped_rows
@@ -71,13 +62,25 @@ def run(cfg, run_dir: Path) -> dict:
     policy.save_pretrained(final)
     inputs.tokenizer.save_pretrained(final)
     save_file(value_head.state_dict(), str(final / "value_head.safetensors"))
+    if tensorboard is not None:
+        tensorboard.close()
     finish_tracking(metrics)
     return metrics
 
 
-def log_update(run_dir: Path, record: dict) -> None:
+def tensorboard_writer(run_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter  # needs the [tensorboard] extra, as logger=tensorboard does
+
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def log_update(run_dir: Path, record: dict, tensorboard=None) -> None:
     append_history(run_dir / "history.jsonl", record)
     print(" ".join(f"{key}={value:.4g}" for key, value in record.items()), flush=True)
     wandb = open_wandb_run()
     if wandb is not None:
         wandb.log(record, step=record["step"])
+    if tensorboard is not None:
+        for key, value in record.items():
+            if key != "step":
+                tensorboard.add_scalar(key, value, global_step=record["step"])
