@@ -42,3 +42,6 @@ def test_a_change_in_the_key_recomputes(tmp_path):
     assert len(cached_files()) == count + 1
     train(tmp_path / "c", *short, "dpo.max_length=96", "dataset.max_samples=30")  # the rows differ
     assert len(cached_files()) == count + 2
+    train(tmp_path / "sft", "sft.max_steps=1", "dataset.test_size=0")
+    train(tmp_path / "d", *short, "dpo.max_length=96", "dataset.max_samples=30", f"model.init_from={tmp_path / 'sft'}")
+    assert len(cached_files()) == count + 3  # the reference differs: the SFT policy, not the base model

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf, open_dict
 
 from rlhf import PROJECT_ROOT
 from rlhf.errors import UserError
-from rlhf.runs import comparable, is_main_process, prepare_run_dir
+from rlhf.runs import comparable, is_main_process, prepare_run_dir, read_status
 
 STEP_REFERENCE = "@"
 NOT_INHERITED = ("experiment", "stage", "chain", "hydra", "run_name")
@@ -97,7 +97,7 @@ def compose_step(overrides: list):
 
 def finished_with(step_dir: Path, step_cfg) -> bool:
     saved = step_dir / ".hydra" / "config.yaml"
-    if not (step_dir / "metrics.json").is_file() or not saved.is_file():
+    if read_status(step_dir) != "done" or not saved.is_file():
         return False
     return comparable(OmegaConf.load(saved)) == comparable(step_cfg)
 
