@@ -204,9 +204,9 @@ def load_tokenizer(model_path: str, model_cfg):
     return tokenizer
 
 
-def load_model(model_path: str, adapters: list, model_cfg, quantization_cfg, hardware_cfg, head: str = "causal_lm"):
-    """A model in the hardware's dtype, quantized if asked, with earlier runs' LoRA adapters
-    merged in (`rlhf.runs.policy_lineage`).
+def load_model(model_path: str, model_cfg, quantization_cfg, hardware_cfg, head: str = "causal_lm"):
+    """The model in `model_path`, in the hardware's dtype, quantized if asked (`rlhf.lineage`
+    decides which directory: a base model, or one with earlier runs' adapters merged in).
 
     head="causal_lm" is a policy; head="reward" a sequence classifier with one output (a
     reward model; its score head starts untrained unless an adapter brings one).
@@ -216,8 +216,6 @@ def load_model(model_path: str, adapters: list, model_cfg, quantization_cfg, har
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     quantization = instantiate(quantization_cfg) if quantization_cfg is not None else None
-    if quantization is not None and adapters:  # LoRA merges into full-precision weights only
-        model_path, adapters = merged_copy(model_path, adapters, model_cfg, hardware_cfg, head), []
     kwargs = {
         "use_safetensors": True,  # never unpickle weights: a .bin checkpoint can run code when loaded
         "dtype": getattr(torch, hardware_cfg.dtype),
@@ -231,8 +229,6 @@ def load_model(model_path: str, adapters: list, model_cfg, quantization_cfg, har
             model.config.pad_token_id = model.config.eos_token_id
     else:
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    for adapter in adapters:
-        model = merge_adapter(model, adapter)
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -253,19 +249,6 @@ def keep_4bit_cpu_training_working(model) -> None:
     for module in model.modules():
         if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
-
-
-def merged_copy(model_path: str, adapters: list, model_cfg, hardware_cfg, head: str) -> str:
-    """A cached directory holding `model_path` with `adapters` merged in, in full precision, for
-    loading quantized (QLoRA on top of an earlier LoRA run). Built once per set of adapters."""
-    key = hashlib.sha256(json.dumps([model_path, head, *(str(a) for a in adapters)]).encode())
-    for adapter in adapters:
-        key.update((Path(adapter) / "adapter_model.safetensors").read_bytes())
-    merged = build_once(
-        cache_dir() / f"merged-{key.hexdigest()[:12]}",
-        lambda out: load_model(model_path, adapters, model_cfg, None, hardware_cfg, head).save_pretrained(out),
-    )
-    return str(merged)
 
 
 def merge_adapter(model, adapter_dir):

@@ -1,7 +1,6 @@
 """Run directories: claiming one for a run (refusing to overwrite a finished run), its
-status, its checkpoints, the summary of a sweep, and reading earlier runs - a stage that
-starts from another run (`model.init_from`, `ppo.reward_model`) learns from that run's saved
-config what base model and adapters it stands on, so users never copy adapter paths by hand."""
+status, its checkpoints, the summary of a sweep, and finding finished runs that a stage starts
+from (`model.init_from`, `ppo.reward_model`; `rlhf.lineage` reads what they stand on)."""
 
 import json
 import os
@@ -29,26 +28,6 @@ def finished_run(path, key: str, stages: tuple = ()):
     if stages and cfg.get("stage") not in stages:
         raise UserError(f"{key}={path}: that is a stage={cfg.get('stage')} run; expected one of: {', '.join(stages)}")
     return cfg
-
-
-def policy_lineage(model_cfg) -> tuple:
-    """(the config of the base model, the adapter directories to merge into it, in order).
-
-    A run started with `model.init_from=<run>` stands on that run's final weights: a full model
-    becomes the new base; a LoRA adapter is merged into its own base. Merging keeps one copy
-    of the weights in memory, and makes "adapter disabled" mean "the starting policy", so
-    DPO's and PPO's reference is the SFT policy, not the raw base model.
-    """
-    init_from = model_cfg.get("init_from")
-    if not init_from:
-        return model_cfg, []
-    earlier = finished_run(init_from, "model.init_from", stages=("sft", "dpo", "ppo"))
-    base_cfg, adapters = policy_lineage(earlier.model)
-    final = Path(str(init_from)).expanduser() / "final"
-    if (final / "adapter_config.json").is_file():
-        return base_cfg, [*adapters, final]
-    full_model = OmegaConf.merge(base_cfg, {"name_or_path": str(final), "init_from": None})
-    return full_model, []
 
 
 # ---- the lifecycle of a run directory --------------------------------------------------------

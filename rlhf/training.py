@@ -2,8 +2,6 @@
 settings object, the history log, the tracker, and the train -> evaluate -> save sequence
 that ends a run."""
 
-import hashlib
-import json
 import logging
 import os
 import sys
@@ -18,10 +16,10 @@ from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
 from rlhf.data import Splits, load_splits
-from rlhf.models import load_model, load_tokenizer, resolve_model_path
+from rlhf.lineage import Lineage, TrainedRun, write_final_lineage
 from rlhf.errors import NonFiniteLoss, UserError
 from rlhf.runs import (
-    CHECKPOINT_MARK, append_history, finished_run, is_main_process, last_complete_checkpoint, policy_lineage, resume_point, write_json,
+    CHECKPOINT_MARK, append_history, is_main_process, last_complete_checkpoint, resume_point, write_json,
 )
 
 log = logging.getLogger(__name__)
@@ -33,49 +31,42 @@ class StageInputs:
     model: object
     data: Splits  # train and held-out records of the stage's data kind
     peft_config: object  # peft.LoraConfig, or None for full fine-tuning
+    lineage: Lineage  # what the model stands on: its base and the earlier runs merged into it
+    head: str  # "causal_lm" (a policy) or "reward" (a sequence classifier)
 
 
 def load_inputs(cfg, data_kind: str, head: str = "causal_lm") -> StageInputs:
     """Tokenizer, data (checked before the model loads, so bad rows fail fast), then the model
     (with the runs it starts from merged in) and the LoRA settings for this stage's head."""
-    base_cfg, adapters = policy_lineage(cfg.model)
-    model_path = resolve_model_path(base_cfg)
-    tokenizer = load_tokenizer(model_path, base_cfg)
+    lineage = Lineage.of(cfg.model)
+    tokenizer = lineage.tokenizer()
     data = load_splits(cfg.dataset, kind=data_kind)
-    model = load_model(model_path, adapters, base_cfg, cfg.quantization, cfg.hardware, head=head)
+    model = lineage.load(cfg.hardware, cfg.quantization, head=head)
     peft_config = None
     if cfg.peft is not None:  # a reward model's LoRA also trains and saves its score head
         peft_config = instantiate(cfg.peft, task_type="SEQ_CLS" if head == "reward" else "CAUSAL_LM")
-    return StageInputs(tokenizer, model, data, peft_config)
+    return StageInputs(tokenizer, model, data, peft_config, lineage, head)
 
 
 def load_reward_model(rm_run, cfg, key: str = "ppo.reward_model"):
     """(reward model, its tokenizer) from a finished `stage=rm` run named by the setting `key`:
     its base model with every adapter of its lineage and its own (score head included) merged
     in, frozen."""
-    rm_cfg = finished_run(rm_run, key, stages=("rm",))
-    base_cfg, adapters = policy_lineage(rm_cfg.model)
-    model_path = resolve_model_path(base_cfg)
-    final = Path(str(rm_run)).expanduser() / "final"
-    if (final / "adapter_config.json").is_file():
-        adapters = [*adapters, final]
-    else:  # trained with peft=none: final/ is the whole reward model
-        model_path, adapters = str(final), []
-    model = load_model(model_path, adapters, base_cfg, None, cfg.hardware, head="reward")
+    run = TrainedRun.of(rm_run, key, stages=("rm",))
+    model = run.load(cfg.hardware, head="reward", merge=True)
     model.requires_grad_(False)
-    return model.eval(), load_tokenizer(model_path, base_cfg)
+    return model.eval(), run.start.tokenizer()
 
 
-def reference_identity(cfg) -> str:
-    """What the starting policy (DPO's reference) is, as a string that changes whenever its
-    weights could: the base model (a directory's weight files by size and time), every merged
-    adapter by content, the dtype and the quantization."""
-    base_cfg, adapters = policy_lineage(cfg.model)
-    base = Path(resolve_model_path(base_cfg))
-    weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in base.glob("*.safetensors"))
-    adapter_hashes = [hashlib.sha256((Path(a) / "adapter_model.safetensors").read_bytes()).hexdigest() for a in adapters]
-    quantization = OmegaConf.to_container(cfg.quantization, resolve=True) if cfg.quantization is not None else None
-    return json.dumps([str(base), weights, adapter_hashes, cfg.hardware.dtype, quantization], default=str)
+def save_final(run_dir: Path, model, inputs: StageInputs, cfg) -> Path:
+    """final/: the trained adapter or model, the tokenizer, and what they stand on
+    (`rlhf.lineage`); written by the main process only."""
+    final = run_dir / "final"
+    if is_main_process():
+        model.save_pretrained(str(final))
+        inputs.tokenizer.save_pretrained(str(final))
+        write_final_lineage(final, inputs.lineage, cfg, inputs.head)
+    return final
 
 
 def trainer_kwargs(cfg, stage_cfg, inputs: StageInputs, run_dir: Path) -> dict:
@@ -243,6 +234,7 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
     trainer.save_model(str(run_dir / "final"))  # on the main process only (the Trainer checks)
     if is_main_process():
         trainer.processing_class.save_pretrained(str(run_dir / "final"))
+        write_final_lineage(run_dir / "final", inputs.lineage, cfg, inputs.head)
     finish_tracking(metrics)
     return metrics
 

@@ -59,3 +59,11 @@ def cli(*args: str, python_flags: tuple = (), timeout: int = 300) -> subprocess.
     return subprocess.run(
         [sys.executable, *python_flags, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture(scope="session")
+def rlhf_chain(tmp_path_factory):
+    """SFT -> RM -> PPO through `experiment=rlhf_chain`, shortened, once per test session."""
+    run_dir = tmp_path_factory.mktemp("rlhf_chain")
+    metrics = train(run_dir, "experiment=rlhf_chain", "sft.max_steps=60", "rm.max_steps=60", "ppo.total_updates=30")
+    return run_dir, metrics

@@ -25,7 +25,7 @@ def test_quantized_layers_are_really_quantized(tmp_path):
     from rlhf.models import load_model, resolve_model_path
 
     cfg = compose_config("quantization=4bit")
-    model = load_model(resolve_model_path(cfg.model), [], cfg.model, cfg.quantization, cfg.hardware)
+    model = load_model(resolve_model_path(cfg.model), cfg.model, cfg.quantization, cfg.hardware)
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     assert layers and all(not layer.support_avx512bf16_for_cpu for layer in layers)
 

@@ -11,14 +11,6 @@ from conftest import compose_config, history, train
 from rlhf.errors import UserError
 
 
-@pytest.fixture(scope="module")
-def rlhf_chain(tmp_path_factory):
-    """SFT -> RM -> PPO through `experiment=rlhf_chain`, shortened, once for this module."""
-    run_dir = tmp_path_factory.mktemp("rlhf_chain")
-    metrics = train(run_dir, "experiment=rlhf_chain", "sft.max_steps=60", "rm.max_steps=60", "ppo.total_updates=30")
-    return run_dir, metrics
-
-
 def test_chain_leaves_complete_step_directories(rlhf_chain):
     run_dir, metrics = rlhf_chain
     for step in ("sft", "rm", "ppo"):

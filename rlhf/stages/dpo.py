@@ -11,7 +11,7 @@ starting weights. Evaluations add win_rate, kendall_tau and margin of the implic
 from pathlib import Path
 
 from rlhf.trainers import KLDPOTrainer
-from rlhf.training import fit, load_inputs, reference_identity, start_tracking, trainer_kwargs
+from rlhf.training import fit, load_inputs, start_tracking, trainer_kwargs
 
 
 def run(cfg, run_dir: Path) -> dict:
@@ -19,7 +19,7 @@ def run(cfg, run_dir: Path) -> dict:
     start_tracking(cfg, run_dir)
     trainer = KLDPOTrainer(
         ref_model=None,  # LoRA: the adapter-disabled policy; full fine-tuning: TRL copies the start model
-        reference_identity=reference_identity(cfg),  # keys the reference log-prob cache
+        reference_identity=inputs.lineage.identity(cfg.hardware.dtype, cfg.quantization),  # keys the reference log-prob cache
         **trainer_kwargs(cfg, cfg.dpo, inputs, run_dir),
     )
     return fit(trainer, run_dir, inputs, cfg)

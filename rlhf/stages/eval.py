@@ -12,14 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.utils import instantiate
-from peft import PeftModel
 from transformers import set_seed
 
 from rlhf.data import load_splits
 from rlhf.generation import SamplingSettings, as_reference, response_logprobs, reward_scores, sample
 from rlhf.metrics import agreement
-from rlhf.models import load_model, load_tokenizer, resolve_model_path
-from rlhf.runs import finished_run, policy_lineage
+from rlhf.lineage import POLICY_STAGES, TrainedRun
 from rlhf.training import device_for, load_reward_model
 
 
@@ -81,12 +79,7 @@ def run(cfg, run_dir: Path) -> dict:
 def load_policy_and_reference(policy_run, cfg):
     """(policy, reference or None, tokenizer). The reference is the policy the run started
     from; for a LoRA run it is the same network with the run's adapter disabled (None)."""
-    run_cfg = finished_run(policy_run, "eval.policy", stages=("sft", "dpo", "ppo"))
-    base_cfg, adapters = policy_lineage(run_cfg.model)
-    base_path = resolve_model_path(base_cfg)
-    start = load_model(base_path, adapters, base_cfg, None, cfg.hardware)
-    final = Path(str(policy_run)).expanduser() / "final"
-    tokenizer = load_tokenizer(base_path, base_cfg)
-    if (final / "adapter_config.json").is_file():
-        return PeftModel.from_pretrained(start, str(final)), None, tokenizer
-    return load_model(str(final), [], base_cfg, None, cfg.hardware), start, tokenizer
+    run = TrainedRun.of(policy_run, "eval.policy", stages=POLICY_STAGES)
+    policy = run.load(cfg.hardware)
+    reference = None if run.adapter is not None else run.start.load(cfg.hardware)
+    return policy, reference, run.start.tokenizer()

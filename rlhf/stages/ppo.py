@@ -19,7 +19,9 @@ from transformers import set_seed
 
 from rlhf.ppo.trainer import PPOTrainer, ValueHead
 from rlhf.runs import append_history, resume_point
-from rlhf.training import device_for, finish_tracking, load_inputs, load_reward_model, open_wandb_run, start_tracking
+from rlhf.training import (
+    device_for, finish_tracking, load_inputs, load_reward_model, open_wandb_run, save_final, start_tracking,
+)
 
 
 def run(cfg, run_dir: Path) -> dict:
@@ -58,10 +60,8 @@ def run(cfg, run_dir: Path) -> dict:
         metrics["eval_scores"] = trainer.mean_score(held_out)
     metrics["data/skipped_rows"] = inputs.data.skipped_rows
 
-    final = run_dir / "final"
-    policy.save_pretrained(final)
-    inputs.tokenizer.save_pretrained(final)
-    save_file(value_head.state_dict(), str(final / "value_head.safetensors"))
+    final = save_final(run_dir, policy, inputs, cfg)
+    save_file(value_head.state_dict(), str(final / "value_head.safetensors"))  # apart: final/ loads as a plain policy
     if tensorboard is not None:
         tensorboard.close()
     finish_tracking(metrics)
