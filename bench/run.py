@@ -23,38 +23,16 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, machine, timed, train  # noqa: E402  (bench/ is the script's own folder)
+
 PAIRS_PER_STEP = 16  # DPO pairs per optimizer step
 BATCH = {"sft": 2 * PAIRS_PER_STEP, "dpo": PAIRS_PER_STEP}  # rows per step: both stages see as many sequences
 sys.path.insert(0, str(ROOT))
-
-
-def timed(command: list, env: dict) -> tuple:
-    """(wall seconds, peak RSS in MiB) of one process."""
-    handle, name = tempfile.mkstemp()
-    os.close(handle)
-    rss_file = Path(name)
-    start = time.perf_counter()
-    done = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *command], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"benchmark command failed: {' '.join(command)}\n{done.stderr[-2000:]}")
-    rss = int(rss_file.read_text().split()[-1]) / 1024
-    rss_file.unlink()
-    return seconds, rss
-
-
-def train(run_dir: Path, args, env: dict, *overrides) -> dict:
-    """One `train.py` process: its wall time and peak RSS, and the metrics it wrote."""
-    seconds, rss = timed([sys.executable, "train.py", f"model={args.model}", f"hydra.run.dir={run_dir}", *overrides], env)
-    return {"process_seconds": seconds, "peak_rss_mib": rss, "metrics": json.loads((run_dir / "metrics.json").read_text())}
 
 
 def main():
@@ -86,8 +64,8 @@ def measure(args, work: Path) -> None:
     runs.mkdir()
     sweep_steps = max(1, args.sweep_pairs // PAIRS_PER_STEP)  # one epoch: the reference pass covers what is trained
     started, start = time.localtime(), time.perf_counter()
-    result = {"date": time.strftime("%Y-%m-%d %H:%M", started), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-              f"{platform.platform()}", "python": platform.python_version(), "model": args.model, "steps": args.steps,
+    result = {"date": time.strftime("%Y-%m-%d %H:%M", started), "machine": machine(), "python": platform.python_version(),
+              "model": args.model, "steps": args.steps,
               "sweep_pairs": sweep_steps * PAIRS_PER_STEP, "ppo_updates": args.ppo_updates, "repeats": args.repeats}
     common = {stage: [f"{stage}.per_device_train_batch_size={batch}", "dataset.test_size=0"] for stage, batch in BATCH.items()}
 
@@ -97,7 +75,7 @@ def measure(args, work: Path) -> None:
         runs_of = {"framework": [], "plain": []}
         for repeat in range(args.repeats):  # alternating, so that a slow spell of the machine hits both
             shutil.rmtree(Path(env["RLHF_CACHE"]) / "ref_logps", ignore_errors=True)  # both compute the reference pass
-            ours = train(runs / f"{stage}-{repeat}", args, env, f"stage={stage}", f"{stage}.max_steps={args.steps}",
+            ours = train(runs / f"{stage}-{repeat}", env, f"model={args.model}", f"stage={stage}", f"{stage}.max_steps={args.steps}",
                          f"{stage}.save_strategy=no", *common[stage])
             runs_of["framework"].append({"train_runtime": ours["metrics"]["train_runtime"], **ours,
                                          "reference_logps": ours["metrics"].get("time/reference_logps", 0.0)})

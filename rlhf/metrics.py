@@ -4,6 +4,7 @@ Each held-out pair gives a score to the preferred (chosen) and the dispreferred 
 answer: the implicit reward beta * log(pi / ref) for DPO, the reward model's output for RM.
 """
 
+import math
 from collections import defaultdict
 
 
@@ -17,6 +18,7 @@ def preference_metrics(chosen_scores, rejected_scores, prompts) -> dict:
     return {
         "win_rate": sum(agreement(m) for m in margins) / len(margins),
         "kendall_tau": kendall_tau(margins, prompts),
+        "pairs": len(margins),  # how many held-out pairs the rates stand on
     }
 
 
@@ -37,3 +39,14 @@ def kendall_tau(margins, prompts) -> float:
     for margin, prompt in zip(margins, prompts):
         per_prompt[prompt].append(2.0 * agreement(margin) - 1.0)  # +1 concordant, -1 discordant, 0 tie
     return sum(sum(signs) / len(signs) for signs in per_prompt.values()) / len(per_prompt)
+
+
+def wilson_lower_bound(successes: float, trials: int, z: float = 1.96) -> float:
+    """Lower end of the Wilson score interval for a rate of successes / trials (z = 1.96: the
+    95% level). Above 0.5 means the rate beats a coin flip at that level."""
+    if trials <= 0:
+        raise ValueError("need at least one trial")
+    p = successes / trials
+    centre = p + z * z / (2 * trials)
+    spread = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
+    return (centre - spread) / (1 + z * z / trials)

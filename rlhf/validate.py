@@ -304,6 +304,7 @@ NODE_RULES = {
         "target": POSITIVE,
         "vf_coef": NON_NEGATIVE,
         "logging_steps": AT_LEAST_ONE,
+        "eval_prompts": AT_LEAST_ONE,
         "save_steps": Rule(lambda v: v >= 0, "an integer >= 0 (0 = no checkpoints)", integer=True),
         "save_total_limit": AT_LEAST_ONE,
         "max_grad_norm": POSITIVE,  # PPO clips to it every step: 0 would zero every gradient
@@ -393,6 +394,7 @@ def check_combinations(cfg) -> None:
         return
     if isinstance(cfg.get("model"), DictConfig):
         check_hub(cfg.model.get("hub"))
+        check_tuning(cfg)
     for key, (needed_by, stages) in RUN_INPUTS.items():
         value = OmegaConf.select(cfg, key)
         if needed_by == stage and not value:
@@ -400,6 +402,25 @@ def check_combinations(cfg) -> None:
         if value:
             finished_run(value, key, stages=stages)
 
+
+def check_tuning(cfg) -> None:
+    """model=tiny brings the tiny model's stage values (conf/tuning/tiny_*.yaml: learning rates
+    10-100x a real model's). Refuse them for any other model - named directly or reached through
+    model.init_from - rather than silently train it with them."""
+    if cfg.get("tuned_for") != "tiny":
+        return
+    model = cfg.model
+    while model.get("init_from"):  # the model a run trains is the root of its lineage
+        model = finished_run(model.init_from, "model.init_from", stages=RUN_INPUTS["model.init_from"][1]).model
+    if model.name_or_path != TINY_MODEL:
+        raise UserError(
+            f"model.name_or_path={model.name_or_path} with model=tiny: the stage defaults are then the tiny model's "
+            "(conf/tuning/tiny_*.yaml, learning rates 10-100x a real model's); choose the model's config "
+            f"(model=smollm2-135m | qwen2.5-1.5b-instruct | qwen3-0.6b) or model=custom model.name_or_path={model.name_or_path}"
+        )
+
+
+TINY_MODEL = "builtin:tiny"
 
 # Settings that name an earlier run: key -> (the stage that cannot do without it, or None; the stages that run may be).
 RUN_INPUTS = {

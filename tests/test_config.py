@@ -127,3 +127,41 @@ def test_every_yaml_key_has_a_comment():
             if not stripped or stripped.startswith("#") or stripped.endswith(":"):
                 continue
             assert "#" in stripped, f"{path.relative_to(CONF.parent)}:{number} has no comment: {stripped}"
+
+
+REAL_MODELS = [name for name in options("model") if name not in ("tiny", "custom")]
+
+
+@pytest.mark.parametrize("model", REAL_MODELS)
+def test_real_models_get_real_model_hyperparameters(model):
+    """The stage files hold real-model values (the reference workflow's); model=tiny's fast
+    ones (conf/tuning/tiny_*.yaml) never reach a real model."""
+    limits = {"sft": 2e-4, "rm": 5e-5, "dpo": 5e-5, "ppo": 1e-5}
+    for stage, limit in limits.items():
+        cfg = compose_config(f"model={model}", f"stage={stage}")
+        settings = cfg[stage]
+        assert 0 < settings.learning_rate <= limit, (model, stage, settings.learning_rate)
+        assert cfg.tuned_for is None
+        if stage == "ppo":
+            assert (settings.kl_coef, settings.adaptive_kl, settings.target, settings.horizon) == (0.1, True, 6.0, 10000)
+            assert (settings.batch_size, settings.mini_batch_size, settings.ppo_epochs) == (8, 1, 4)
+        else:
+            assert settings.per_device_train_batch_size * settings.gradient_accumulation_steps == 8
+            assert settings.num_train_epochs == 1
+        if stage == "dpo":
+            assert settings.beta == 0.1
+
+
+def test_tiny_model_keeps_its_fast_values_and_overrides_still_win():
+    expected = {"sft": 2e-3, "rm": 1e-3, "dpo": 5e-4, "ppo": 1e-3}
+    for stage, learning_rate in expected.items():
+        cfg = compose_config(f"stage={stage}")
+        assert cfg[stage].learning_rate == learning_rate and cfg.tuned_for == "tiny"
+    assert compose_config("stage=dpo", "dpo.learning_rate=1e-6").dpo.learning_rate == 1e-6
+    assert compose_config("stage=eval").eval.max_new_tokens == 32
+    assert compose_config("stage=eval", "model=smollm2-135m").eval.max_new_tokens == 128
+
+
+def test_qwen3_dpo_follows_its_reference_workflow():
+    dpo = compose_config("model=qwen3-0.6b", "stage=dpo").dpo
+    assert (dpo.learning_rate, dpo.max_length) == (5e-6, 512)

@@ -134,5 +134,5 @@ def test_qwen3_dpo_formatting_splits_prompt_and_answers(qwen3_model_dir, tmp_pat
 def test_a_local_model_directory_trains_through_the_cli_config(qwen3_model_dir, tmp_path):
     from conftest import train
 
-    metrics = train(tmp_path, "stage=sft", f"model.name_or_path={qwen3_model_dir}", "sft.max_steps=2", "dataset.max_samples=24")
+    metrics = train(tmp_path, "stage=sft", "model=custom", f"model.name_or_path={qwen3_model_dir}", "sft.max_steps=2", "dataset.max_samples=24")
     assert metrics["train_loss"] > 0

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import compose_config, history, train
-from rlhf.metrics import kendall_tau, preference_metrics
+from rlhf.metrics import kendall_tau, preference_metrics, wilson_lower_bound
 
 
 def test_win_rate_and_tau_by_hand():
@@ -11,6 +11,7 @@ def test_win_rate_and_tau_by_hand():
     metrics = preference_metrics([2.0, 1.0, 0.0], [1.0, 0.5, 3.0], ["a", "b", "c"])
     assert metrics["win_rate"] == pytest.approx(2 / 3)
     assert metrics["kendall_tau"] == pytest.approx(1 / 3)
+    assert metrics["pairs"] == 3
 
 
 def test_tau_averages_over_prompts_with_several_ranked_pairs():
@@ -89,3 +90,10 @@ def history_lines(run_dir):
     import json
 
     return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+
+
+def test_wilson_lower_bound_by_hand():
+    # 60 of 100: p = 0.6, z = 1.96 -> (0.6 + 0.019208 - 1.96 * sqrt(0.0024 + 0.0000960)) / 1.038416
+    assert wilson_lower_bound(60, 100) == pytest.approx(0.50200, abs=1e-4)
+    assert wilson_lower_bound(55, 100) < 0.5 < wilson_lower_bound(70, 100)
+    assert wilson_lower_bound(0, 10) == pytest.approx(0.0, abs=1e-12)

@@ -28,10 +28,10 @@ def refused(cfg) -> str:
     return message
 
 
-def fake_run(path, stage: str, finished: bool = True):
+def fake_run(path, stage: str, finished: bool = True, model: str = "builtin:tiny"):
     """A run directory as `rlhf.runs.finished_run` reads it (no weights needed to validate)."""
     (path / ".hydra").mkdir(parents=True)
-    (path / ".hydra" / "config.yaml").write_text(f"stage: {stage}\nmodel:\n  name_or_path: builtin:tiny\n")
+    (path / ".hydra" / "config.yaml").write_text(f"stage: {stage}\nmodel:\n  name_or_path: {model}\n")
     if finished:
         (path / "metrics.json").write_text("{}")
         (path / "final").mkdir()
@@ -254,6 +254,19 @@ def test_init_from_must_be_a_finished_run(tmp_path):
         f"model.init_from={unfinished}: that run did not finish"
     )
     validate(compose_config("stage=dpo", f"model.init_from={fake_run(tmp_path / 'sft', 'sft')}"))
+
+
+def test_tiny_hyperparameters_are_refused_for_any_other_model(tmp_path):
+    """model=tiny (the default) brings the tiny model's learning rates: a real model named by
+    path, or reached through model.init_from, must come with its own model config."""
+    message = refused(compose_config("stage=dpo", "model.name_or_path=/models/qwen"))
+    assert message.startswith("model.name_or_path=/models/qwen with model=tiny") and "model=custom" in message
+    validate(compose_config("stage=dpo", "model=custom", "model.name_or_path=/models/qwen"))
+    smollm2_sft = fake_run(tmp_path / "sft", "sft", model="builtin:smollm2-135m")
+    assert refused(compose_config("stage=dpo", f"model.init_from={smollm2_sft}")).startswith(
+        "model.name_or_path=builtin:smollm2-135m with model=tiny"
+    )
+    validate(compose_config("stage=dpo", "model=smollm2-135m", f"model.init_from={smollm2_sft}"))
 
 
 def test_chain_steps_are_not_checked_as_a_whole():

@@ -148,6 +148,13 @@ def hh_rlhf(row) -> dict:
     return preference_record(chosen_prompt, chosen["content"], rejected["content"])
 
 
+def hh_rlhf_chosen(row) -> dict:
+    """Anthropic/hh-rlhf as instruction data: the dialogue before the last turn, and the
+    preferred (chosen) reply to it."""
+    pair = hh_rlhf(row)
+    return {"prompt": pair["prompt"], "completion": pair["chosen"]}
+
+
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -186,5 +193,6 @@ FORMATS = {
     "ultrafeedback_argilla": Format("preference", ultrafeedback_argilla, "instruction, chosen_response, rejected_response"),
     "stack_exchange_paired": Format("preference", stack_exchange_paired, "question, response_j, response_k"),
     "hh_rlhf": Format("preference", hh_rlhf, "chosen, rejected (Human/Assistant dialogues)"),
+    "hh_rlhf_chosen": Format("sft", hh_rlhf_chosen, "chosen, rejected (Human/Assistant dialogues; trains on the chosen reply)"),
     "sharegpt_preference": Format("preference", sharegpt_preference, "conversations, chosen, rejected"),
 }

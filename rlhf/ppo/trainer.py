@@ -52,6 +52,7 @@ class PPOConfig(SamplingSettings):
     logging_steps: int = 1
     save_steps: int = 10
     save_total_limit: int = 1
+    eval_prompts: int = 128
 
 
 class ValueHead(nn.Module):

@@ -48,7 +48,7 @@ def run(cfg, run_dir: Path) -> dict:
         policy, reference, value_head, inputs.tokenizer, reward_model, reward_tokenizer, settings, device,
         log=lambda record: log_update(run_dir, record, tensorboard),
     )
-    held_out = [row["prompt"] for row in inputs.data.eval] if inputs.data.eval is not None else []
+    held_out = [row["prompt"] for row in inputs.data.eval][: settings.eval_prompts] if inputs.data.eval is not None else []
     checkpoint, mark = resume_point(cfg, run_dir)
     if checkpoint is not None:  # an interrupted run: go on from its last complete checkpoint
         metrics = trainer.resume(checkpoint, mark)
