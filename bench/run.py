@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, machine, timed, train  # noqa: E402  (bench/ is the script's own folder)
+from common import ROOT, machine, matmul_peak_gflops, mfu, timed, train, trained_tokens, write_results  # noqa: E402  (bench/ is the script's own folder)
 
 PAIRS_PER_STEP = 16  # DPO pairs per optimizer step
 BATCH = {"sft": 2 * PAIRS_PER_STEP, "dpo": PAIRS_PER_STEP}  # rows per step: both stages see as many sequences
@@ -64,10 +64,24 @@ def measure(args, work: Path) -> None:
     runs.mkdir()
     sweep_steps = max(1, args.sweep_pairs // PAIRS_PER_STEP)  # one epoch: the reference pass covers what is trained
     started, start = time.localtime(), time.perf_counter()
-    result = {"date": time.strftime("%Y-%m-%d %H:%M", started), "machine": machine(), "python": platform.python_version(),
-              "model": args.model, "steps": args.steps,
-              "sweep_pairs": sweep_steps * PAIRS_PER_STEP, "ppo_updates": args.ppo_updates, "repeats": args.repeats}
-    common = {stage: [f"{stage}.per_device_train_batch_size={batch}", "dataset.test_size=0"] for stage, batch in BATCH.items()}
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M", started),
+        "machine": machine(),
+        "python": platform.python_version(),
+        "model": args.model,
+        "steps": args.steps,
+        "sweep_pairs": sweep_steps * PAIRS_PER_STEP,
+        "ppo_updates": args.ppo_updates,
+        "repeats": args.repeats,
+    }
+    common = {
+        stage: [f"{stage}.per_device_train_batch_size={batch}", f"{stage}.gradient_accumulation_steps=1", "dataset.test_size=0"]
+        for stage, batch in BATCH.items()
+    }
+    import torch
+
+    result["matmul_peak_gflops"] = matmul_peak_gflops("float32")  # hardware=cpu trains in float32
+    result["threads"] = torch.get_num_threads()
 
     # a. overhead against plain TRL; c. memory (SFT sees as many sequences per step as DPO's pairs hold)
     data = {"sft": ROOT / "rlhf/data/builtin/sft_zh.jsonl", "dpo": ROOT / "rlhf/data/builtin/preference_zh.jsonl"}
@@ -75,19 +89,48 @@ def measure(args, work: Path) -> None:
         runs_of = {"framework": [], "plain": []}
         for repeat in range(args.repeats):  # alternating, so that a slow spell of the machine hits both
             shutil.rmtree(Path(env["RLHF_CACHE"]) / "ref_logps", ignore_errors=True)  # both compute the reference pass
-            ours = train(runs / f"{stage}-{repeat}", env, f"model={args.model}", f"stage={stage}", f"{stage}.max_steps={args.steps}",
-                         f"{stage}.save_strategy=no", *common[stage])
-            runs_of["framework"].append({"train_runtime": ours["metrics"]["train_runtime"], **ours,
-                                         "reference_logps": ours["metrics"].get("time/reference_logps", 0.0)})
+            ours = train(
+                runs / f"{stage}-{repeat}",
+                env,
+                f"model={args.model}",
+                f"stage={stage}",
+                f"{stage}.max_steps={args.steps}",
+                f"{stage}.save_strategy=no",
+                *common[stage],
+            )
+            runs_of["framework"].append(
+                {
+                    "train_runtime": ours["metrics"]["train_runtime"],
+                    **ours,
+                    "reference_logps": ours["metrics"].get("time/reference_logps", 0.0),
+                }
+            )
             plain_out = work / f"plain-{stage}-{repeat}.json"
-            seconds, rss = timed([sys.executable, "bench/plain_trl.py", "--stage", stage, "--model", model_dir,
-                                  "--data", str(data[stage]), "--batch", str(batch),
-                                  "--steps", str(args.steps), "--out", str(plain_out)], env)
+            seconds, rss = timed(
+                [
+                    sys.executable,
+                    "bench/plain_trl.py",
+                    "--stage",
+                    stage,
+                    "--model",
+                    model_dir,
+                    "--data",
+                    str(data[stage]),
+                    "--batch",
+                    str(batch),
+                    "--steps",
+                    str(args.steps),
+                    "--out",
+                    str(plain_out),
+                ],
+                env,
+            )
             plain = json.loads(plain_out.read_text())
             runs_of["plain"].append({"train_runtime": plain["train_runtime"], "process_seconds": seconds, "peak_rss_mib": rss})
-        median = {side: {key: statistics.median(run[key] for run in measured)
-                         for key in ("train_runtime", "process_seconds", "peak_rss_mib")}
-                  for side, measured in runs_of.items()}
+        median = {
+            side: {key: statistics.median(run[key] for run in measured) for key in ("train_runtime", "process_seconds", "peak_rss_mib")}
+            for side, measured in runs_of.items()
+        }
         ours, plain = median["framework"], median["plain"]
         result[f"overhead_{stage}"] = {
             "train_runtime_framework": ours["train_runtime"],
@@ -99,26 +142,45 @@ def measure(args, work: Path) -> None:
             "peak_rss_mib_framework": ours["peak_rss_mib"],
             "peak_rss_mib_plain_trl": plain["peak_rss_mib"],
         }
+        # f. model-FLOP utilisation of the framework's training phase against this machine's matmul peak
+        sequences = args.steps * batch * (2 if stage == "dpo" else 1)  # a DPO pair is two sequences
+        tokens = trained_tokens(runs / f"{stage}-0")
+        result[f"{stage}_trained_tokens"] = tokens
+        result[f"{stage}_mfu"] = mfu(model_dir, tokens, sequences, ours["train_runtime"], result["matmul_peak_gflops"])
         if stage == "dpo":  # where the framework's DPO process time goes besides training
             result["overhead_dpo"]["reference_logps_seconds_framework"] = statistics.median(
-                run["reference_logps"] for run in runs_of["framework"])
+                run["reference_logps"] for run in runs_of["framework"]
+            )
 
     # b. start-up of a config-only command
     startups = [timed([sys.executable, "train.py", "--cfg", "job"], env)[0] for _ in range(5)]
     result["startup_cfg_job_seconds"] = statistics.median(startups)
 
     # c. memory: DPO keeps no second model copy under LoRA (the peak RSS of the runs of a.)
-    result["peak_rss_ratio_dpo_over_sft"] = (result["overhead_dpo"]["peak_rss_mib_framework"]
-                                             / result["overhead_sft"]["peak_rss_mib_framework"])
+    result["peak_rss_ratio_dpo_over_sft"] = (
+        result["overhead_dpo"]["peak_rss_mib_framework"] / result["overhead_sft"]["peak_rss_mib_framework"]
+    )
 
     # d. the reference log-prob cache: a 3-point beta sweep as users run it, one `-m` process;
     # a job's time is its stage_runtime (model loading to saved result; imports are paid once per process)
     shutil.rmtree(Path(env["RLHF_CACHE"]) / "ref_logps", ignore_errors=True)
     sweep_dir = runs / "sweep"
-    sweep_seconds, _ = timed([sys.executable, "train.py", "-m", f"model={args.model}", "stage=dpo", "dpo.beta=0.1,0.2,0.3",
-                              f"dpo.max_steps={sweep_steps}", "dpo.save_strategy=no", *common["dpo"],
-                              f"dataset.max_samples={sweep_steps * PAIRS_PER_STEP}",
-                              f"hydra.sweep.dir={sweep_dir}"], env)
+    sweep_seconds, _ = timed(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            f"model={args.model}",
+            "stage=dpo",
+            "dpo.beta=0.1,0.2,0.3",
+            f"dpo.max_steps={sweep_steps}",
+            "dpo.save_strategy=no",
+            *common["dpo"],
+            f"dataset.max_samples={sweep_steps * PAIRS_PER_STEP}",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        env,
+    )
     jobs = [json.loads((sweep_dir / str(job) / "metrics.json").read_text()) for job in range(3)]
     first, later = jobs[0]["stage_runtime"], statistics.mean(job["stage_runtime"] for job in jobs[1:])
     result["ref_cache_sweep"] = {
@@ -130,42 +192,58 @@ def measure(args, work: Path) -> None:
 
     # e. PPO timing: a short SFT -> RM -> PPO chain
     chain_dir = runs / "chain"
-    timed([sys.executable, "train.py", f"model={args.model}", "experiment=rlhf_chain", f"hydra.run.dir={chain_dir}",
-           f"sft.max_steps={args.steps}", f"rm.max_steps={args.steps}", f"ppo.total_updates={args.ppo_updates}"], env)
+    timed(
+        [
+            sys.executable,
+            "train.py",
+            f"model={args.model}",
+            "experiment=rlhf_chain",
+            f"hydra.run.dir={chain_dir}",
+            f"sft.max_steps={args.steps}",
+            f"rm.max_steps={args.steps}",
+            f"ppo.total_updates={args.ppo_updates}",
+        ],
+        env,
+    )
     ppo = json.loads((chain_dir / "ppo" / "metrics.json").read_text())
     result["ppo"] = {key: value for key, value in ppo.items() if key.startswith("time/")}
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     result["total_seconds"] = time.perf_counter() - start
-    stem = out / f"{time.strftime('%Y-%m-%d-%H%M', started)}-{args.model}"
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
-    print(f"written: {stem}.json, {stem}.md")
+    write_results(args.out, f"{time.strftime('%Y-%m-%d-%H%M', started)}-{args.model}", result, markdown(result))
 
 
 def markdown(r: dict) -> str:
-    lines = [f"Measured {r['date']} on {r['machine']}, Python {r['python']}; model `{r['model']}`, {r['steps']} steps per "
-             f"SFT/DPO/RM run (SFT {2 * PAIRS_PER_STEP} sequences per step, DPO {PAIRS_PER_STEP} pairs per step), sweep jobs one "
-             f"epoch over {r['sweep_pairs']} pairs, {r['ppo_updates']} PPO updates; overhead rows are medians of "
-             f"{r['repeats']} runs.", "",
-             "| measure | value |", "|---|---|"]
+    lines = [
+        f"Measured {r['date']} on {r['machine']}, Python {r['python']}; model `{r['model']}`, {r['steps']} steps per "
+        f"SFT/DPO/RM run (SFT {2 * PAIRS_PER_STEP} sequences per step, DPO {PAIRS_PER_STEP} pairs per step), sweep jobs one "
+        f"epoch over {r['sweep_pairs']} pairs, {r['ppo_updates']} PPO updates; overhead rows are medians of "
+        f"{r['repeats']} runs.",
+        "",
+        "| measure | value |",
+        "|---|---|",
+    ]
     for stage in ("sft", "dpo"):
         o = r[f"overhead_{stage}"]
-        lines.append(f"| {stage.upper()} training-phase time, framework / plain TRL | {o['train_runtime_framework']:.2f} s / "
-                     f"{o['train_runtime_plain_trl']:.2f} s = {o['training_ratio']:.3f} |")
-        lines.append(f"| {stage.upper()} whole process, framework / plain TRL | {o['process_seconds_framework']:.1f} s / "
-                     f"{o['process_seconds_plain_trl']:.1f} s = {o['process_ratio']:.3f} |")
+        lines.append(
+            f"| {stage.upper()} training-phase time, framework / plain TRL | {o['train_runtime_framework']:.2f} s / "
+            f"{o['train_runtime_plain_trl']:.2f} s = {o['training_ratio']:.3f} |"
+        )
+        lines.append(
+            f"| {stage.upper()} whole process, framework / plain TRL | {o['process_seconds_framework']:.1f} s / "
+            f"{o['process_seconds_plain_trl']:.1f} s = {o['process_ratio']:.3f} |"
+        )
+    lines.append(f"| matmul peak, float32, {r.get('threads', '?')} threads | {r['matmul_peak_gflops']:.0f} GFLOP/s |")
+    for stage in ("sft", "dpo"):
+        lines.append(f"| {stage.upper()} model-FLOP utilisation (6N + attention per trained token) | {r[f'{stage}_mfu']:.1%} |")
     lines.append(f"| `train.py --cfg job` start-up (median of 5) | {r['startup_cfg_job_seconds']:.2f} s |")
     sft_rss, dpo_rss = r["overhead_sft"]["peak_rss_mib_framework"], r["overhead_dpo"]["peak_rss_mib_framework"]
     lines.append(f"| peak RSS, DPO+LoRA / SFT+LoRA | {dpo_rss:.0f} MiB / {sft_rss:.0f} MiB = {r['peak_rss_ratio_dpo_over_sft']:.2f} |")
-    lines.append(f"| DPO reference log-probs in the framework runs (computed) | {r['overhead_dpo']['reference_logps_seconds_framework']:.2f} s |")
+    reference = r["overhead_dpo"]["reference_logps_seconds_framework"]
+    lines.append(f"| DPO reference log-probs in the framework runs (computed) | {reference:.2f} s |")
     c = r["ref_cache_sweep"]
     jobs = ", ".join(f"{s:.1f}" for s in c["job_seconds"])
     refs = ", ".join(f"{s:.2f}" for s in c["reference_logps_seconds"])
-    lines.append(f"| beta sweep (one `-m` process), each job's stage time | {jobs} s; later jobs {c['later_jobs_faster_by']:.0%} "
-                 f"faster |")
+    lines.append(f"| beta sweep (one `-m` process), each job's stage time | {jobs} s; later jobs {c['later_jobs_faster_by']:.0%} faster |")
     lines.append(f"| ... of which reference log-probs (computed, then loaded from the cache) | {refs} s |")
     for key, value in r["ppo"].items():
         lines.append(f"| PPO {key} | {value:.3f} |")

@@ -93,17 +93,21 @@ def parse_args(argv):
         description="Compare runs: table on stdout, compare.csv and compare.png in the first directory.",
     )
     parser.add_argument("paths", nargs="+", metavar="DIR", help="run directories and/or sweep directories")
-    parser.add_argument("--sort", metavar="METRIC",
-                        help="final metric to sort by (default: eval_loss, else train_loss)")
-    parser.add_argument("--metric", metavar="METRIC",
-                        help="metric for the right plot panel (default: the sort metric)")
-    parser.add_argument("--columns", metavar="A,B,C",
-                        help="final metrics to show in the table (default: losses and eval_*)")
+    parser.add_argument("--sort", metavar="METRIC", help="final metric to sort by (default: eval_loss, else train_loss)")
+    parser.add_argument("--metric", metavar="METRIC", help="metric for the right plot panel (default: the sort metric)")
+    parser.add_argument("--columns", metavar="A,B,C", help="final metrics to show in the table (default: losses and eval_*)")
     order = parser.add_mutually_exclusive_group()
-    order.add_argument("--ascending", dest="ascending", action="store_const", const=True, default=None,
-                       help="smallest first (default for names containing loss/runtime/perplexity)")
-    order.add_argument("--descending", dest="ascending", action="store_const", const=False,
-                       help="largest first (default for every other metric)")
+    order.add_argument(
+        "--ascending",
+        dest="ascending",
+        action="store_const",
+        const=True,
+        default=None,
+        help="smallest first (default for names containing loss/runtime/perplexity)",
+    )
+    order.add_argument(
+        "--descending", dest="ascending", action="store_const", const=False, help="largest first (default for every other metric)"
+    )
     return parser.parse_args(argv)
 
 
@@ -274,14 +278,15 @@ def is_number(value) -> bool:
 
 def format_table(runs, columns) -> str:
     header = ["run", "status", "overrides", *columns]
-    rows = [[run.name, run.status, " ".join(run.overrides) or MISSING,
-             *(format_value(run.metrics.get(name)) for name in columns)] for run in runs]
+    rows = [
+        [run.name, run.status, " ".join(run.overrides) or MISSING, *(format_value(run.metrics.get(name)) for name in columns)]
+        for run in runs
+    ]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     text_columns = 3  # left-aligned; metric columns are right-aligned
 
     def line(cells):
-        return "  ".join(cell.ljust(w) if i < text_columns else cell.rjust(w)
-                         for i, (cell, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(cell.ljust(w) if i < text_columns else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths))).rstrip()
 
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(row) for row in rows)])
 
@@ -307,8 +312,7 @@ def write_csv(runs, path: Path) -> None:
             writer = csv.writer(handle)
             writer.writerow(["run", "status", "overrides", *names])
             for run in runs:
-                writer.writerow([run.name, run.status, " ".join(run.overrides),
-                                 *(run.metrics.get(name, "") for name in names)])
+                writer.writerow([run.name, run.status, " ".join(run.overrides), *(run.metrics.get(name, "") for name in names)])
     except OSError as err:
         raise UserError(f"cannot write {path}: {err.strerror or err}") from None
 
@@ -336,8 +340,7 @@ def plot_curves(runs, metric: str, path: Path, explicit: bool = False) -> bool:
     common = common_overrides(runs)
     if common:
         fig.suptitle(" ".join(common))
-    fig.legend(*panels[0].get_legend_handles_labels(), loc="outside lower center",
-               ncols=min(3, max(1, len(runs))), fontsize="small")
+    fig.legend(*panels[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(3, max(1, len(runs))), fontsize="small")
     FigureCanvasAgg(fig)
     try:
         fig.savefig(path, dpi=100)
@@ -357,8 +360,11 @@ def history_key(runs, metric: str) -> str | None:
 
 def curve(run: Run, key: str) -> tuple:
     """(steps, values) of `key` over the run's log lines, the end-of-training summary excluded."""
-    points = [(line["step"], line[key]) for line in run.history
-              if "train_runtime" not in line and is_number(line.get("step")) and is_number(line.get(key))]
+    points = [
+        (line["step"], line[key])
+        for line in run.history
+        if "train_runtime" not in line and is_number(line.get("step")) and is_number(line.get(key))
+    ]
     return tuple(zip(*points))
 
 

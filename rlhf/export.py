@@ -35,8 +35,11 @@ EXPORTABLE_STAGES = ("sft", "dpo", "ppo", "rm")
 FULL_PRECISION = OmegaConf.create({"dtype": "float32"})  # export and check in float32, on the CPU
 SAMPLE_CONVERSATIONS = [  # inputs of the check: a short and a longer chat, padded into one batch
     [{"role": "user", "content": "1+1等于几？"}],
-    [{"role": "user", "content": "Write one polite sentence about the weather."}, {"role": "assistant", "content": "It is sunny."},
-     {"role": "user", "content": "请再说一句。"}],
+    [
+        {"role": "user", "content": "Write one polite sentence about the weather."},
+        {"role": "assistant", "content": "It is sunny."},
+        {"role": "user", "content": "请再说一句。"},
+    ],
 ]
 
 
@@ -66,8 +69,14 @@ def export(run_dir, out_dir, adapter_only: bool = False, tolerance: float = 1e-5
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
-    record = {"run": str(run.final.parent), "stage": run.cfg.stage, "form": "adapter" if adapter_only else "merged",
-              "base": base, "max_abs_difference": difference, "tolerance": tolerance}
+    record = {
+        "run": str(run.final.parent),
+        "stage": run.cfg.stage,
+        "form": "adapter" if adapter_only else "merged",
+        "base": base,
+        "max_abs_difference": difference,
+        "tolerance": tolerance,
+    }
     (out / "rlhf_export.json").write_text(json.dumps(record, indent=2) + "\n")
     return difference
 
@@ -153,8 +162,10 @@ def largest_difference(trained, exported, tokenizer) -> float:
     """max |trained - exported| over the logits (scores) of a padded batch of sample chats."""
     import torch
 
-    texts = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=chat[-1]["role"] == "user")
-             for chat in SAMPLE_CONVERSATIONS]
+    texts = [
+        tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=chat[-1]["role"] == "user")
+        for chat in SAMPLE_CONVERSATIONS
+    ]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         expected, got = trained(**batch).logits.float(), exported(**batch).logits.float()

@@ -33,8 +33,11 @@ class Samples:
     def select(self, index: torch.Tensor) -> "Samples":
         """The rows at `index` (a mini-batch)."""
         return Samples(
-            self.sequences[index], self.attention_mask[index], self.response_mask[index],
-            [self.texts[i] for i in index.tolist()], self.ended_with_eos[index],
+            self.sequences[index],
+            self.attention_mask[index],
+            self.response_mask[index],
+            [self.texts[i] for i in index.tolist()],
+            self.ended_with_eos[index],
         )
 
     @property
@@ -43,7 +46,7 @@ class Samples:
 
     @property
     def responses(self) -> torch.Tensor:
-        return self.sequences[:, self.prompt_length:]
+        return self.sequences[:, self.prompt_length :]
 
 
 def encode_prompts(tokenizer, prompts: list, max_prompt_length: int, device) -> dict:
@@ -57,8 +60,8 @@ def encode_prompts(tokenizer, prompts: list, max_prompt_length: int, device) -> 
     input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
     for i, row in enumerate(ids):
-        input_ids[i, width - len(row):] = torch.tensor(row)
-        attention_mask[i, width - len(row):] = 1
+        input_ids[i, width - len(row) :] = torch.tensor(row)
+        attention_mask[i, width - len(row) :] = 1
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
 
@@ -75,7 +78,7 @@ def sample(model, tokenizer, prompts: list, settings: SamplingSettings, device) 
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    responses = sequences[:, encoded["input_ids"].shape[1]:]
+    responses = sequences[:, encoded["input_ids"].shape[1] :]
     response_mask = up_to_first_eos(responses, tokenizer.eos_token_id)
     texts = [tokenizer.decode(row[mask.bool()], skip_special_tokens=True) for row, mask in zip(responses, response_mask)]
     attention_mask = torch.cat([encoded["attention_mask"], response_mask.long()], dim=1)

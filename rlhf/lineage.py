@@ -108,8 +108,7 @@ class Lineage:
                 "weights_sha256": weights_digest(self.base_path()),
             },
             "adapters": [
-                {"path": str(Path(adapter).resolve()), "sha256": digest}
-                for adapter, digest in zip(self.adapters, self.adapter_digests())
+                {"path": str(Path(adapter).resolve()), "sha256": digest} for adapter, digest in zip(self.adapters, self.adapter_digests())
             ],
             "merged_weights": str(Path(self.path(dtype)).resolve()),
             "dtype": dtype,

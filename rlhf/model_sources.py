@@ -14,7 +14,6 @@ from pathlib import Path
 
 from rlhf.errors import UserError, first_line
 
-
 # model.hub -> (name shown in messages, the pip command that installs its client or None).
 HUBS = {
     "huggingface": ("Hugging Face", None),

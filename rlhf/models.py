@@ -65,7 +65,7 @@ def resolve_model_path(model_cfg) -> str:
     name = str(model_cfg.name_or_path)
     if name.startswith(BUILTIN_PREFIX):
         builders = {"tiny": ensure_tiny_model, "smollm2-135m": model_sources.ensure_smollm2}
-        builtin = name[len(BUILTIN_PREFIX):]
+        builtin = name[len(BUILTIN_PREFIX) :]
         if builtin not in builders:
             valid = ", ".join(BUILTIN_PREFIX + key for key in builders)
             raise UserError(f"model.name_or_path={name}: unknown built-in model; valid ones: {valid}")
@@ -269,6 +269,4 @@ def lora_config(r: int, alpha: float, dropout: float, target_modules, bias: str 
 
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
-    return LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias=bias, task_type=task_type
-    )
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias=bias, task_type=task_type)

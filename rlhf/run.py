@@ -23,7 +23,7 @@ from hydra.types import RunMode
 
 from rlhf import PROJECT_ROOT
 from rlhf.errors import UserError
-from rlhf.runs import is_main_process, prepare_run_dir, write_json, write_status
+from rlhf.runs import finished_with, is_main_process, prepare_run_dir, write_json, write_status
 from rlhf.stages import get_stage
 from rlhf.validate import validate
 
@@ -38,6 +38,10 @@ def main(cfg, run_dir: Path | None = None):
     adopt_slurm_ranks()
     in_sweep = hydra is not None and hydra.mode == RunMode.MULTIRUN
     try:
+        if in_sweep and cfg.get("resume", "auto") == "auto" and finished_with(run_dir, cfg):
+            # Re-running a sweep into its directory: finished jobs stay as they are; the rest run or resume.
+            print(f"{run_dir}: already finished with this config; skipped", flush=True)
+            return objective(cfg, json.loads((run_dir / "metrics.json").read_text()))
         prepare_run_dir(cfg, run_dir, hydra.overrides.task if hydra else [], hydra, write=is_main_process())
         metrics = run_stage(cfg, run_dir)
         if is_main_process():
@@ -82,6 +86,9 @@ def run_stage(cfg, run_dir: Path) -> dict:
             write_status(run_dir, "failed", str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}")
         raise
     metrics["stage_runtime"] = time.perf_counter() - start  # seconds from model loading to the saved result
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        metrics["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20  # this process, this device
     if main_process:
         write_json(run_dir / "metrics.json", metrics)
         write_status(run_dir, "done")

@@ -34,8 +34,18 @@ def finished_run(path, key: str, stages: tuple = ()):
 
 CHECKPOINT_MARK = "rlhf_checkpoint.json"  # written last: a checkpoint without it is incomplete
 RESUME_MODES = ("auto", "overwrite")
-RUN_OUTPUTS = ("metrics.json", "status.json", "history.jsonl", "env.json", "checkpoints", "final", "samples.jsonl", "wandb_id.txt",
-               "wandb", "tensorboard")  # what resume=overwrite clears: everything a run writes
+RUN_OUTPUTS = (
+    "metrics.json",
+    "status.json",
+    "history.jsonl",
+    "env.json",
+    "checkpoints",
+    "final",
+    "samples.jsonl",
+    "wandb_id.txt",
+    "wandb",
+    "tensorboard",
+)  # what resume=overwrite clears: everything a run writes
 
 
 def is_main_process() -> bool:
@@ -104,6 +114,15 @@ def comparable(cfg) -> dict:
     return plain
 
 
+def finished_with(run_dir: Path, cfg) -> bool:
+    """Whether `run_dir` holds a finished run of this very config (a re-run has nothing to do)."""
+    saved = run_dir / ".hydra" / "config.yaml"
+    if read_status(run_dir) != "done" or not saved.is_file():
+        return False
+    job_cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    return comparable(OmegaConf.load(saved)) == comparable(job_cfg)
+
+
 def save_yaml(node, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     OmegaConf.save(node, tmp)
@@ -168,7 +187,7 @@ class SweepSummary(Callback):
                 status = json.loads((job / "status.json").read_text())
             except (OSError, ValueError):
                 status = {"status": "unknown (no status.json)", "error": None}
-            overrides = (job / ".hydra" / "overrides.yaml")
+            overrides = job / ".hydra" / "overrides.yaml"
             label = ",".join(OmegaConf.load(overrides)) if overrides.is_file() else ""
             failed += status["status"] != "done"
             error = f": {status['error']}" if status.get("error") else ""

@@ -45,8 +45,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     from rlhf.generation import SamplingSettings
 
-    settings = SamplingSettings(max_prompt_length=1024, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p)
+    settings = SamplingSettings(max_prompt_length=1024, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     try:
         policy, tokenizer, device = load_policy(args.run_dir)
     except UserError as err:

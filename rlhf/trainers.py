@@ -10,6 +10,7 @@
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -98,6 +99,23 @@ class KLDPOConfig(DPOConfig):
             self.precompute_ref_log_probs = True
 
 
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def read_ref_cache(path, rows: int):
+    """The cached reference log-probs at `path`, or None (said in one line) when the file is
+    unreadable or does not hold one value per row: the run computes them anew and replaces it."""
+    try:
+        cached = load_file(str(path))
+        if all(column in cached and cached[column].shape == (rows,) for column in REF_COLUMNS):
+            return cached
+        problem = f"it does not hold {rows} values per column"
+    except Exception as err:  # a truncated or foreign file: safetensors raises its own error types
+        problem = f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    print(f"reference log-probs cache {path}: {problem}; computing them anew", flush=True)
+    return None
+
+
 class KLDPOTrainer(PreferenceEvaluation, DPOTrainer):
     """TRL's DPOTrainer; with kl_coef > 0 the loss becomes
 
@@ -125,19 +143,21 @@ class KLDPOTrainer(PreferenceEvaluation, DPOTrainer):
 
     def _cached_ref_logps(self, dataset, name, batch_size):
         path = self.ref_cache_path(dataset) if self.args.ref_cache and self.reference_identity else None
-        if path is not None and path.is_file():
-            cached = load_file(str(path))
-            if len(cached["ref_chosen_logps"]) == len(dataset):
-                print(f"reference log-probs of the {name} split: loaded from {path}", flush=True)
-                for column in ("ref_chosen_logps", "ref_rejected_logps"):
-                    dataset = dataset.add_column(column, cached[column].tolist())
-                return dataset
+        cached = read_ref_cache(path, len(dataset)) if path is not None and path.is_file() else None
+        if cached is not None:
+            print(f"reference log-probs of the {name} split: loaded from {path}", flush=True)
+            for column in REF_COLUMNS:
+                dataset = dataset.add_column(column, cached[column].tolist())
+            return dataset
         dataset = super()._precompute_ref_logps(dataset, name, batch_size)
         if path is not None and self.accelerator.is_main_process:
-            columns = {c: torch.tensor(list(dataset[c]), dtype=torch.float32) for c in ("ref_chosen_logps", "ref_rejected_logps")}
+            columns = {c: torch.tensor(list(dataset[c]), dtype=torch.float32) for c in REF_COLUMNS}
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file(columns, str(tmp))
+            # A name of its own per writer: concurrent sweep jobs writing the same key each rename
+            # a whole file into place, and the last one wins.
+            handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            os.close(handle)
+            save_file(columns, tmp)
             os.replace(tmp, path)  # whole or not at all
         return dataset
 
@@ -146,13 +166,17 @@ class KLDPOTrainer(PreferenceEvaluation, DPOTrainer):
         for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
             rows.update(json.dumps(list(dataset[column])).encode())
         tokenizer = self.processing_class
-        key = json.dumps({
-            "reference": self.reference_identity,
-            "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template],
-            "rows": rows.hexdigest(),
-            "truncation": [self.args.max_length, self.args.truncation_mode, self.args.pad_to_multiple_of],
-            "loss": [self.args.ld_alpha],  # LD-DPO weighs the reference's tail tokens differently
-        }, sort_keys=True, default=str)
+        key = json.dumps(
+            {
+                "reference": self.reference_identity,
+                "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template],
+                "rows": rows.hexdigest(),
+                "truncation": [self.args.max_length, self.args.truncation_mode, self.args.pad_to_multiple_of],
+                "loss": [self.args.ld_alpha],  # LD-DPO weighs the reference's tail tokens differently
+            },
+            sort_keys=True,
+            default=str,
+        )
         return cache_dir() / "ref_logps" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

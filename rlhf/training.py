@@ -16,10 +16,15 @@ from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
 from rlhf.data import Splits, load_splits
+from rlhf.errors import NonFiniteLoss
 from rlhf.lineage import Lineage, TrainedRun, write_final_lineage
-from rlhf.errors import NonFiniteLoss, UserError
 from rlhf.runs import (
-    CHECKPOINT_MARK, append_history, is_main_process, last_complete_checkpoint, resume_point, write_json,
+    CHECKPOINT_MARK,
+    append_history,
+    is_main_process,
+    last_complete_checkpoint,
+    resume_point,
+    write_json,
 )
 
 log = logging.getLogger(__name__)
@@ -172,8 +177,7 @@ def dropped_by_trainer(trainer, data: Splits) -> int:
         dropped += len(data.eval) - len(trainer.eval_dataset)
     if dropped:
         log.warning(
-            "dataset: the trainer dropped %d rows longer than max_length=%s; raise max_length or use "
-            "truncation_mode=keep_end to keep them",
+            "dataset: the trainer dropped %d rows longer than max_length=%s; raise max_length or use truncation_mode=keep_end to keep them",
             dropped,
             trainer.args.max_length,
         )
@@ -225,8 +229,12 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
         if hasattr(trainer, "_total_train_tokens"):
             trainer._total_train_tokens = mark["num_tokens"]
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    metrics = {**result.metrics, "data/skipped_rows": inputs.data.skipped_rows, "data/dropped_rows": dropped,
-               **getattr(trainer, "timings", {})}  # phases outside train(), e.g. DPO's reference log-probs
+    metrics = {
+        **result.metrics,
+        "data/skipped_rows": inputs.data.skipped_rows,
+        "data/dropped_rows": dropped,
+        **getattr(trainer, "timings", {}),
+    }  # phases outside train(), e.g. DPO's reference log-probs
     if checkpoint is not None:  # the mean loss over all steps, not only those since the resume
         metrics["train_loss"] = (mark["loss_total"] + trainer._total_loss_scalar) / trainer.state.global_step
     if trainer.eval_dataset is not None:

@@ -71,6 +71,8 @@ def check_overrides(argv) -> None:
     key is left to Hydra, which still refuses what this check lets through (`dpo.beta=0.3`
     without stage=dpo). Skipped with --config-dir, --help, --info and --experimental-rerun."""
     overrides, primary, skip = _split_command_line(list(argv))
+    if primary is not None and not skip:
+        check_primary_targets(primary)
     if skip or not overrides:
         return
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -84,6 +86,8 @@ def check_overrides(argv) -> None:
     added = {o.key_or_group for o in parsed if o.type in (OverrideType.ADD, OverrideType.FORCE_ADD)}
     for arg, override in zip(overrides, parsed):
         key = override.key_or_group
+        if key.endswith("_target_") and override.type != OverrideType.DEL:  # hydra.callbacks are built before any run-time check
+            check_target(override.value(), key)
         if override.type not in (OverrideType.CHANGE, OverrideType.DEL) or override.package is not None:
             continue
         if key.split(".", 1)[0] == "hydra" or "/" in key or key in added or schema.knows(key):
@@ -147,6 +151,24 @@ def check_target(target, path: str, resolve: bool = True) -> None:
     origin = _runtime_origin(target)
     if origin is not None and not _allowed_module(origin, allowed):
         raise UserError(f"{refusal}: it resolves to an object of {origin}; {rule}")
+
+
+def check_primary_targets(primary: str) -> None:
+    """The `_target_`s of a config named with --config-path/--config-name (a shared run's saved
+    config, say), checked before Hydra reads it: Hydra instantiates `hydra.callbacks` before the
+    run - and validate() - starts. An interpolated target there cannot be judged unresolved."""
+    try:
+        raw = yaml.safe_load(Path(primary).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return  # Hydra reports what is wrong with the file
+    shipped = set().union(*_schema(str(CONF_DIR), None).targets.values())
+    for path, target in _targets(raw, ""):
+        if isinstance(target, str) and "${" in target:
+            raise UserError(
+                f"refusing _target_={target} at {path} in {primary}: an interpolated target is not instantiated "
+                "from a config named on the command line"
+            )
+        check_target(target, path, resolve=target not in shipped)
 
 
 def _targets(node, path: str):
@@ -342,9 +364,7 @@ def check_values(cfg) -> None:
     ppo = cfg.get("ppo")
     if isinstance(ppo, DictConfig) and _is_int(ppo.get("batch_size")) and _is_int(ppo.get("mini_batch_size")):
         if ppo.batch_size % ppo.mini_batch_size:
-            raise UserError(
-                f"ppo.batch_size={ppo.batch_size}: must be a multiple of ppo.mini_batch_size={ppo.mini_batch_size}"
-            )
+            raise UserError(f"ppo.batch_size={ppo.batch_size}: must be a multiple of ppo.mini_batch_size={ppo.mini_batch_size}")
 
 
 def _check_rules(cfg, path: str, rules: dict) -> None:
@@ -521,8 +541,19 @@ def _package(text: str, group: str) -> str:
 def _split_command_line(argv: list):
     """(the overrides, the primary config file when --config-path/--config-name name one,
     whether to skip the check) from train.py's arguments, as Hydra's parser reads them."""
-    value_flags = {"--config-path": "cp", "-cp": "cp", "--config-name": "cn", "-cn": "cn", "--config-dir": "cd",
-                   "-cd": "cd", "--cfg": None, "-c": None, "--package": None, "-p": None, "--experimental-rerun": "skip"}
+    value_flags = {
+        "--config-path": "cp",
+        "-cp": "cp",
+        "--config-name": "cn",
+        "-cn": "cn",
+        "--config-dir": "cd",
+        "-cd": "cd",
+        "--cfg": None,
+        "-c": None,
+        "--package": None,
+        "-p": None,
+        "--experimental-rerun": "skip",
+    }
     skip_flags = {"--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc", "--info", "-i"}
     overrides, named, skip = [], {}, False
     args = iter(argv)
@@ -551,7 +582,7 @@ def _split_command_line(argv: list):
 # ---- the constructor arguments of a target ----------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def init_keys(target: str) -> frozenset | None:
     """The keyword arguments `hydra.utils.instantiate` may pass to `target`: the parameters of
     a class's __init__ (a dataclass's fields) or of a function. None when anything goes

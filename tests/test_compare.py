@@ -15,8 +15,7 @@ from rlhf.compare import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_run(run_dir: Path, overrides: list, metrics: dict | None = None, history: list = (),
-             status: dict | None = None):
+def make_run(run_dir: Path, overrides: list, metrics: dict | None = None, history: list = (), status: dict | None = None):
     """A run directory as train.py leaves it (only the files rlhf.compare reads)."""
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
@@ -35,16 +34,22 @@ def dpo_history(scale: float) -> list:
     for step in (5, 10, 15, 20):
         lines.append({"step": step, "epoch": step / 30, "loss": scale / step, "rewards/margins": step * scale})
         if step % 10 == 0:
-            lines.append({"step": step, "epoch": step / 30,
-                          "eval_loss": scale / step, "eval_rewards/margins": step * scale})
+            lines.append({"step": step, "epoch": step / 30, "eval_loss": scale / step, "eval_rewards/margins": step * scale})
     lines.append({"step": 20, "epoch": 0.7, "train_runtime": 8.4, "train_loss": scale / 10})
     return lines
 
 
 def dpo_metrics(eval_loss: float, margins: float) -> dict:
-    return {"train_runtime": 8.4, "train_samples_per_second": 150.0, "train_loss": eval_loss * 2, "epoch": 2.0,
-            "eval_loss": eval_loss, "eval_runtime": 0.2,
-            "eval_rewards/accuracies": 1.0, "eval_rewards/margins": margins}
+    return {
+        "train_runtime": 8.4,
+        "train_samples_per_second": 150.0,
+        "train_loss": eval_loss * 2,
+        "epoch": 2.0,
+        "eval_loss": eval_loss,
+        "eval_runtime": 0.2,
+        "eval_rewards/accuracies": 1.0,
+        "eval_rewards/margins": margins,
+    }
 
 
 @pytest.fixture
@@ -54,15 +59,16 @@ def runs(tmp_path):
     make_run(sweep / "0", ["stage=dpo", "dpo.beta=0.1", "hydra.sweep.dir=/x"], dpo_metrics(0.5, 2.0), dpo_history(1.0))
     make_run(sweep / "1", ["stage=dpo", "dpo.beta=0.3", "hydra.sweep.dir=/x"], dpo_metrics(0.1, 7.0), dpo_history(0.5))
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
-    failed = make_run(tmp_path / "failed", ["stage=dpo", "dpo.beta=9"], None, dpo_history(2.0)[:2],
-                      {"status": "failed", "error": "CUDA out of memory"})
+    failed = make_run(
+        tmp_path / "failed", ["stage=dpo", "dpo.beta=9"], None, dpo_history(2.0)[:2], {"status": "failed", "error": "CUDA out of memory"}
+    )
     return sweep, failed
 
 
 def table_rows(stdout: str) -> list:
     """The table's data rows (after the dashed rule, up to the first blank line), split on spaces."""
     lines = stdout.splitlines()
-    body = lines[2:lines.index("")] if "" in lines else lines[2:]
+    body = lines[2 : lines.index("")] if "" in lines else lines[2:]
     return [line.split() for line in body]
 
 
@@ -143,8 +149,7 @@ def test_command_line_and_bad_path(runs, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     for bad in (empty, tmp_path / "missing"):
-        done = subprocess.run([sys.executable, "-m", "rlhf.compare", str(bad)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        done = subprocess.run([sys.executable, "-m", "rlhf.compare", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert done.returncode == 2
         assert done.stderr == f"error: {bad}: not a run directory or a sweep directory\n"
         assert "Traceback" not in done.stderr and done.stdout == ""

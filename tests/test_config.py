@@ -4,11 +4,10 @@ object builds, and bad choices fail with the valid options listed. No training h
 import itertools
 
 import pytest
+from conftest import CONF, compose_config
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-from conftest import CONF, compose_config
 
 GROUPS = ("model", "dataset", "stage", "peft", "quantization", "hardware", "logger")
 

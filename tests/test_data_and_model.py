@@ -83,8 +83,14 @@ def qwen3_model_dir(tmp_path_factory):
         pytest.skip(f"{source} is absent (the real tokenizer lives in ../shared/data beside the checkout)")
     tokenizer = AutoTokenizer.from_pretrained(source)
     config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        eos_token_id=tokenizer.eos_token_id,
     )
     target = tmp_path_factory.mktemp("qwen3-tiny")
     Qwen3ForCausalLM(config).save_pretrained(target)
@@ -108,9 +114,7 @@ def first_tokenized_row(model_dir, tmp_path, trainer_class, config_class, path, 
 def test_qwen3_sft_formatting_counts_only_assistant_tokens(qwen3_model_dir, tmp_path):
     from trl import SFTConfig, SFTTrainer
 
-    tokenizer, row, source = first_tokenized_row(
-        qwen3_model_dir, tmp_path, SFTTrainer, SFTConfig, "builtin:sft_zh.jsonl", "belle", "sft"
-    )
+    tokenizer, row, source = first_tokenized_row(qwen3_model_dir, tmp_path, SFTTrainer, SFTConfig, "builtin:sft_zh.jsonl", "belle", "sft")
     whole = tokenizer.apply_chat_template(source["prompt"] + source["completion"], tokenize=False)
     assert tokenizer.decode(row["input_ids"]) == whole  # the Qwen3 chat template, applied once
     assert whole.startswith("<|im_start|>user\n" + source["prompt"][0]["content"] + "<|im_end|>")
@@ -134,5 +138,7 @@ def test_qwen3_dpo_formatting_splits_prompt_and_answers(qwen3_model_dir, tmp_pat
 def test_a_local_model_directory_trains_through_the_cli_config(qwen3_model_dir, tmp_path):
     from conftest import train
 
-    metrics = train(tmp_path, "stage=sft", "model=custom", f"model.name_or_path={qwen3_model_dir}", "sft.max_steps=2", "dataset.max_samples=24")
+    metrics = train(
+        tmp_path, "stage=sft", "model=custom", f"model.name_or_path={qwen3_model_dir}", "sft.max_steps=2", "dataset.max_samples=24"
+    )
     assert metrics["train_loss"] > 0

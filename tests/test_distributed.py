@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
@@ -19,9 +18,21 @@ TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_torchrun_two_processes_leave_one_complete_run(tmp_path, stage):
     done = subprocess.run(
-        [TORCHRUN, "--nproc_per_node=2", "train.py", f"stage={stage}", "hardware=multi_gpu", f"hydra.run.dir={tmp_path}",
-         f"{stage}.max_steps=4", f"{stage}.eval_steps=2", f"{stage}.logging_steps=2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            TORCHRUN,
+            "--nproc_per_node=2",
+            "train.py",
+            f"stage={stage}",
+            "hardware=multi_gpu",
+            f"hydra.run.dir={tmp_path}",
+            f"{stage}.max_steps=4",
+            f"{stage}.eval_steps=2",
+            f"{stage}.logging_steps=2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ("metrics.json", "history.jsonl", "env.json", "status.json", ".hydra/config.yaml", "final/adapter_config.json"):
@@ -63,8 +74,16 @@ def test_joblib_sweep_runs_jobs_in_parallel_processes(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="the [cluster] extra is not installed")
     from conftest import cli
 
-    done = cli("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "stage=dpo", "dpo.beta=0.1,0.3", "-m",
-               f"hydra.sweep.dir={tmp_path}", "dpo.max_steps=2", "dataset.test_size=0")
+    done = cli(
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "stage=dpo",
+        "dpo.beta=0.1,0.3",
+        "-m",
+        f"hydra.sweep.dir={tmp_path}",
+        "dpo.max_steps=2",
+        "dataset.test_size=0",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     for job in ("0", "1"):
         assert json.loads((tmp_path / job / "status.json").read_text())["status"] == "done"
@@ -79,8 +98,16 @@ def test_slurm_tasks_become_torch_ranks(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(key, "unset")  # recorded, so the test's exports are undone afterwards
         monkeypatch.delenv(key)
-    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1",
-             "SLURM_JOB_NODELIST": "node7", "SLURM_JOB_ID": "42", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0"}
+    slurm = {
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_NTASKS": "2",
+        "SLURM_PROCID": "1",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_NODELIST": "node7",
+        "SLURM_JOB_ID": "42",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_NODEID": "0",
+    }
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
     adopt_slurm_ranks()

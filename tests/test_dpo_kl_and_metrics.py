@@ -1,8 +1,8 @@
 """DPO's explicit KL term, the preference metrics, and where they show up."""
 
 import pytest
-
 from conftest import compose_config, history, train
+
 from rlhf.metrics import kendall_tau, preference_metrics, wilson_lower_bound
 
 

@@ -6,7 +6,6 @@ import gzip
 import json
 
 import pytest
-
 from conftest import SHARED_DATA, cli, train
 
 QUESTIONS = [f"问题{i}：{i}加{i}等于几？" for i in range(12)]
@@ -102,7 +101,9 @@ def test_a_directory_path_reads_the_files_of_the_split(tmp_path):
     rows = published_rows("ultrafeedback_binarized")
     write(tmp_path / "train_prefs-00000.jsonl", rows[:8], as_array=False)
     write(tmp_path / "test_prefs-00000.jsonl", [{"broken": True}], as_array=False)  # not read: another split
-    metrics = train(tmp_path / "run", *stage_overrides("dpo"), "dataset=ultrafeedback_binarized", f"dataset.path={tmp_path}", "dataset.test_size=0")
+    metrics = train(
+        tmp_path / "run", *stage_overrides("dpo"), "dataset=ultrafeedback_binarized", f"dataset.path={tmp_path}", "dataset.test_size=0"
+    )
     assert metrics["train_loss"] > 0
 
 
@@ -150,9 +151,10 @@ def test_real_hh_rlhf_quirks_are_reported_then_skipped(tmp_path):
     path = SHARED_DATA / "preference/hh-rlhf/helpful-base/test.jsonl.gz"
     if not path.exists():
         pytest.skip(f"{path} is absent")
+    from conftest import compose_config
+
     from rlhf.data import load_splits
     from rlhf.errors import UserError
-    from conftest import compose_config
 
     cfg = compose_config("stage=dpo", "dataset=hh_rlhf", f"dataset.path={path}")
     with pytest.raises(UserError, match=r"test.jsonl.gz, line \d+: field"):
@@ -187,5 +189,33 @@ def test_malformed_file_fails_fast_with_file_line_and_reason(tmp_path):
 
 def test_skip_invalid_trains_and_counts_the_skipped_rows(tmp_path):
     path = malformed_belle_file(tmp_path)
-    metrics = train(tmp_path / "run", *stage_overrides("sft"), "dataset=belle", f"dataset.path={path}", "dataset.skip_invalid=true", "dataset.test_size=0")
+    metrics = train(
+        tmp_path / "run",
+        *stage_overrides("sft"),
+        "dataset=belle",
+        f"dataset.path={path}",
+        "dataset.skip_invalid=true",
+        "dataset.test_size=0",
+    )
     assert metrics["data/skipped_rows"] == 2
+
+
+def test_identical_chosen_and_rejected_are_invalid_rows(tmp_path, capsys):
+    """A typical conversion mistake: DPO would sit at log 2 and learn nothing, without a word."""
+    pair = {"prompt": "今天天气怎么样？", "chosen": "晴天。", "rejected": "晴天。"}
+    same = tmp_path / "same.jsonl"
+    write(same, [pair] * 40, as_array=False)
+    done = cli("stage=dpo", "dataset=builtin_preference", f"dataset.path={same}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: {same}, line 1:") and "identical" in error
+
+    with pytest.raises(SystemExit):
+        train(tmp_path / "skipping", "stage=dpo", f"dataset.path={same}", "dataset.skip_invalid=true")
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no valid rows to train on (40 invalid rows skipped: 40 x the chosen and rejected answers are identical)" in error
+
+    mixed = tmp_path / "mixed.jsonl"
+    write(mixed, [pair] * 5 + [{**pair, "rejected": f"不知道{i}。"} for i in range(20)], as_array=False)
+    metrics = train(tmp_path / "rest", *stage_overrides("dpo"), f"dataset.path={mixed}", "dataset.skip_invalid=true", "dataset.test_size=0")
+    assert metrics["data/skipped_rows"] == 5

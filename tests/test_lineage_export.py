@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train
 from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification, PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import train
 from rlhf.errors import UserError
 from rlhf.export import SAMPLE_CONVERSATIONS, export
 

@@ -12,9 +12,9 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import CONF, compose_config
 from omegaconf import OmegaConf
 
-from conftest import CONF, compose_config
 from rlhf import model_sources
 from rlhf.errors import UserError
 from rlhf.models import resolve_model_path

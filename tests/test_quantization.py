@@ -2,7 +2,6 @@
 between training steps (the AVX512-BF16 pitfall of bitsandbytes' CPU path included)."""
 
 import pytest
-
 from conftest import train
 
 pytest.importorskip("bitsandbytes", reason="the [quantization] extra is not installed")
@@ -20,8 +19,8 @@ def test_quantized_dpo_trains_with_evaluation_on(tmp_path, bits):
 
 def test_quantized_layers_are_really_quantized(tmp_path):
     from bitsandbytes.nn import Linear4bit
-
     from conftest import compose_config
+
     from rlhf.models import load_model, resolve_model_path
 
     cfg = compose_config("quantization=4bit")
@@ -37,8 +36,17 @@ def test_every_stage_trains_quantized_also_on_top_of_lora_runs(tmp_path):
     train(sft, "stage=sft", "sft.max_steps=5", "dataset.test_size=0")
     rm = train(tmp_path / "rm", "stage=rm", "quantization=4bit", "rm.max_steps=10", "rm.eval_steps=5")
     assert rm["eval_accuracy"] >= 0.5
-    ppo = train(tmp_path / "ppo", "stage=ppo", "quantization=4bit", f"model.init_from={sft}", f"ppo.reward_model={tmp_path / 'rm'}",
-                "ppo.total_updates=2", "ppo.batch_size=8", "ppo.mini_batch_size=4", "dataset.test_size=0")
+    ppo = train(
+        tmp_path / "ppo",
+        "stage=ppo",
+        "quantization=4bit",
+        f"model.init_from={sft}",
+        f"ppo.reward_model={tmp_path / 'rm'}",
+        "ppo.total_updates=2",
+        "ppo.batch_size=8",
+        "ppo.mini_batch_size=4",
+        "dataset.test_size=0",
+    )
     assert "objective/scores" in ppo and (tmp_path / "ppo" / "final" / "value_head.safetensors").is_file()
     from rlhf.models import cache_dir
 

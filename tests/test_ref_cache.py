@@ -2,7 +2,6 @@
 reused by later runs with identical results, recomputed when any part of the key changes."""
 
 import pytest
-
 from conftest import history, train
 
 
@@ -45,3 +44,18 @@ def test_a_change_in_the_key_recomputes(tmp_path):
     train(tmp_path / "sft", "sft.max_steps=1", "dataset.test_size=0")
     train(tmp_path / "d", *short, "dpo.max_length=96", "dataset.max_samples=30", f"model.init_from={tmp_path / 'sft'}")
     assert len(cached_files()) == count + 3  # the reference differs: the SFT policy, not the base model
+
+
+def test_a_damaged_cache_file_is_reported_recomputed_and_replaced(tmp_path, capsys):
+    short = ("stage=dpo", "dpo.max_steps=1", "dataset.max_samples=24", "dataset.test_size=0", "dpo.max_length=100")
+    before = set(cached_files())
+    train(tmp_path / "a", *short)
+    [written] = set(cached_files()) - before
+    whole = written.read_bytes()
+    written.write_bytes(whole[:100])  # a copy cut short (a full disk, an interrupted transfer)
+    capsys.readouterr()
+    train(tmp_path / "b", *short)
+    lines = [line for line in capsys.readouterr().out.splitlines() if str(written) in line]
+    assert len(lines) == 1 and "unreadable" in lines[0] and "computing them anew" in lines[0]
+    assert written.read_bytes() == whole  # rewritten whole
+    assert not list(written.parent.glob(f".{written.name}.*"))  # no temporary file left behind

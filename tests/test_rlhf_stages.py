@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import compose_config, history, train
+
 from rlhf.errors import UserError
 
 
@@ -30,7 +30,15 @@ def test_ppo_raises_the_reward_model_score_with_bounded_kl(rlhf_chain):
     assert last > first + 0.5, scores
     assert metrics["ppo/eval_scores"] > metrics["ppo/eval_scores_before"]
     assert max(history(run_dir / "ppo", "objective/kl")) < 50  # nats per response: the policy stays near its reference
-    for key in ("objective/entropy", "objective/kl_coef", "loss/policy", "loss/value", "policy/clipfrac", "policy/approxkl", "response_length"):
+    for key in (
+        "objective/entropy",
+        "objective/kl_coef",
+        "loss/policy",
+        "loss/value",
+        "policy/clipfrac",
+        "policy/approxkl",
+        "response_length",
+    ):
         assert f"ppo/{key}" in metrics
 
 
@@ -65,9 +73,17 @@ def test_interrupted_ppo_resumes_to_the_metrics_of_an_uninterrupted_run(rlhf_cha
     the last one (weights, optimizer, KL coefficient, random state) and ends where an
     uninterrupted run ends. A crash before the first checkpoint starts over, logging no step twice."""
     chain_dir, _ = rlhf_chain
-    overrides = ("stage=ppo", f"model.init_from={chain_dir / 'sft'}", f"ppo.reward_model={chain_dir / 'rm'}",
-                 "ppo.total_updates=5", "ppo.save_steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2",
-                 "logger=tensorboard")
+    overrides = (
+        "stage=ppo",
+        f"model.init_from={chain_dir / 'sft'}",
+        f"ppo.reward_model={chain_dir / 'rm'}",
+        "ppo.total_updates=5",
+        "ppo.save_steps=2",
+        "ppo.batch_size=8",
+        "ppo.mini_batch_size=4",
+        "ppo.ppo_epochs=2",
+        "logger=tensorboard",
+    )
     uninterrupted = train(tmp_path / "whole", *overrides)
     assert [p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()] == ["checkpoint-4"]  # save_total_limit=1
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -95,8 +111,16 @@ def test_interrupted_ppo_resumes_to_the_metrics_of_an_uninterrupted_run(rlhf_cha
 def test_chain_refuses_to_resume_a_step_of_another_config(tmp_path, monkeypatch, capsys):
     """An interrupted chain step resumes only under the config it ran with; resume=overwrite
     starts it over (stale history and checkpoints gone)."""
-    chain = ("experiment=rlhf_chain", "sft.max_steps=2", "rm.max_steps=2", "ppo.total_updates=3", "ppo.save_steps=1",
-             "ppo.batch_size=8", "ppo.mini_batch_size=8", "ppo.ppo_epochs=1")
+    chain = (
+        "experiment=rlhf_chain",
+        "sft.max_steps=2",
+        "rm.max_steps=2",
+        "ppo.total_updates=3",
+        "ppo.save_steps=1",
+        "ppo.batch_size=8",
+        "ppo.mini_batch_size=8",
+        "ppo.ppo_epochs=1",
+    )
     with monkeypatch.context() as patch:
         crash_ppo_in_update(patch, 3)
         with pytest.raises(RuntimeError, match="simulated crash"):

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, cli, train
 
 KILLABLE = ("sft.max_steps=40", "sft.save_steps=10", "sft.eval_steps=20", "sft.logging_steps=5")
@@ -22,8 +21,9 @@ def status(run_dir) -> dict:
 
 def test_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path):
     run_dir = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "train.py", f"hydra.run.dir={run_dir}", *KILLABLE], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *KILLABLE], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     mark = run_dir / "checkpoints" / "checkpoint-20" / "rlhf_checkpoint.json"
     deadline = time.time() + 240
     while not mark.exists() and process.poll() is None and time.time() < deadline:
@@ -79,8 +79,8 @@ def test_divergence_stops_with_the_step_and_marks_the_run_failed(tmp_path):
 
     kept = last_complete_checkpoint(tmp_path)
     assert kept is not None  # written before the weights went bad, and intact
-    from safetensors.torch import load_file
     import torch
+    from safetensors.torch import load_file
 
     assert all(torch.isfinite(t).all() for t in load_file(str(kept / "adapter_model.safetensors")).values())
 
@@ -99,7 +99,7 @@ def test_a_failing_sweep_job_does_not_stop_the_others(tmp_path):
     assert done.returncode != 0
     assert [status(tmp_path / job)["status"] for job in "012"] == ["done", "failed", "done"]
     assert status(tmp_path / "1")["error"] == "dpo.beta=-1: must be > 0"
-    summary = done.stdout[done.stdout.index("sweep summary"):]
+    summary = done.stdout[done.stdout.index("sweep summary") :]
     assert "job 0 [stage=dpo,dpo.beta=0.1" in summary and "]: done" in summary
     assert "job 1 [stage=dpo,dpo.beta=-1,dpo.max_steps=2,dataset.test_size=0]: failed: dpo.beta=-1: must be > 0" in summary
     assert "1 of 3 jobs failed" in done.stderr

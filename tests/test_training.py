@@ -5,9 +5,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import history, train
+from safetensors.torch import load_file
 
 
 def lora_b_norm(final_dir) -> float:

@@ -12,9 +12,9 @@ import time
 
 import pytest
 import yaml
+from conftest import ROOT, cli, compose_config
 from omegaconf import OmegaConf, open_dict
 
-from conftest import ROOT, cli, compose_config
 from rlhf.errors import UserError
 from rlhf.validate import check_overrides, check_target, validate
 
@@ -96,12 +96,18 @@ def test_added_key_that_is_no_field_of_the_settings_class_is_refused_with_the_ne
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (("stage=ppo", "+ppo.kl_coeff=0.2"), "ppo.kl_coeff=0.2: unknown key, not a field of rlhf.ppo.trainer.PPOConfig; did you mean ppo.kl_coef?"),
+        (
+            ("stage=ppo", "+ppo.kl_coeff=0.2"),
+            "ppo.kl_coeff=0.2: unknown key, not a field of rlhf.ppo.trainer.PPOConfig; did you mean ppo.kl_coef?",
+        ),
         (("+sft.learning_rat=0.1",), "sft.learning_rat=0.1: unknown key, not a field of trl.SFTConfig; did you mean sft.learning_rate?"),
         (("+peft.rank=4",), "peft.rank=4: unknown key, not a field of rlhf.models.lora_config"),
         (("+model.trust_remote=true",), "model.trust_remote=True: unknown key; did you mean model.trust_remote_code?"),
         (("+dataset.max_sample=5",), "dataset.max_sample=5: unknown key; did you mean dataset.max_samples?"),
-        (("+hardware.training_args.use_cpuu=true",), "hardware.training_args.use_cpuu=True: unknown key, not a field of trl.SFTConfig; did you mean hardware.training_args.use_cpu?"),
+        (
+            ("+hardware.training_args.use_cpuu=true",),
+            "hardware.training_args.use_cpuu=True: unknown key, not a field of trl.SFTConfig; did you mean hardware.training_args.use_cpu?",
+        ),
         (("+sed=1",), "sed=1: unknown key; did you mean seed?"),
     ],
 )
@@ -363,3 +369,24 @@ def test_cli_refuses_a_shared_config_with_a_foreign_target(tmp_path):
     done = cli("--config-path", str(shared), "--config-name", "config", f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
     assert one_line_error(done) == f"error: refusing _target_=os.system at ppo._target_: {REFUSAL}"
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("target", ["os.system", "shutil.rmtree"])
+def test_cli_refuses_a_foreign_callback_before_hydra_instantiates_it(tmp_path, target):
+    """hydra.callbacks are instantiated by Hydra before the run starts: a config named with
+    --config-path is checked before Hydra reads it."""
+    marker = tmp_path / "pwned"
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    config = {"defaults": ["_self_"], "hydra": {"callbacks": {"evil": {"_target_": target, "_args_": [f"touch {marker}"]}}}}
+    (shared / "config.yaml").write_text(yaml.safe_dump(config))
+    done = cli("--config-path", str(shared), "--config-name", "config", f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: refusing _target_={target} at hydra.callbacks.evil._target_")
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_a_foreign_callback_target_on_the_command_line(tmp_path):
+    done = cli("+hydra.callbacks.evil._target_=os.system", f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: refusing _target_=os.system at hydra.callbacks.evil._target_")

@@ -47,8 +47,7 @@ def load_splits(dataset_cfg, kind: str) -> Splits:
         except RowError as err:
             if not dataset_cfg.get("skip_invalid", False):
                 raise UserError(
-                    f"{source}, {where}: {err} (format {dataset_cfg.format} reads {fmt.fields}; "
-                    "dataset.skip_invalid=true skips such rows)"
+                    f"{source}, {where}: {err} (format {dataset_cfg.format} reads {fmt.fields}; dataset.skip_invalid=true skips such rows)"
                 ) from None
             skipped[str(err)] += 1
             continue
@@ -57,7 +56,8 @@ def load_splits(dataset_cfg, kind: str) -> Splits:
         reasons = "; ".join(f"{count} x {reason}" for reason, count in skipped.most_common())
         log.warning("dataset: skipped %d invalid rows of %s (%s)", sum(skipped.values()), source, reasons)
     if not records:
-        raise UserError(f"dataset {source or describe_source(dataset_cfg)}: no valid rows to train on")
+        why = f" ({sum(skipped.values())} invalid rows skipped: {reasons})" if skipped else ""
+        raise UserError(f"dataset {source or describe_source(dataset_cfg)}: no valid rows to train on{why}")
     dataset = Dataset.from_list(records)
     if not dataset_cfg.test_size:
         return Splits(dataset, None, sum(skipped.values()))
@@ -106,7 +106,7 @@ def data_files(path: str, split) -> list:
     """`builtin:<file>` names a file shipped in rlhf/data/builtin; a directory stands for the
     data files in it (those whose name contains the split, when any does)."""
     path = str(path)
-    resolved = BUILTIN_DIR / path[len(BUILTIN_PREFIX):] if path.startswith(BUILTIN_PREFIX) else Path(path).expanduser()
+    resolved = BUILTIN_DIR / path[len(BUILTIN_PREFIX) :] if path.startswith(BUILTIN_PREFIX) else Path(path).expanduser()
     if resolved.is_file():
         return [resolved]
     if not resolved.is_dir():

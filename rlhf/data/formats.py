@@ -11,8 +11,8 @@ file and line, and either stops or (dataset.skip_invalid) counts and skips the r
 """
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 class RowError(ValueError):
@@ -81,6 +81,8 @@ def last_assistant_turn(conversation: list, name: str) -> tuple:
 
 
 def preference_record(prompt: list, chosen: str, rejected: str) -> dict:
+    if chosen.strip() == rejected.strip():  # a conversion mistake: DPO's loss would sit at log 2, an RM learns nothing
+        raise RowError("the chosen and rejected answers are identical")
     return {"prompt": prompt, "chosen": [message("assistant", chosen)], "rejected": [message("assistant", rejected)]}
 
 

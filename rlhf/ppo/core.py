@@ -118,9 +118,7 @@ def kl_penalized_rewards(
 
 
 @torch.no_grad()
-def gae(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation; returns (advantages, returns), 0 on padding.
 
     [GAE] Sec. 3 / [PPO] Eqs. (11)-(12):

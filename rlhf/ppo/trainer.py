@@ -163,13 +163,16 @@ class PPOTrainer:
             return
         path.mkdir(parents=True, exist_ok=True)
         (path / CHECKPOINT_MARK).unlink(missing_ok=True)  # a directory being rewritten is incomplete until the end
-        torch.save({
-            "policy": {name: p.detach() for name, p in self.policy.named_parameters() if p.requires_grad},
-            "value_head": self.value_head.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }, path / "ppo_state.pt")
+        torch.save(
+            {
+                "policy": {name: p.detach() for name, p in self.policy.named_parameters() if p.requires_grad},
+                "value_head": self.value_head.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            path / "ppo_state.pt",
+        )
         write_json(path / CHECKPOINT_MARK, {"step": update, "kl_coef": self.kl_controller.value, "keep": keep})
         older = sorted((p for p in path.parent.glob("checkpoint-*") if p != path), key=checkpoint_step)
         for stale in older[: max(len(older) - self.settings.save_total_limit + 1, 0)]:
@@ -245,8 +248,9 @@ class PPOTrainer:
                 )
                 loss = pg_loss + self.settings.vf_coef * vf_loss
                 if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"PPO diverged at update {update}: the loss is {loss.item()} "
-                                        f"(policy {pg_loss.item()}, value {vf_loss.item()})")
+                    raise NonFiniteLoss(
+                        f"PPO diverged at update {update}: the loss is {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()})"
+                    )
                 self.optimizer.zero_grad()
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.max_grad_norm)

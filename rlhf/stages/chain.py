@@ -18,11 +18,11 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
 from rlhf import PROJECT_ROOT
 from rlhf.errors import UserError
-from rlhf.runs import comparable, is_main_process, prepare_run_dir, read_status
+from rlhf.runs import finished_with, is_main_process, prepare_run_dir
 
 STEP_REFERENCE = "@"
 NOT_INHERITED = ("experiment", "stage", "chain", "hydra", "run_name")
@@ -81,7 +81,7 @@ def resolve(override: str, step_dirs: dict) -> str:
     key, _, value = override.partition("=")
     if not value.startswith(STEP_REFERENCE):
         return override
-    step = value[len(STEP_REFERENCE):]
+    step = value[len(STEP_REFERENCE) :]
     if step not in step_dirs:
         raise UserError(f"chain override {override}: no step named '{step}'; steps: {', '.join(step_dirs)}")
     return f"{key}={step_dirs[step]}"
@@ -93,11 +93,3 @@ def compose_step(overrides: list):
         return compose(config_name="config", overrides=overrides)
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
-
-
-def finished_with(step_dir: Path, step_cfg) -> bool:
-    saved = step_dir / ".hydra" / "config.yaml"
-    if read_status(step_dir) != "done" or not saved.is_file():
-        return False
-    return comparable(OmegaConf.load(saved)) == comparable(step_cfg)
-

@@ -16,8 +16,8 @@ from transformers import set_seed
 
 from rlhf.data import load_splits
 from rlhf.generation import SamplingSettings, as_reference, response_logprobs, reward_scores, sample
-from rlhf.metrics import agreement
 from rlhf.lineage import POLICY_STAGES, TrainedRun
+from rlhf.metrics import agreement
 from rlhf.training import device_for, load_reward_model
 
 
@@ -58,16 +58,18 @@ def run(cfg, run_dir: Path) -> dict:
         policy_scores = reward_scores(reward_model, reward_tokenizer, batch, from_policy.texts, device)
         reference_scores = reward_scores(reward_model, reward_tokenizer, batch, from_reference.texts, device)
         for i, prompt in enumerate(batch):
-            rows.append({
-                "prompt": prompt,
-                "policy": from_policy.texts[i],
-                "reference": from_reference.texts[i],
-                "score_policy": policy_scores[i].item(),
-                "score_reference": reference_scores[i].item(),
-                "kl": kl[i].item(),
-                "length_policy": int(from_policy.response_mask[i].sum()),
-                "length_reference": int(from_reference.response_mask[i].sum()),
-            })
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "policy": from_policy.texts[i],
+                    "reference": from_reference.texts[i],
+                    "score_policy": policy_scores[i].item(),
+                    "score_reference": reference_scores[i].item(),
+                    "kl": kl[i].item(),
+                    "length_policy": int(from_policy.response_mask[i].sum()),
+                    "length_reference": int(from_reference.response_mask[i].sum()),
+                }
+            )
     with open(run_dir / "samples.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     metrics = {"eval_win_rate": sum(agreement(row["score_policy"] - row["score_reference"]) for row in rows) / len(rows)}

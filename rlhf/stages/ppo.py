@@ -20,7 +20,13 @@ from transformers import set_seed
 from rlhf.ppo.trainer import PPOTrainer, ValueHead
 from rlhf.runs import append_history, resume_point
 from rlhf.training import (
-    device_for, finish_tracking, load_inputs, load_reward_model, open_wandb_run, save_final, start_tracking,
+    device_for,
+    finish_tracking,
+    load_inputs,
+    load_reward_model,
+    open_wandb_run,
+    save_final,
+    start_tracking,
 )
 
 
@@ -45,7 +51,14 @@ def run(cfg, run_dir: Path) -> dict:
     # PPO runs its own loop, so it writes TensorBoard events itself (the Trainer stages leave it to transformers).
     tensorboard = tensorboard_writer(run_dir) if cfg.logger.report_to == "tensorboard" else None
     trainer = PPOTrainer(
-        policy, reference, value_head, inputs.tokenizer, reward_model, reward_tokenizer, settings, device,
+        policy,
+        reference,
+        value_head,
+        inputs.tokenizer,
+        reward_model,
+        reward_tokenizer,
+        settings,
+        device,
         log=lambda record: log_update(run_dir, record, tensorboard),
     )
     held_out = [row["prompt"] for row in inputs.data.eval][: settings.eval_prompts] if inputs.data.eval is not None else []
