@@ -17,7 +17,9 @@ adapter of their summed rank (`rank(ΔW1 + ΔW2) <= r1 + r2`, so the sum is exac
 
 Every export is checked on the way out: loaded back with the plain libraries, its logits (a
 reward model's scores) on sample inputs must equal the trained model's, as the project loads
-it, within `--tolerance`, or the export fails and nothing is left at OUT_DIR.
+it, within `--tolerance` x (1 + the largest |logit| at that position) (default 1e-5: the
+precision float32 weights carry through a deep model), or the export fails and nothing is
+left at OUT_DIR.
 """
 
 import argparse
@@ -43,8 +45,8 @@ SAMPLE_CONVERSATIONS = [  # inputs of the check: a short and a longer chat, padd
 ]
 
 
-def export(run_dir, out_dir, adapter_only: bool = False, tolerance: float = 1e-5) -> float:
-    """Write the run's model to `out_dir`, check it, and return the largest logit difference."""
+def export(run_dir, out_dir, adapter_only: bool = False, tolerance: float = 1e-5) -> dict:
+    """Write the run's model to `out_dir`, check it, and return what rlhf_export.json records."""
     from rlhf.lineage import TrainedRun
 
     run = TrainedRun.of(run_dir, "RUN_DIR", stages=EXPORTABLE_STAGES)
@@ -60,11 +62,13 @@ def export(run_dir, out_dir, adapter_only: bool = False, tolerance: float = 1e-5
         # In float64 the check sees the exported weights (rounded once to float32), not the rounding
         # of float32 matmuls, which alone moves the tiny model's logits by ~1e-5 between the merged
         # and the unmerged form of the same weights.
-        difference = max(gap, largest_difference(trained.double(), load_back(out, head, base).double(), tokenizer))
-        if not difference <= tolerance:
+        differences = [gap, largest_difference(trained.double(), load_back(out, head, base).double(), tokenizer)]
+        difference, scaled = (max(d[i] for d in differences) for i in (0, 1))
+        if not scaled <= tolerance:
             raise UserError(
                 f"export check failed: the exported model's {'scores' if head == 'reward' else 'logits'} differ from the "
-                f"trained model's by up to {difference:.3g} (tolerance {tolerance:g}); nothing was exported"
+                f"trained model's by up to {difference:.3g}, {scaled:.3g} relative to 1 + the largest |logit| (tolerance {tolerance:g}); "
+                "nothing was exported"
             )
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
@@ -75,10 +79,11 @@ def export(run_dir, out_dir, adapter_only: bool = False, tolerance: float = 1e-5
         "form": "adapter" if adapter_only else "merged",
         "base": base,
         "max_abs_difference": difference,
+        "max_difference_relative_to_1_plus_largest_abs_logit": scaled,
         "tolerance": tolerance,
     }
     (out / "rlhf_export.json").write_text(json.dumps(record, indent=2) + "\n")
-    return difference
+    return record
 
 
 def full_precision_form(run, head: str, tokenizer) -> tuple:
@@ -89,7 +94,7 @@ def full_precision_form(run, head: str, tokenizer) -> tuple:
 
     trained = run.load(FULL_PRECISION, run.cfg.get("quantization"), head=head).eval()
     if run.cfg.get("quantization") is None:
-        return trained, 0.0
+        return trained, (0.0, 0.0)
     start = run.start.load(FULL_PRECISION, run.cfg.quantization, head=head).dequantize()
     expanded = PeftModel.from_pretrained(start, str(run.adapter)).eval()
     return expanded, largest_difference(trained, expanded, tokenizer)
@@ -158,8 +163,11 @@ def load_back(out: Path, head: str, adapter_base):
     return auto.from_pretrained(str(out), dtype=torch.float32).eval()
 
 
-def largest_difference(trained, exported, tokenizer) -> float:
-    """max |trained - exported| over the logits (scores) of a padded batch of sample chats."""
+def largest_difference(trained, exported, tokenizer) -> tuple:
+    """(max |trained - exported|, the same relative to 1 + the position's largest |logit|) over
+    the logits (scores) of a padded batch of sample chats. The second is what the check bounds:
+    float32 weights carry about 7 significant digits, so through a 30-layer model whose logits
+    reach 20 or more, rounding alone moves them by ~1e-5."""
     import torch
 
     texts = [
@@ -172,7 +180,9 @@ def largest_difference(trained, exported, tokenizer) -> float:
     if expected.dim() == 3:  # a policy: compare the real tokens only
         mask = batch["attention_mask"].bool()
         expected, got = expected[mask], got[mask]
-    return (expected - got).abs().max().item()
+    gap = (expected - got).abs()
+    scale = 1 + expected.abs().amax(dim=-1, keepdim=True)  # per position (per row for a reward model's one score)
+    return gap.max().item(), (gap / scale).max().item()
 
 
 def main(argv=None) -> None:
@@ -180,14 +190,19 @@ def main(argv=None) -> None:
     parser.add_argument("run_dir", help="a finished sft, dpo, ppo or rm run directory")
     parser.add_argument("out_dir", help="where to write the standalone model (new or empty)")
     parser.add_argument("--adapter", action="store_true", help="write one LoRA adapter over a loadable base instead of merged weights")
-    parser.add_argument("--tolerance", type=float, default=1e-5, help="largest logit difference the check accepts (default 1e-5)")
+    parser.add_argument(
+        "--tolerance", type=float, default=1e-5, help="largest |logit difference| / (1 + largest |logit|) the check accepts (default 1e-5)"
+    )
     args = parser.parse_args(argv)
     try:
-        difference = export(args.run_dir, args.out_dir, adapter_only=args.adapter, tolerance=args.tolerance)
+        record = export(args.run_dir, args.out_dir, adapter_only=args.adapter, tolerance=args.tolerance)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"exported {args.run_dir} -> {args.out_dir} (checked: largest logit difference {difference:.3g})")
+    print(
+        f"exported {args.run_dir} -> {args.out_dir} (checked: largest logit difference {record['max_abs_difference']:.3g}, "
+        f"{record['max_difference_relative_to_1_plus_largest_abs_logit']:.3g} relative to 1 + the largest |logit|)"
+    )
 
 
 if __name__ == "__main__":
