@@ -48,9 +48,9 @@ class Lineage:
             return cls(model_cfg)
         return TrainedRun.of(init_from, "model.init_from", POLICY_STAGES).lineage
 
-    def merged(self, adapter=None) -> "Lineage":
-        """This lineage with `adapter` merged on top (itself when there is none)."""
-        return Lineage(self.base, [*self.adapters, Path(adapter)]) if adapter else self
+    def merged(self, adapter) -> "Lineage":
+        """This lineage with `adapter` merged on top."""
+        return Lineage(self.base, [*self.adapters, Path(adapter)])
 
     def base_path(self) -> str:
         return resolve_model_path(self.base)
