@@ -8,9 +8,9 @@ import sys
 
 import hydra
 
+from rlhf.compose import check_command_line
 from rlhf.errors import UserError
 from rlhf.run import main as run_main
-from rlhf.validate import check_overrides
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -23,7 +23,7 @@ if __name__ == "__main__":
     multirun = [arg for arg in sys.argv[1:] if arg in ("-m", "--multirun")]
     sys.argv = [sys.argv[0], *multirun, *(arg for arg in sys.argv[1:] if arg not in multirun)]
     try:
-        check_overrides(sys.argv[1:])  # a typo gets "did you mean", before Hydra's own refusal
+        check_command_line(sys.argv[1:])  # Hydra's composition errors in one line; no foreign _target_ reaches Hydra
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from rlhf.models import BUILTIN_PREFIX, build_once, cache_dir, load_model, load_tokenizer, merge_adapter, resolve_model_path
+from rlhf.cache import build_once, cache_dir
+from rlhf.models import BUILTIN_PREFIX, load_model, load_tokenizer, merge_adapter, resolve_model_path
 from rlhf.runs import finished_run
 
 LINEAGE_FILE = "lineage.json"  # in every final/: what the run's model stands on

@@ -12,7 +12,9 @@ import importlib.util
 import os
 from pathlib import Path
 
+from rlhf.cache import build_once, cache_dir
 from rlhf.errors import UserError, first_line
+from rlhf.tiny_model import CHAT_TEMPLATE
 
 # model.hub -> (name shown in messages, the pip command that installs its client or None).
 HUBS = {
@@ -94,8 +96,6 @@ def smollm2_gguf() -> Path:
 def ensure_smollm2() -> Path:
     """SmolLM2-135M-Instruct as a trainable safetensors directory in the project cache, converted
     once from the shipped GGUF (transformers dequantizes GGUF to float32 but will not train it)."""
-    from rlhf.models import build_once, cache_dir  # here, not at the top: rlhf.models imports this module
-
     gguf_path = smollm2_gguf()
     if importlib.util.find_spec("gguf") is None:
         raise UserError(f"model smollm2-135m needs the gguf package to read {gguf_path.name}: {SMOLLM2_INSTALL}")
@@ -108,8 +108,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     has a ChatML chat template and a pad token, and save both as a plain transformers directory."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rlhf.models import CHAT_TEMPLATE
 
     where, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)

@@ -7,6 +7,7 @@ In a multirun a failing job records its failure in status.json and the sweep goe
 (`rlhf.runs.SweepSummary` reports all jobs at the end).
 """
 
+import functools
 import json
 import os
 import platform
@@ -21,7 +22,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from rlhf import PROJECT_ROOT
+from rlhf import PROJECT_ROOT, chain
 from rlhf.errors import UserError
 from rlhf.runs import finished_with, is_main_process, prepare_run_dir, write_json, write_status
 from rlhf.stages import get_stage
@@ -43,7 +44,7 @@ def main(cfg, run_dir: Path | None = None):
             print(f"{run_dir}: already finished with this config; skipped", flush=True)
             return objective(cfg, json.loads((run_dir / "metrics.json").read_text()))
         prepare_run_dir(cfg, run_dir, hydra.overrides.task if hydra else [], hydra, write=is_main_process())
-        metrics = run_stage(cfg, run_dir)
+        metrics = run_stage(cfg, run_dir, hydra.overrides.task if hydra else [])
         if is_main_process():
             print(f"final metrics ({run_dir}):\n" + json.dumps(metrics, indent=2, ensure_ascii=False))
         return objective(cfg, metrics)
@@ -69,13 +70,13 @@ def adopt_slurm_ranks() -> None:
     TorchDistributedEnvironment().export()
 
 
-def run_stage(cfg, run_dir: Path) -> dict:
+def run_stage(cfg, run_dir: Path, overrides=()) -> dict:
     """env.json, the stage's training, metrics.json, and status.json throughout: one complete
     run directory (or one that says why it is not). Under torchrun only rank 0 writes them."""
     main_process = is_main_process()
     try:
-        validate(cfg)  # before the stage's heavy imports and before any model or dataset loads
-        stage = get_stage(cfg.stage)
+        validate(cfg, list(overrides))  # before the stage's heavy imports and before any model or dataset loads
+        stage = functools.partial(chain.run, run_stage=run_stage) if cfg.stage == "chain" else get_stage(cfg.stage)
         if main_process:
             write_json(run_dir / "env.json", environment(cfg))
             write_status(run_dir, "running")

@@ -30,6 +30,28 @@ def finished_run(path, key: str, stages: tuple = ()):
     return cfg
 
 
+# Settings that name an earlier run: key -> (the stage that cannot do without it, or None; the stages that run may be).
+RUN_INPUTS = {
+    "model.init_from": (None, ("sft", "dpo", "ppo")),
+    "ppo.reward_model": ("ppo", ("rm",)),
+    "eval.policy": ("eval", ("sft", "dpo", "ppo")),
+    "eval.reward_model": ("eval", ("rm",)),
+}
+
+
+def check_input_runs(cfg) -> None:
+    """Every earlier run the config names is a finished run of a fitting stage, and the stage has
+    the ones it cannot do without."""
+    for key, (needed_by, stages) in RUN_INPUTS.items():
+        value = OmegaConf.select(cfg, key)
+        if needed_by == cfg.get("stage") and not value:
+            raise UserError(
+                f"{key}={value or 'null'}: stage={cfg.stage} needs {key}=<directory of a finished stage={'/'.join(stages)} run>"
+            )
+        if value:
+            finished_run(value, key, stages=stages)
+
+
 # ---- the lifecycle of a run directory --------------------------------------------------------
 
 CHECKPOINT_MARK = "rlhf_checkpoint.json"  # written last: a checkpoint without it is incomplete

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from trl import DPOConfig, DPOTrainer, RewardTrainer
 
+from rlhf.cache import cache_dir
+from rlhf.compat import ReferenceLogpsHook, log_metric, prepare_inputs
 from rlhf.generation import as_reference
 from rlhf.metrics import preference_metrics
-from rlhf.models import cache_dir
 
 
 class PreferenceEvaluation:
@@ -38,7 +39,7 @@ class PreferenceEvaluation:
         chosen, rejected = [], []
         with torch.no_grad():
             for batch in dataloader:
-                scores = self.pair_scores(model, self._prepare_inputs(batch))
+                scores = self.pair_scores(model, prepare_inputs(self, batch))
                 # Under DDP each rank scores its shard: gather them, in dataset order.
                 batch_chosen, batch_rejected = self.accelerator.gather_for_metrics(scores)
                 chosen += batch_chosen.float().tolist()
@@ -116,7 +117,7 @@ def read_ref_cache(path, rows: int):
     return None
 
 
-class KLDPOTrainer(PreferenceEvaluation, DPOTrainer):
+class KLDPOTrainer(PreferenceEvaluation, ReferenceLogpsHook, DPOTrainer):
     """TRL's DPOTrainer; with kl_coef > 0 the loss becomes
 
         L = L_DPO + kl_coef * mean_t KL(pi(.|x, y_<t) || ref(.|x, y_<t))
@@ -131,7 +132,7 @@ class KLDPOTrainer(PreferenceEvaluation, DPOTrainer):
         self.timings = {}  # seconds computing or loading the reference log-probs, when precomputed (fit() reports it)
         super().__init__(*args, **kwargs)
 
-    def _precompute_ref_logps(self, dataset, name, batch_size):
+    def reference_logps(self, dataset, name, batch_size):
         """TRL's precomputation of reference log-probs, kept on disk across runs: a beta sweep
         computes them once. The key covers the reference model (base, merged adapters, dtype,
         quantization), the tokenizer, the tokenized rows, and the truncation settings, so any
@@ -149,7 +150,7 @@ class KLDPOTrainer(PreferenceEvaluation, DPOTrainer):
             for column in REF_COLUMNS:
                 dataset = dataset.add_column(column, cached[column].tolist())
             return dataset
-        dataset = super()._precompute_ref_logps(dataset, name, batch_size)
+        dataset = self.trl_reference_logps(dataset, name, batch_size)
         if path is not None and self.accelerator.is_main_process:
             columns = {c: torch.tensor(list(dataset[c]), dtype=torch.float32) for c in REF_COLUMNS}
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,8 +186,8 @@ class KLDPOTrainer(PreferenceEvaluation, DPOTrainer):
             return loss
         mode = "train" if self.model.training else "eval"
         kl = self.chosen_kl(model, inputs)
-        self._metrics[mode]["dpo_loss"].append(loss.item())
-        self._metrics[mode]["kl_loss"].append(kl.item())
+        log_metric(self, mode, "dpo_loss", loss.item())
+        log_metric(self, mode, "kl_loss", kl.item())
         return loss + self.args.kl_coef * kl
 
     def chosen_kl(self, model, inputs) -> torch.Tensor:

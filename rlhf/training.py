@@ -3,18 +3,15 @@ settings object, the history log, the tracker, and the train -> evaluate -> save
 that ends a run."""
 
 import logging
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
+from rlhf.compat import logged_loss_total, restore_trained_tokens, running_loss_total, trained_tokens
 from rlhf.data import Splits, load_splits
 from rlhf.errors import NonFiniteLoss
 from rlhf.lineage import Lineage, TrainedRun, write_final_lineage
@@ -26,6 +23,7 @@ from rlhf.runs import (
     resume_point,
     write_json,
 )
+from rlhf.tracking import finish_tracking, run_name
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +102,6 @@ def training_args(cfg, stage_cfg, run_dir: Path, has_eval: bool):
     return instantiate(settings, _convert_="all")
 
 
-def run_name(cfg) -> str:
-    return cfg.get("run_name") or "default"
-
-
 def device_for(cfg):
     """Where a stage that drives its own loop (PPO, eval) computes: a GPU when the hardware
     preset uses one and there is one."""
@@ -123,50 +117,6 @@ class HistoryWriter(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             append_history(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
-
-
-def start_tracking(cfg, run_dir: Path) -> None:
-    """Open the W&B run (config, name, group) or point TensorBoard at the run directory; the
-    trainer's own integration then logs into it."""
-    if cfg.logger.report_to == "tensorboard":
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
-    if cfg.logger.report_to != "wandb" or not is_main_process():
-        return
-    import wandb
-
-    mode = cfg.logger.mode
-    if mode == "auto":  # never wait on the network without credentials
-        mode = "online" if os.environ.get("WANDB_API_KEY") or _netrc_has_wandb() else "offline"
-    group = cfg.logger.group
-    if group is None and HydraConfig.get().mode == RunMode.MULTIRUN:
-        group = Path(HydraConfig.get().sweep.dir).as_posix()  # all jobs of one sweep together
-    wandb.init(
-        id=wandb_run_id(run_dir),  # the same id on resume: the W&B run continues
-        resume="allow",
-        project=cfg.logger.project,
-        entity=cfg.logger.entity,
-        name=run_name(cfg),
-        group=group,
-        tags=list(cfg.logger.tags),
-        mode=mode,
-        dir=str(run_dir),
-        config=OmegaConf.to_container(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]), resolve=True),
-    )
-
-
-def wandb_run_id(run_dir: Path) -> str:
-    """The run directory's W&B id, made on first use and kept in the run directory."""
-    path = run_dir / "wandb_id.txt"
-    if not path.is_file():
-        import uuid
-
-        path.write_text(uuid.uuid4().hex[:16])
-    return path.read_text().strip()
-
-
-def _netrc_has_wandb() -> bool:
-    netrc = Path.home() / ".netrc"
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
 def dropped_by_trainer(trainer, data: Splits) -> int:
@@ -209,11 +159,9 @@ class RunGuard(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        # transformers keeps the loss sum of logged steps in _total_loss_scalar and of the
-        # steps since the last log in _tr_loss; a resumed Trainer starts both at zero.
-        # TRL counts the tokens trained on in _total_train_tokens, also restarted at zero.
-        total = self.trainer._total_loss_scalar + self.trainer._tr_loss.item()
-        tokens = getattr(self.trainer, "_total_train_tokens", 0)
+        # A resumed Trainer restarts its loss total and TRL its token count at zero: the mark
+        # carries both on (rlhf.compat says why no public counter serves).
+        total, tokens = running_loss_total(self.trainer), trained_tokens(self.trainer)
         if checkpoint.is_dir() and state.is_world_process_zero:
             write_json(checkpoint / CHECKPOINT_MARK, {"step": state.global_step, "loss_total": total, "num_tokens": tokens})
 
@@ -226,8 +174,7 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
     trainer.add_callback(RunGuard(trainer))
     checkpoint, mark = resume_point(cfg, run_dir)
     if checkpoint is not None:
-        if hasattr(trainer, "_total_train_tokens"):
-            trainer._total_train_tokens = mark["num_tokens"]
+        restore_trained_tokens(trainer, mark["num_tokens"])
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics = {
         **result.metrics,
@@ -236,7 +183,7 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
         **getattr(trainer, "timings", {}),
     }  # phases outside train(), e.g. DPO's reference log-probs
     if checkpoint is not None:  # the mean loss over all steps, not only those since the resume
-        metrics["train_loss"] = (mark["loss_total"] + trainer._total_loss_scalar) / trainer.state.global_step
+        metrics["train_loss"] = (mark["loss_total"] + logged_loss_total(trainer)) / trainer.state.global_step
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
     trainer.save_model(str(run_dir / "final"))  # on the main process only (the Trainer checks)
@@ -245,17 +192,3 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
         write_final_lineage(run_dir / "final", inputs.lineage, cfg, inputs.head)
     finish_tracking(metrics)
     return metrics
-
-
-def open_wandb_run():
-    """The W&B run start_tracking opened, or None (wandb is imported only when one was opened)."""
-    wandb = sys.modules.get("wandb")
-    return wandb if wandb is not None and wandb.run is not None else None
-
-
-def finish_tracking(metrics: dict) -> None:
-    """Put the final metrics in the W&B run's summary and close it (no-op without W&B)."""
-    wandb = open_wandb_run()
-    if wandb is not None:
-        wandb.summary.update(metrics)
-        wandb.finish()

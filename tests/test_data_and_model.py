@@ -60,7 +60,7 @@ def test_missing_file_and_unknown_format(tmp_path):
 def test_tiny_model_is_cached_and_its_template_marks_assistant_tokens():
     from transformers import AutoTokenizer
 
-    from rlhf.models import ensure_tiny_model
+    from rlhf.tiny_model import ensure_tiny_model
 
     path = ensure_tiny_model()
     assert ensure_tiny_model() == path  # built once, then found in the cache

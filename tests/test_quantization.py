@@ -48,6 +48,6 @@ def test_every_stage_trains_quantized_also_on_top_of_lora_runs(tmp_path):
         "dataset.test_size=0",
     )
     assert "objective/scores" in ppo and (tmp_path / "ppo" / "final" / "value_head.safetensors").is_file()
-    from rlhf.models import cache_dir
+    from rlhf.cache import cache_dir
 
     assert list(cache_dir().glob("merged-*/config.json"))  # the merged copy that was quantized

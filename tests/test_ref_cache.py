@@ -6,7 +6,7 @@ from conftest import history, train
 
 
 def cached_files():
-    from rlhf.models import cache_dir
+    from rlhf.cache import cache_dir
 
     return sorted((cache_dir() / "ref_logps").glob("*.safetensors"))
 

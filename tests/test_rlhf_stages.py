@@ -144,7 +144,7 @@ def test_dpo_chain_reference_is_the_sft_policy(tmp_path, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from rlhf.models import ensure_tiny_model
+    from rlhf.tiny_model import ensure_tiny_model
 
     trained = {}
     original = trl.DPOTrainer.__init__

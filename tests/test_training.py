@@ -39,7 +39,7 @@ def test_dpo_margins_rise_and_adapter_trains(tmp_path):
 def test_full_finetuning_changes_the_weights(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from rlhf.models import ensure_tiny_model
+    from rlhf.tiny_model import ensure_tiny_model
 
     train(tmp_path, "stage=sft", "peft=none", "sft.max_steps=10", "dataset.test_size=0")
     before = AutoModelForCausalLM.from_pretrained(ensure_tiny_model()).state_dict()

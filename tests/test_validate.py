@@ -2,8 +2,9 @@
 valid one, values out of range, incompatible choices and missing input runs, and the
 `_target_` allowlist. Each message is one line naming the key and its value.
 
-The tests at the end (`test_cli_*`) run `python train.py` and need the wiring: train.py calls
-`check_overrides(sys.argv[1:])` before Hydra, and `rlhf.run.run_stage` calls `validate(cfg)`.
+The command line is composed by Hydra (`rlhf.compose.check_command_line`, called by train.py
+before Hydra runs), which turns composition errors into one line; `rlhf.run.run_stage` calls
+`validate(cfg, overrides)`. The tests at the end (`test_cli_*`) run `python train.py`.
 """
 
 import subprocess
@@ -15,8 +16,9 @@ import yaml
 from conftest import ROOT, cli, compose_config
 from omegaconf import OmegaConf, open_dict
 
+from rlhf.compose import check_command_line
 from rlhf.errors import UserError
-from rlhf.validate import check_overrides, check_target, validate
+from rlhf.validate import check_target, validate
 
 
 def refused(cfg) -> str:
@@ -123,18 +125,18 @@ def test_fields_the_yaml_does_not_list_are_welcome():
 
 def test_command_line_typo_names_the_nearest_key():
     with pytest.raises(UserError, match=r"^dpo\.betta=0\.1: unknown key; did you mean dpo\.beta\?$"):
-        check_overrides(["stage=dpo", "dpo.betta=0.1"])
+        check_command_line(["stage=dpo", "dpo.betta=0.1"])
     with pytest.raises(UserError, match=r"^stag=dpo: unknown key; did you mean stage\?$"):
-        check_overrides(["stag=dpo"])
+        check_command_line(["stag=dpo"])
     with pytest.raises(UserError, match=r"^dop\.beta=0\.3: unknown key; did you mean dpo\.beta\?$"):
-        check_overrides(["dop.beta=0.3"])
+        check_command_line(["dop.beta=0.3"])
     with pytest.raises(UserError, match=r"^model\.name_or_pth=x: unknown key; did you mean model\.name_or_path\?$"):
-        check_overrides(["model.name_or_pth=x"])
+        check_command_line(["model.name_or_pth=x"])
 
 
 def test_command_line_field_missing_from_the_yaml_says_to_add_it():
     with pytest.raises(UserError, match=r"dpo\.adam_beta1=0\.9: .*field of rlhf\.trainers\.KLDPOConfig.*use \+dpo\.adam_beta1=\.\.\.\)$"):
-        check_overrides(["stage=dpo", "dpo.adam_beta1=0.9"])
+        check_command_line(["stage=dpo", "dpo.adam_beta1=0.9"])
 
 
 @pytest.mark.parametrize(
@@ -151,11 +153,27 @@ def test_command_line_field_missing_from_the_yaml_says_to_add_it():
         ["+dpo.betta=1"],  # adding is Hydra's business; validate() judges the added key
         ["--cfg", "job", "stage=dpo"],
         ["--help", "dpo.betta=1"],  # Hydra prints help and ignores overrides
-        ["dpo.beta=(broken"],  # a syntax error: Hydra reports it
     ],
 )
 def test_valid_command_lines_pass(argv):
-    check_overrides(argv)
+    check_command_line(argv)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["stage=dpoo"], "stage=dpoo: no stage config named dpoo; did you mean stage=dpo? options: chain, dpo, eval, ppo, rm, sft"),
+        (["dpo.beta=0.3"], "dpo.beta=0.3: unknown key; this config has no dpo node (stage=dpo brings it)"),
+        (["~sft.nothing"], "~sft.nothing: sft.nothing is not in this config; nothing to delete"),
+        (["+sft.learning_rate=1"], "+sft.learning_rate=1: sft.learning_rate is already in the config; set it without the +"),
+        (["-m", "stage=dpo", "dpo.betta=0.1,0.3"], "dpo.betta=0.1: unknown key; did you mean dpo.beta?"),  # a sweep's first job
+        (["dpo.beta=(broken"], "Error parsing override 'dpo.beta=(broken'"),
+    ],
+)
+def test_composition_errors_become_one_line(argv, expected):
+    with pytest.raises(UserError) as caught:
+        check_command_line(argv)
+    assert str(caught.value).startswith(expected) and "\n" not in str(caught.value)
 
 
 # ---- 2. values out of range -----------------------------------------------------------------

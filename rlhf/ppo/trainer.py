@@ -71,6 +71,18 @@ class ValueHead(nn.Module):
 
 
 @dataclass
+class PPOModels:
+    """The networks PPO works with, by role."""
+
+    policy: nn.Module  # the causal LM being trained (a peft model under LoRA)
+    reference: nn.Module | None  # the frozen starting policy; None: the policy with its adapter disabled
+    value_head: ValueHead  # V(state), read from the policy's last hidden state
+    tokenizer: object  # the policy's
+    reward_model: nn.Module  # a frozen sequence classifier: one score per (prompt, response)
+    reward_tokenizer: object  # the reward model's own, with its own chat template
+
+
+@dataclass
 class Rollout:
     """One batch of sampled responses and everything PPO needs about them ([B, R] per token)."""
 
@@ -83,13 +95,12 @@ class Rollout:
 
 
 class PPOTrainer:
-    def __init__(self, policy, ref_policy, value_head, tokenizer, reward_model, reward_tokenizer, settings: PPOConfig, device, log):
-        """`ref_policy=None` means the policy is a peft model whose disabled adapter is the
-        reference; `log(record)` receives one dict of metrics per logged update."""
-        self.policy, self.ref_policy, self.value_head = policy, ref_policy, value_head
-        self.tokenizer, self.reward_model, self.reward_tokenizer = tokenizer, reward_model, reward_tokenizer
+    def __init__(self, models: PPOModels, settings: PPOConfig, device, log):
+        """`log(record)` receives one dict of metrics per logged update."""
+        self.policy, self.ref_policy, self.value_head = models.policy, models.reference, models.value_head
+        self.tokenizer, self.reward_model, self.reward_tokenizer = models.tokenizer, models.reward_model, models.reward_tokenizer
         self.settings, self.device, self.log = settings, device, log
-        trainable = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
+        trainable = [p for p in self.policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
         self.optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate)
         self.trainable = trainable
         if settings.adaptive_kl:

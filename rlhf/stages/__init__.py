@@ -18,5 +18,5 @@ def available_stages() -> list:
 def get_stage(name: str):
     """The `run` function of stage `name`; an unknown name lists the valid ones."""
     if name not in available_stages():
-        raise UserError(f"stage={name} is not a stage; valid stages: {', '.join(available_stages())}")
+        raise UserError(f"stage={name} is not a stage; valid stages: {', '.join(available_stages())} (and chain, which runs several)")
     return importlib.import_module(f"{__name__}.{name}").run

@@ -10,8 +10,9 @@ starting weights. Evaluations add win_rate, kendall_tau and margin of the implic
 
 from pathlib import Path
 
+from rlhf.tracking import start_tracking
 from rlhf.trainers import KLDPOTrainer
-from rlhf.training import fit, load_inputs, start_tracking, trainer_kwargs
+from rlhf.training import fit, load_inputs, trainer_kwargs
 
 
 def run(cfg, run_dir: Path) -> dict:

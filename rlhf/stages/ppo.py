@@ -17,17 +17,10 @@ from peft import get_peft_model
 from safetensors.torch import save_file
 from transformers import set_seed
 
-from rlhf.ppo.trainer import PPOTrainer, ValueHead
-from rlhf.runs import append_history, resume_point
-from rlhf.training import (
-    device_for,
-    finish_tracking,
-    load_inputs,
-    load_reward_model,
-    open_wandb_run,
-    save_final,
-    start_tracking,
-)
+from rlhf.ppo.trainer import PPOModels, PPOTrainer, ValueHead
+from rlhf.runs import resume_point
+from rlhf.tracking import UpdateLog, finish_tracking, start_tracking
+from rlhf.training import device_for, load_inputs, load_reward_model, save_final
 
 
 def run(cfg, run_dir: Path) -> dict:
@@ -42,25 +35,14 @@ def run(cfg, run_dir: Path) -> dict:
     else:
         reference = copy.deepcopy(inputs.model).requires_grad_(False).eval()  # full fine-tuning: a frozen copy
         policy = inputs.model
-    value_head = ValueHead(policy.config.hidden_size)
-    for module in (policy, reference, value_head, reward_model):
+    models = PPOModels(policy, reference, ValueHead(policy.config.hidden_size), inputs.tokenizer, reward_model, reward_tokenizer)
+    for module in (models.policy, models.reference, models.value_head, models.reward_model):
         if module is not None:
             module.to(device)
 
     start_tracking(cfg, run_dir)
-    # PPO runs its own loop, so it writes TensorBoard events itself (the Trainer stages leave it to transformers).
-    tensorboard = tensorboard_writer(run_dir) if cfg.logger.report_to == "tensorboard" else None
-    trainer = PPOTrainer(
-        policy,
-        reference,
-        value_head,
-        inputs.tokenizer,
-        reward_model,
-        reward_tokenizer,
-        settings,
-        device,
-        log=lambda record: log_update(run_dir, record, tensorboard),
-    )
+    log = UpdateLog(cfg, run_dir)
+    trainer = PPOTrainer(models, settings, device, log=log)
     held_out = [row["prompt"] for row in inputs.data.eval][: settings.eval_prompts] if inputs.data.eval is not None else []
     checkpoint, mark = resume_point(cfg, run_dir)
     if checkpoint is not None:  # an interrupted run: go on from its last complete checkpoint
@@ -74,26 +56,7 @@ def run(cfg, run_dir: Path) -> dict:
     metrics["data/skipped_rows"] = inputs.data.skipped_rows
 
     final = save_final(run_dir, policy, inputs, cfg)
-    save_file(value_head.state_dict(), str(final / "value_head.safetensors"))  # apart: final/ loads as a plain policy
-    if tensorboard is not None:
-        tensorboard.close()
+    save_file(models.value_head.state_dict(), str(final / "value_head.safetensors"))  # apart: final/ loads as a plain policy
+    log.close()
     finish_tracking(metrics)
     return metrics
-
-
-def tensorboard_writer(run_dir: Path):
-    from torch.utils.tensorboard import SummaryWriter  # needs the [tensorboard] extra, as logger=tensorboard does
-
-    return SummaryWriter(str(run_dir / "tensorboard"))
-
-
-def log_update(run_dir: Path, record: dict, tensorboard=None) -> None:
-    append_history(run_dir / "history.jsonl", record)
-    print(" ".join(f"{key}={value:.4g}" for key, value in record.items()), flush=True)
-    wandb = open_wandb_run()
-    if wandb is not None:
-        wandb.log(record, step=record["step"])
-    if tensorboard is not None:
-        for key, value in record.items():
-            if key != "step":
-                tensorboard.add_scalar(key, value, global_step=record["step"])

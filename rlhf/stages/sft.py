@@ -8,7 +8,8 @@ from pathlib import Path
 
 from trl import SFTTrainer
 
-from rlhf.training import fit, load_inputs, start_tracking, trainer_kwargs
+from rlhf.tracking import start_tracking
+from rlhf.training import fit, load_inputs, trainer_kwargs
 
 
 def run(cfg, run_dir: Path) -> dict:

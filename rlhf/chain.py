@@ -15,22 +15,20 @@ resumes, one of another config is refused unless resume=overwrite, which starts 
 import json
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from rlhf import PROJECT_ROOT
+from rlhf.compose import compose
 from rlhf.errors import UserError
 from rlhf.runs import finished_with, is_main_process, prepare_run_dir
+from rlhf.stages import available_stages
 
 STEP_REFERENCE = "@"
 NOT_INHERITED = ("experiment", "stage", "chain", "hydra", "run_name")
 
 
-def run(cfg, run_dir: Path) -> dict:
-    from rlhf.run import run_stage  # the same path a single run takes
-
+def run(cfg, run_dir: Path, run_stage) -> dict:
+    """Run every step with `run_stage(step_cfg, step_dir, overrides)`: the path a single run takes."""
     if not cfg.chain.steps:
         raise UserError("stage=chain needs chain.steps (see conf/experiment/rlhf_chain.yaml)")
     step_dirs = {name: run_dir / name for name in cfg.chain.steps}
@@ -48,7 +46,7 @@ def run(cfg, run_dir: Path) -> dict:
             print(f"chain: {name} -> {step_dir}", flush=True)
             # As for a single run: never resume or replace a step run of another config unless resume=overwrite.
             prepare_run_dir(step_cfg, step_dir, overrides, write=is_main_process())
-            step_metrics = run_stage(step_cfg, step_dir)
+            step_metrics = run_stage(step_cfg, step_dir, overrides)
         metrics.update({f"{name}/{key}": value for key, value in step_metrics.items()})
     return metrics
 
@@ -64,8 +62,6 @@ def inherited_overrides(stage: str) -> list:
     """The chain's command-line overrides that apply to a step of `stage`."""
     if not HydraConfig.initialized():
         return []
-    from rlhf.stages import available_stages
-
     other_stages = set(available_stages()) - {stage}
     kept = []
     for override in HydraConfig.get().overrides.task:
@@ -88,8 +84,5 @@ def resolve(override: str, step_dirs: dict) -> str:
 
 
 def compose_step(overrides: list):
-    """The config `python train.py <overrides>` would run."""
-    if GlobalHydra.instance().is_initialized():
-        return compose(config_name="config", overrides=overrides)
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    """The config `python train.py <overrides>` would run (a bad override fails in one line)."""
+    return compose(overrides, hydra_node=False)

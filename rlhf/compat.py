@@ -1,0 +1,84 @@
+"""Every private attribute of a library the project touches, in one place.
+
+Each entry says what the project needs and why no public mechanism gives it. When a supported
+version moves one of them, `tests/test_compat.py` fails naming the attribute and the library
+version, before any training test does.
+
+- transformers' Trainer keeps the running loss total in `_total_loss_scalar` (steps up to the
+  last log) and `_tr_loss` (steps since); a resumed Trainer restarts both at zero, and its
+  train_loss then averages only the steps after the resume over all steps. The public log
+  history holds the logged losses rounded to 4 digits, not the total: a resumed run would not
+  report the same train_loss as an uninterrupted one.
+- TRL's trainers count the tokens trained on (logged as `num_tokens`) in `_total_train_tokens`,
+  also restarted at zero on resume.
+- TRL's DPOTrainer computes the reference log-probs of a whole split in
+  `_precompute_ref_logps(dataset, name, batch_size)`; `ReferenceLogpsHook` routes it to the
+  project's cache. TRL 1.16's own cache is keyed by the dataset's fingerprint, which datasets
+  built in memory (every format conversion here) get at random; the project's key covers the
+  reference lineage, tokenizer, rows and truncation, and holds for in-memory data and sweeps.
+- TRL's trainers average the values in `_metrics[mode][name]` into each log line; the KL-DPO
+  loss adds its two parts there so they are logged beside TRL's own metrics, at TRL's cadence.
+- transformers' Trainer moves a collated batch to the model's device (and dtype handling) in
+  `_prepare_inputs`; the preference evaluation scores batches of the Trainer's own loader.
+- Hydra parses train.py's command line with `hydra._internal.utils.get_args_parser`; the
+  project reads the same flags with the same parser instead of a copy of Hydra's flag table.
+"""
+
+# (object, attribute) pairs tests/test_compat.py checks on the installed versions.
+PRIVATE_ATTRIBUTES = {
+    "transformers.Trainer (instance, after train())": ("_total_loss_scalar", "_tr_loss"),
+    "trl.SFTTrainer / RewardTrainer (instance)": ("_total_train_tokens",),
+    "trl.DPOTrainer (method)": ("_precompute_ref_logps",),
+    "trl.DPOTrainer (instance)": ("_metrics",),
+    "transformers.Trainer (method)": ("_prepare_inputs",),
+    "hydra._internal.utils (function)": ("get_args_parser",),
+}
+
+
+def running_loss_total(trainer) -> float:
+    """The sum of the training losses of every step the Trainer has run in this process."""
+    return trainer._total_loss_scalar + trainer._tr_loss.item()
+
+
+def logged_loss_total(trainer) -> float:
+    """The sum of the training losses up to the Trainer's last log (what its train_loss divides)."""
+    return trainer._total_loss_scalar
+
+
+def trained_tokens(trainer) -> int:
+    """TRL's count of tokens trained on (0 for a trainer that does not count them)."""
+    return getattr(trainer, "_total_train_tokens", 0)
+
+
+def restore_trained_tokens(trainer, count: int) -> None:
+    """Continue TRL's token count from a checkpoint's instead of from zero."""
+    if hasattr(trainer, "_total_train_tokens"):
+        trainer._total_train_tokens = count
+
+
+def log_metric(trainer, mode: str, name: str, value: float) -> None:
+    """Add a value to what the TRL trainer averages into its next `mode` ("train"/"eval") log."""
+    trainer._metrics[mode][name].append(value)
+
+
+def prepare_inputs(trainer, batch):
+    """A collated batch on the Trainer's device, as its own steps receive it."""
+    return trainer._prepare_inputs(batch)
+
+
+class ReferenceLogpsHook:
+    """Mixed in before trl.DPOTrainer: TRL's whole-split reference log-prob pass calls
+    `self.reference_logps(dataset, name, batch_size)`, which may call `trl_reference_logps`."""
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        return self.reference_logps(dataset, name, batch_size)
+
+    def trl_reference_logps(self, dataset, name, batch_size):
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+
+def hydra_arguments(argv: list):
+    """train.py's command line as Hydra's own parser reads it (flags, config path, overrides)."""
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser().parse_args(argv)

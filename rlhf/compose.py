@@ -1,0 +1,137 @@
+"""Compose a config as `python train.py <overrides>` does, with Hydra's compose API, and turn
+Hydra's composition errors into the project's one-line `error:`.
+
+- `check_command_line(argv)`, called by train.py before Hydra runs: composes the command line's
+  config (a sweep's first job) and checks every `_target_` in it, Hydra's own node included,
+  before Hydra instantiates `hydra.callbacks` - a shared config re-run with --config-path gets no
+  chance to run `os.system`.
+- `compose(overrides)`: the config, or `UserError` naming the override at fault
+  (`dpo.betta=0.1: unknown key; did you mean dpo.beta?`, `stage=dpoo: no stage config named
+  dpoo; did you mean stage=dpo? ...`). Chain steps compose through it too.
+
+Composing imports no torch: `--cfg job` and a typo answer in well under a second.
+"""
+
+import difflib
+import re
+
+from omegaconf import OmegaConf
+
+from rlhf import PROJECT_ROOT
+from rlhf.errors import UserError
+from rlhf.stages import available_stages
+from rlhf.validate import INSTANTIATE_KEYS, TRAINING_ARGUMENTS, check_targets, init_keys
+
+
+def check_command_line(argv) -> None:
+    """Compose what `python train.py <argv>` runs (a sweep's first job) and check its targets."""
+    from rlhf.compat import hydra_arguments
+
+    args = hydra_arguments(argv)
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun or args.config_dir:
+        return  # no job runs, or another search path: Hydra handles it alone
+    config_dir = PROJECT_ROOT / (args.config_path or "conf")  # relative to train.py, like Hydra
+    if not (config_dir / f"{args.config_name or 'config'}.yaml").is_file():
+        return  # Hydra says what is missing
+    cfg = compose(first_job(args.overrides), config_dir=str(config_dir), config_name=args.config_name or "config")
+    check_targets(cfg)
+
+
+def first_job(overrides: list) -> list:
+    """The overrides of a sweep's first job (`dpo.beta=0.1,0.3` -> `dpo.beta=0.1`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as err:  # a syntax error
+        raise UserError("; ".join(str(err).splitlines()[:2])) from None
+    job = []
+    for line, override in zip(overrides, parsed):
+        if override.is_sweep_override():
+            try:
+                line = f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}"
+            except Exception:  # an interval for a sweeper to sample: no first value
+                continue
+        job.append(line)
+    return job
+
+
+def compose(overrides: list, config_dir: str | None = None, config_name: str = "config", hydra_node: bool = True):
+    """The config Hydra composes for `overrides` (with Hydra's node unless hydra_node=False), or a
+    one-line UserError. Inside a running job (a chain step) Hydra is initialised already and its
+    search path is used."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    def attempt(lines):
+        if GlobalHydra.instance().is_initialized() and config_dir is None:
+            return hydra_compose(config_name, overrides=lines, return_hydra_config=hydra_node), groups()
+        with initialize_config_dir(config_dir=config_dir or str(PROJECT_ROOT / "conf"), version_base="1.3"):
+            return hydra_compose(config_name, overrides=lines, return_hydra_config=hydra_node), groups()
+
+    def groups():
+        loader = GlobalHydra.instance().config_loader()
+        return {name: loader.get_group_options(name) for name in loader.list_groups("") if name != "hydra"}
+
+    try:
+        return attempt(overrides)[0]
+    except Exception as err:
+        key, line = failing_override(err, overrides)
+        if line is None:
+            raise UserError("; ".join(part.strip() for part in str(err).splitlines()[:2] if part.strip()) or type(err).__name__) from None
+        try:
+            cfg, options = attempt([o for o in overrides if o != line])
+        except Exception:
+            cfg, options = OmegaConf.create(), {}
+        raise UserError(f"{line}: {composition_message(str(err), key, cfg, options)}") from None
+
+
+def failing_override(err, overrides: list):
+    """(key, command-line override) that Hydra's composition error is about, or (None, None)."""
+    match = re.search(r"(?:override|delete from config\.|already at|Could not find) '([^']+)'", str(err))
+    if not match:
+        return None, None
+    key = match.group(1).rpartition("/")[0] if "Could not find" in str(err) else match.group(1)
+    for line in overrides:
+        if re.fullmatch(r"[+~]*" + re.escape(key) + r"(@\S+)?(=.*)?", line):
+            return key, line
+    return None, None
+
+
+def composition_message(error: str, key: str, cfg, groups: dict) -> str:
+    if "Could not find" in error:  # an option of a config group
+        option = re.search(r"Could not find '[^/']+/([^']+)'", error).group(1)
+        close = difflib.get_close_matches(option, groups.get(key, []), n=1, cutoff=0.6)
+        hint = f"did you mean {key}={close[0]}? " if close else ""
+        return f"no {key} config named {option}; {hint}options: {', '.join(groups.get(key, []))}"
+    if "delete" in error:
+        return f"{key} is not in this config; nothing to delete"
+    if "already at" in error:
+        return f"{key} is already in the config; set it without the +"
+    return f"unknown key{nearest_key(key, cfg, groups)}"
+
+
+def nearest_key(key: str, cfg, groups: dict) -> str:
+    """'; did you mean X?' for a key the config lacks, walking down from its root; else a hint."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    parts, node, found = key.split("."), raw, []
+    for index, part in enumerate(parts):
+        names = [name for name in node if name not in INSTANTIATE_KEYS] + (list(groups) if not found else [])
+        if part not in node or index == len(parts) - 1 or not isinstance(node[part], dict):
+            break
+        node, found = node[part], [*found, part]
+    prefix, rest = ".".join([*found, ""]), parts[len(found) + 1 :]
+    close = difflib.get_close_matches(part, sorted(set(names)), n=1, cutoff=0.6)
+    if close and close[0] != part:
+        return f"; did you mean {prefix}{'.'.join([close[0], *rest])}?"
+    if part in groups and part not in node:
+        return (
+            f"; this config has no {part} node (stage={part} brings it)"
+            if part in available_stages()
+            else f"; select {part}=<option> first"
+        )
+    target = TRAINING_ARGUMENTS if ".".join(found) == "hardware.training_args" else node.get("_target_")
+    if isinstance(target, str) and part in (init_keys(target) or ()):
+        return f" (to set a field of {target} that the config does not list, use +{key}=...)"
+    return f"; valid keys under {'.'.join(found)}: {', '.join(sorted(names))}" if found and len(names) <= 20 else ""

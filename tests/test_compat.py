@@ -1,0 +1,51 @@
+"""The private library attributes `rlhf/compat.py` relies on are still where it expects them in
+the installed versions. A failure names the attribute, the library version and what to update,
+before any training test fails in a less readable way."""
+
+import inspect
+from importlib import metadata
+
+import pytest
+
+from rlhf.compat import PRIVATE_ATTRIBUTES, hydra_arguments
+
+
+def moved(what: str, package: str) -> str:
+    return f"{what} is gone in {package} {metadata.version(package)}: update rlhf/compat.py (and its PRIVATE_ATTRIBUTES)"
+
+
+def test_the_trainer_counters_are_set_by_the_training_loop():
+    from transformers import Trainer
+
+    source = inspect.getsource(Trainer)
+    for name in PRIVATE_ATTRIBUTES["transformers.Trainer (instance, after train())"]:
+        assert f"self.{name} =" in source or f"self.{name} +=" in source, moved(f"transformers.Trainer.{name}", "transformers")
+    assert callable(getattr(Trainer, "_prepare_inputs", None)), moved("transformers.Trainer._prepare_inputs", "transformers")
+
+
+@pytest.mark.parametrize("trainer", ["SFTTrainer", "RewardTrainer"])
+def test_trl_counts_trained_tokens_where_compat_reads_them(trainer):
+    import trl
+
+    source = inspect.getsource(getattr(trl, trainer))
+    assert "self._total_train_tokens" in source, moved(f"trl.{trainer}._total_train_tokens", "trl")
+
+
+def test_trl_dpo_reference_pass_and_metrics_are_where_compat_hooks_in():
+    from trl import DPOTrainer
+
+    hook = getattr(DPOTrainer, "_precompute_ref_logps", None)
+    assert callable(hook), moved("trl.DPOTrainer._precompute_ref_logps", "trl")
+    assert list(inspect.signature(hook).parameters) == ["self", "dataset", "name", "batch_size"], moved(
+        "the signature (self, dataset, name, batch_size) of trl.DPOTrainer._precompute_ref_logps", "trl"
+    )
+    assert "self._metrics = " in inspect.getsource(DPOTrainer), moved("trl.DPOTrainer._metrics", "trl")
+
+
+def test_hydra_parses_the_flags_train_py_reads():
+    args = hydra_arguments(["-m", "--config-path", "x", "--config-name", "y", "stage=dpo"])
+    assert (args.multirun, args.config_path, args.config_name, args.overrides) == (True, "x", "y", ["stage=dpo"]), moved(
+        "hydra._internal.utils.get_args_parser's flags", "hydra-core"
+    )
+    for flag in ("help", "hydra_help", "info", "shell_completion", "experimental_rerun", "config_dir"):
+        assert hasattr(args, flag), moved(f"Hydra's --{flag.replace('_', '-')} flag", "hydra-core")
