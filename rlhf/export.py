@@ -32,8 +32,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from rlhf.errors import UserError
+from rlhf.runs import POLICY_STAGES
 
-EXPORTABLE_STAGES = ("sft", "dpo", "ppo", "rm")
+EXPORTABLE_STAGES = (*POLICY_STAGES, "rm")
 FULL_PRECISION = OmegaConf.create({"dtype": "float32"})  # export and check in float32, on the CPU
 SAMPLE_CONVERSATIONS = [  # inputs of the check: a short and a longer chat, padded into one batch
     [{"role": "user", "content": "1+1等于几？"}],

@@ -1,4 +1,5 @@
-"""Sampling responses and scoring them: shared by PPO's rollouts and `stage=eval`.
+"""Sampling responses and scoring them: shared by PPO's rollouts, `stage=eval` and the held-out
+scores of the online stages.
 
 Prompts are lists of chat messages; responses are the tokens after the prompt up to and
 including the first EOS.
@@ -122,6 +123,22 @@ def reward_scores(reward_model, reward_tokenizer, prompts: list, responses: list
     ]
     batch = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     return reward_model(**batch).logits[:, 0].float()
+
+
+@torch.no_grad()
+def mean_reward(
+    policy, tokenizer, reward_model, reward_tokenizer, prompts: list, settings: SamplingSettings, device, batch_size: int
+) -> float:
+    """Mean reward-model score of one sampled response per prompt (the held-out prompts before
+    and after training: `eval_scores_before`, `eval_scores`), sampled without dropout."""
+    training, scores = policy.training, []
+    policy.eval()
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        responses = sample(policy, tokenizer, batch, settings, device).texts
+        scores.append(reward_scores(reward_model, reward_tokenizer, batch, responses, device))
+    policy.train(training)
+    return torch.cat(scores).mean().item()
 
 
 @contextlib.contextmanager

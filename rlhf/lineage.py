@@ -24,10 +24,9 @@ from omegaconf import OmegaConf
 
 from rlhf.cache import build_once, cache_dir
 from rlhf.models import BUILTIN_PREFIX, load_model, load_tokenizer, merge_adapter, resolve_model_path
-from rlhf.runs import finished_run
+from rlhf.runs import POLICY_STAGES, finished_run
 
 LINEAGE_FILE = "lineage.json"  # in every final/: what the run's model stands on
-POLICY_STAGES = ("sft", "dpo", "ppo")  # runs whose final/ is a policy (a run may start from these)
 MERGE_RECIPE = 2  # bump when what a merged copy holds changes: its cache key changes with it
 
 

@@ -9,6 +9,7 @@ In a multirun a failing job records its failure in status.json and the sweep goe
 
 import functools
 import json
+import logging
 import os
 import platform
 import shlex
@@ -28,6 +29,8 @@ from rlhf.runs import finished_with, is_main_process, prepare_run_dir, write_jso
 from rlhf.stages import get_stage
 from rlhf.validate import validate
 
+# bitsandbytes warns on every import that an optional CPU kernel package is missing: noise before every one-line error.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 RECORDED_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "hydra-core", "omegaconf")
 
 

@@ -30,11 +30,14 @@ def finished_run(path, key: str, stages: tuple = ()):
     return cfg
 
 
+POLICY_STAGES = ("sft", "dpo", "ppo", "grpo", "rloo")  # runs whose final/ is a policy (a run may start from these)
 # Settings that name an earlier run: key -> (the stage that cannot do without it, or None; the stages that run may be).
 RUN_INPUTS = {
-    "model.init_from": (None, ("sft", "dpo", "ppo")),
+    "model.init_from": (None, POLICY_STAGES),
     "ppo.reward_model": ("ppo", ("rm",)),
-    "eval.policy": ("eval", ("sft", "dpo", "ppo")),
+    "grpo.reward_model": (None, ("rm",)),  # or reward functions alone
+    "rloo.reward_model": (None, ("rm",)),
+    "eval.policy": ("eval", POLICY_STAGES),
     "eval.reward_model": ("eval", ("rm",)),
 }
 

@@ -72,14 +72,15 @@ def save_final(run_dir: Path, model, inputs: StageInputs, cfg) -> Path:
     return final
 
 
-def trainer_kwargs(cfg, stage_cfg, inputs: StageInputs, run_dir: Path) -> dict:
+def trainer_kwargs(cfg, stage_cfg, inputs: StageInputs, run_dir: Path, evaluate: bool = True) -> dict:
     """The arguments every TRL trainer takes the same way: model, settings, data, tokenizer,
-    LoRA config and the history callback."""
+    LoRA config and the history callback; `evaluate=False` keeps the held-out split from TRL."""
+    held_out = inputs.data.eval if evaluate else None
     return {
         "model": inputs.model,
-        "args": training_args(cfg, stage_cfg, run_dir, has_eval=inputs.data.eval is not None),
+        "args": training_args(cfg, stage_cfg, run_dir, has_eval=held_out is not None),
         "train_dataset": inputs.data.train,
-        "eval_dataset": inputs.data.eval,
+        "eval_dataset": held_out,
         "processing_class": inputs.tokenizer,
         "peft_config": inputs.peft_config,
         "callbacks": [HistoryWriter(run_dir / "history.jsonl")],
@@ -166,7 +167,7 @@ class RunGuard(TrainerCallback):
             write_json(checkpoint / CHECKPOINT_MARK, {"step": state.global_step, "loss_total": total, "num_tokens": tokens})
 
 
-def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
+def fit(trainer, run_dir: Path, inputs: StageInputs, cfg, finish: bool = True) -> dict:
     """Train (resuming from the last complete checkpoint when there is one and resume=auto),
     evaluate on the held-out split, save the adapter/model and tokenizer to final/, and return
     the final metrics as one flat dict."""
@@ -190,5 +191,6 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
     if is_main_process():
         trainer.processing_class.save_pretrained(str(run_dir / "final"))
         write_final_lineage(run_dir / "final", inputs.lineage, cfg, inputs.head)
-    finish_tracking(metrics)
+    if finish:  # else the stage adds its own metrics first and closes the tracker itself
+        finish_tracking(metrics)
     return metrics

@@ -222,7 +222,7 @@ def _training_arguments(stage_target) -> str:
 
 
 def _settings_nodes(node: dict, path: str):
-    """(path, node) of every node with a plain `_target_`, and hardware.training_args."""
+    """(path, node) of every node with a plain `_target_` (nested ones too), and hardware.training_args."""
     for key, child in node.items():
         where = f"{path}.{key}" if path else str(key)
         if not isinstance(child, dict) or where == "hydra":
@@ -230,8 +230,7 @@ def _settings_nodes(node: dict, path: str):
         target = child.get("_target_")
         if (isinstance(target, str) and "${" not in target) or where == "hardware.training_args":
             yield where, child
-        else:
-            yield from _settings_nodes(child, where)
+        yield from _settings_nodes(child, where)
 
 
 def _show(value) -> str:
@@ -294,6 +293,6 @@ def _runtime_origin(target: str) -> str | None:
 def _imported(target):
     """What `instantiate` would call, imported the way Hydra imports it; None if it cannot be."""
     try:
-        return get_object(target)
+        return get_object(target) if isinstance(target, str) else None
     except Exception:
         return None

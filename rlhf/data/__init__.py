@@ -22,6 +22,7 @@ BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet")
 KINDS = ("sft", "preference", "prompt")  # what a stage asks for; "prompt" takes any format's prompts
+ANSWERS = ("completion", "chosen", "rejected")  # what a stage that samples its own answers leaves out
 
 
 @dataclass
@@ -51,7 +52,7 @@ def load_splits(dataset_cfg, kind: str) -> Splits:
                 ) from None
             skipped[str(err)] += 1
             continue
-        records.append({"prompt": record["prompt"]} if kind == "prompt" else record)
+        records.append({k: v for k, v in record.items() if k not in ANSWERS} if kind == "prompt" else record)
     if skipped:
         reasons = "; ".join(f"{count} x {reason}" for reason, count in skipped.most_common())
         log.warning("dataset: skipped %d invalid rows of %s (%s)", sum(skipped.values()), source, reasons)

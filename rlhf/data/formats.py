@@ -4,7 +4,10 @@ Two record kinds come out, both in TRL's conversational form so that the model's
 template is applied by the trainer:
 - "sft":        {"prompt": [messages], "completion": [assistant message]}
 - "preference": {"prompt": [messages], "chosen": [assistant message], "rejected": [assistant message]}
-Either kind also serves a stage that needs prompts alone (PPO).
+- "prompt":     {"prompt": [messages], "answer": str}: prompts with a reference answer for a
+                verifiable reward (rlhf.rewards.AnswerMatch); serves only stages that sample.
+Every kind serves a stage that needs prompts alone (PPO, GRPO, RLOO); the columns besides the
+answers (`answer`) go with the prompts, for reward functions to read.
 
 A converter raises `RowError` with the reason when a row is unusable; the loader adds the
 file and line, and either stops or (dataset.skip_invalid) counts and skips the row.
@@ -21,7 +24,7 @@ class RowError(ValueError):
 
 @dataclass(frozen=True)
 class Format:
-    kind: str  # "sft" or "preference": which stages can train on it
+    kind: str  # "sft", "preference" or "prompt": which stages can train on it
     convert: Callable[[dict], dict]  # one raw row -> one normalised record
     fields: str  # the fields it reads, for error messages and the README
 
@@ -187,6 +190,14 @@ def sharegpt_preference(row) -> dict:
     return preference_record(prompt, sharegpt_answer(row, "chosen"), sharegpt_answer(row, "rejected"))
 
 
+def prompt_answer(row) -> dict:
+    """Prompts with a reference answer: `prompt` and `answer`, strings (a number is read as its text)."""
+    answer = field(row, "answer")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    return {"prompt": [message("user", text_field(row, "prompt"))], "answer": text(answer, "answer")}
+
+
 FORMATS = {
     "belle": Format("sft", instruction_output, "instruction, input, output (JSON Lines)"),
     "alpaca": Format("sft", instruction_output, "instruction, input, output (JSON array)"),
@@ -197,4 +208,5 @@ FORMATS = {
     "hh_rlhf": Format("preference", hh_rlhf, "chosen, rejected (Human/Assistant dialogues)"),
     "hh_rlhf_chosen": Format("sft", hh_rlhf_chosen, "chosen, rejected (Human/Assistant dialogues; trains on the chosen reply)"),
     "sharegpt_preference": Format("preference", sharegpt_preference, "conversations, chosen, rejected"),
+    "prompt_answer": Format("prompt", prompt_answer, "prompt, answer"),
 }

@@ -23,7 +23,16 @@ import torch
 from torch import nn
 
 from rlhf.errors import NonFiniteLoss, UserError
-from rlhf.generation import Samples, SamplingSettings, as_reference, response_logprobs, response_outputs, reward_scores, sample
+from rlhf.generation import (
+    Samples,
+    SamplingSettings,
+    as_reference,
+    mean_reward,
+    response_logprobs,
+    response_outputs,
+    reward_scores,
+    sample,
+)
 from rlhf.ppo import core
 from rlhf.runs import CHECKPOINT_MARK, checkpoint_step, is_main_process, write_json
 
@@ -284,8 +293,5 @@ class PPOTrainer:
     @torch.no_grad()
     def mean_score(self, prompts: list) -> float:
         """Mean reward-model score of sampled responses to `prompts` (e.g. held-out ones)."""
-        scores = []
-        for start in range(0, len(prompts), self.settings.batch_size):
-            batch = prompts[start : start + self.settings.batch_size]
-            scores.append(reward_scores(self.reward_model, self.reward_tokenizer, batch, self.sample(batch).texts, self.device))
-        return torch.cat(scores).mean().item()
+        models = (self.policy, self.tokenizer, self.reward_model, self.reward_tokenizer)
+        return mean_reward(*models, prompts, self.settings, self.device, self.settings.batch_size)

@@ -12,6 +12,9 @@ measures generalisation), in two files:
 - preference_zh.jsonl: `prompt`, `chosen`, `rejected`. The chosen answer is correct and ends
   with the friendly closing; the rejected one is terse, wrong or off-topic. A reward model
   separates the two within a few hundred steps.
+- arithmetic/arithmetic_zh.jsonl: `prompt`, `answer`: sums, differences and products phrased as
+  in the two files above, with the number a verifiable reward checks (`rlhf.rewards.AnswerMatch`).
+  In a folder of its own: the tiny model's tokenizer is trained on the two files above only.
 """
 
 import json
@@ -105,6 +108,19 @@ def main() -> None:
             prompt = f"{instruction}\n{input_text}" if input_text else instruction
             rejected = rng.choice([wrong, rng.choice(TERSE), rng.choice(OFF_TOPIC)])
             f.write(json.dumps({"prompt": prompt, "chosen": answer + CLOSING, "rejected": rejected}, ensure_ascii=False) + "\n")
+
+    arithmetic = random.Random(20261129)  # its own generator: the files above stay as they were
+    (HERE / "arithmetic").mkdir(exist_ok=True)
+    with open(HERE / "arithmetic" / "arithmetic_zh.jsonl", "w", encoding="utf-8") as f:
+        seen = set()
+        for instruction, _, answer, _ in _tasks(arithmetic):
+            if len(seen) == 300:
+                break
+            number = answer.rstrip("。").rsplit("等于", 1)[-1]
+            if instruction in seen or not number.isdigit():  # arithmetic tasks only
+                continue
+            seen.add(instruction)
+            f.write(json.dumps({"prompt": instruction, "answer": number}, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

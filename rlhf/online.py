@@ -1,0 +1,134 @@
+"""Online RL on TRL's trainers, shared by `stage=grpo` (GRPO, Shao et al. 2024) and `stage=rloo`
+(RLOO, Ahmadian et al. 2024): the policy samples several answers per prompt, a reward model
+and/or reward functions score them, and each answer's advantage is its reward against the other
+answers to the same prompt - no value head, unlike PPO.
+
+Rewards: `<stage>.reward_model=<rm run>` (the project's RM run, its lineage merged, frozen,
+scored with its own tokenizer and chat template) and `<stage>.reward_functions` (rlhf.rewards,
+each with a weight); either or both. Under LoRA the reference of the KL term is the policy with
+its adapter disabled. TRL's log lines (reward, rewards/<function>/mean, kl, completions/*,
+clip_ratio/*) go to history.jsonl, and their last values to metrics.json; with a reward model,
+the held-out prompts' mean score before and after training is `eval_scores_before` and
+`eval_scores`, as PPO names them.
+"""
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from trl import GRPOConfig, RLOOConfig
+
+from rlhf.errors import UserError
+from rlhf.generation import SamplingSettings, mean_reward
+from rlhf.tracking import finish_tracking, start_tracking
+from rlhf.training import device_for, fit, load_inputs, load_reward_model, trainer_kwargs
+
+LOGGED = ("reward", "rewards/", "kl", "completions/", "clip_ratio", "entropy")  # TRL's log keys kept in metrics.json
+
+
+@dataclass
+class OnlineRewards:
+    """The project's keys beside TRL's in `grpo.*` / `rloo.*` (conf/grpo/default.yaml documents each)."""
+
+    reward_model: str | None = None
+    reward_model_weight: float = 1.0
+    reward_functions: dict = field(default_factory=dict)
+    eval_prompts: int = 128
+    max_prompt_length: int = 512
+
+
+@dataclass
+class GRPOSettings(GRPOConfig, OnlineRewards):
+    """trl.GRPOConfig with the project's reward and held-out settings."""
+
+
+@dataclass
+class RLOOSettings(RLOOConfig, OnlineRewards):
+    """trl.RLOOConfig with the project's reward and held-out settings."""
+
+
+def run(cfg, run_dir: Path, trainer_class) -> dict:
+    stage = cfg.stage
+    settings = cfg[stage]
+    check_vllm(settings, stage)
+    if not settings.reward_model and not settings.reward_functions:
+        raise UserError(f"stage={stage} needs a reward: {stage}.reward_model=<rm run> and/or {stage}.reward_functions (rlhf/rewards.py)")
+    inputs = load_inputs(cfg, data_kind="prompt")
+    functions = reward_functions(settings, inputs.data.train.column_names, stage)
+    reward_model = reward_tokenizer = None
+    if settings.reward_model:
+        reward_model, reward_tokenizer = load_reward_model(settings.reward_model, cfg, key=f"{stage}.reward_model")
+        reward_model.config.name_or_path = "reward_model"  # TRL logs its score as rewards/reward_model/mean
+
+    start_tracking(cfg, run_dir)
+    # TRL's settings get TRL's keys; the reward functions are built above, not by the settings object.
+    trl_keys = OmegaConf.masked_copy(settings, [key for key in settings if key != "reward_functions"])
+    kwargs = trainer_kwargs(cfg, trl_keys, inputs, run_dir, evaluate=False)  # held-out scoring below, not TRL's eval loop
+    kwargs["args"].reward_weights = ([settings.reward_model_weight] if reward_model is not None else []) + [f.weight for f in functions]
+    trainer = trainer_class(
+        reward_funcs=([reward_model] if reward_model is not None else []) + functions,
+        reward_processing_classes=([reward_tokenizer] if reward_model is not None else []) + [None] * len(functions),
+        **kwargs,
+    )
+
+    score = held_out_scorer(cfg, settings, inputs, trainer, reward_model, reward_tokenizer)
+    before = {"eval_scores_before": score()} if score else {}  # the starting policy (a resumed run measures it again, alike)
+    metrics = {**fit(trainer, run_dir, inputs, cfg, finish=False), **before, **last_logged(trainer.state.log_history)}
+    if score:
+        metrics["eval_scores"] = score()
+    finish_tracking(metrics)
+    return metrics
+
+
+def held_out_scorer(cfg, settings, inputs, trainer, reward_model, reward_tokenizer):
+    """A function giving the reward model's mean score of the policy's answers to the held-out
+    prompts (the split's first `eval_prompts`), or None without a reward model or held-out split."""
+    if reward_model is None or inputs.data.eval is None:
+        return None
+    held_out = [row["prompt"] for row in inputs.data.eval][: settings.eval_prompts]
+    args, device = trainer.args, device_for(cfg)
+    sampling = SamplingSettings(settings.max_prompt_length, args.max_completion_length, args.temperature, args.top_p)
+    reward_model.to(device)
+    models = (inputs.tokenizer, reward_model, reward_tokenizer)
+    return lambda: mean_reward(trainer.model, *models, held_out, sampling, device, args.per_device_eval_batch_size)
+
+
+def check_vllm(settings, stage: str) -> None:
+    """`use_vllm=true` reaches TRL only where vLLM can run: a CUDA GPU and the vllm package."""
+    if not settings.get("use_vllm"):
+        return
+    missing = [
+        need
+        for need, present in (
+            ("a CUDA GPU", torch.cuda.is_available()),
+            ('the vllm package (pip install -e ".[vllm]")', importlib.util.find_spec("vllm") is not None),
+        )
+        if not present
+    ]
+    if missing:
+        raise UserError(f"{stage}.use_vllm=true needs {' and '.join(missing)}; set {stage}.use_vllm=false to sample with transformers")
+
+
+def reward_functions(settings, columns: list, stage: str) -> list:
+    """The configured reward functions, each checked against the data's columns."""
+    functions = []
+    for name, node in (settings.reward_functions or {}).items():
+        function = instantiate(node)
+        column = getattr(function, "column", None)
+        if column is not None and column not in columns:
+            raise UserError(
+                f"{stage}.reward_functions.{name}: reads the dataset column '{column}', which this data lacks ({', '.join(columns)})"
+            )
+        functions.append(function)
+    return functions
+
+
+def last_logged(log_history: list) -> dict:
+    """The last training-time value of each of TRL's reward, KL, length and clipping metrics."""
+    last = {}
+    for line in log_history:
+        last.update({key: value for key, value in line.items() if key.startswith(LOGGED)})
+    return last

@@ -1,0 +1,121 @@
+"""GRPO and RLOO on TRL's trainers (`rlhf.online`), on the tiny default: they raise the held-out
+reward-model score from the SFT policy, train on a verifiable reward alone, chain after SFT and
+RM, resume after a crash, and refuse what cannot work in one line."""
+
+import json
+
+import pytest
+from conftest import compose_config, history, train
+from omegaconf import OmegaConf
+
+from rlhf.errors import UserError
+from rlhf.online import check_vllm
+from rlhf.rewards import AnswerMatch, LengthPenalty
+from rlhf.validate import validate
+
+ONLINE_LOG_KEYS = ("reward", "kl", "completions/mean_length", "clip_ratio/region_mean", "rewards/reward_model/mean")
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_online_stage_raises_the_held_out_score_of_the_reward_model(stage, rlhf_chain, tmp_path):
+    chain_dir, _ = rlhf_chain
+    run_dir = tmp_path / stage
+    metrics = train(run_dir, f"stage={stage}", f"model.init_from={chain_dir / 'sft'}", f"{stage}.reward_model={chain_dir / 'rm'}")
+    assert metrics["eval_scores"] > metrics["eval_scores_before"] + 0.5, metrics
+    for key in ONLINE_LOG_KEYS:
+        assert key in metrics, key
+        assert len(history(run_dir, key)) == 30, key  # one history line per update (logging_steps=1)
+    for name in ("metrics.json", "history.jsonl", "env.json", ".hydra/config.yaml", "final/adapter_config.json", "final/lineage.json"):
+        assert (run_dir / name).exists(), name
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "done"
+    rewards = history(run_dir, "reward")
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5  # the training reward rises too
+
+
+def test_verifiable_reward_alone_trains_and_is_logged(rlhf_chain, tmp_path):
+    chain_dir, _ = rlhf_chain
+    metrics = train(tmp_path, "experiment=grpo_arithmetic", f"model.init_from={chain_dir / 'sft'}", "grpo.max_steps=6")
+    assert len(history(tmp_path, "rewards/answer_match/mean")) == 6
+    assert len(history(tmp_path, "rewards/length_penalty/mean")) == 6
+    assert "eval_scores" not in metrics  # no reward model: no held-out score
+    assert (tmp_path / "final" / "adapter_config.json").is_file()
+
+
+def test_grpo_chain_leaves_complete_step_directories(tmp_path):
+    metrics = train(tmp_path, "experiment=grpo_chain", "sft.max_steps=20", "rm.max_steps=20", "grpo.max_steps=4")
+    for step in ("sft", "rm", "grpo"):
+        for name in ("metrics.json", "history.jsonl", "env.json", ".hydra/config.yaml", "final"):
+            assert (tmp_path / step / name).exists(), f"{step} lacks {name}"
+    assert "grpo/eval_scores" in metrics and "grpo/eval_scores_before" in metrics
+
+
+def test_crashed_grpo_run_resumes_to_the_metrics_of_an_uninterrupted_one(rlhf_chain, tmp_path, monkeypatch):
+    from trl import GRPOTrainer
+
+    chain_dir, _ = rlhf_chain
+    overrides = ("stage=grpo", f"model.init_from={chain_dir / 'sft'}", f"grpo.reward_model={chain_dir / 'rm'}")
+    overrides += ("grpo.max_steps=8", "grpo.save_steps=4", "grpo.eval_prompts=16")
+    whole = train(tmp_path / "whole", *overrides)
+
+    original, calls = GRPOTrainer.training_step, []
+
+    def crash_in_step_six(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("simulated crash")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GRPOTrainer, "training_step", crash_in_step_six)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tmp_path / "crashed", *overrides)
+    monkeypatch.setattr(GRPOTrainer, "training_step", original)
+    resumed = train(tmp_path / "crashed", *overrides)
+    for key, value in whole.items():
+        if "runtime" not in key and "per_second" not in key:
+            assert resumed[key] == pytest.approx(value, abs=1e-5), key
+    logged = [json.loads(line) for line in (tmp_path / "crashed" / "history.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in logged if "loss" in line] == list(range(1, 9))  # each update once, across the crash
+
+
+def test_reward_functions_score_conversational_completions():
+    completions = [[{"role": "assistant", "content": "3加4等于7。"}], [{"role": "assistant", "content": "等于8"}], "no number"]
+    assert AnswerMatch()(prompts=[None] * 3, completions=completions, answer=["7", "7", "7"]) == [1.0, 0.0, 0.0]
+    assert AnswerMatch()(prompts=[None], completions=["7"], answer=[""]) == [None]  # nothing to check against
+    penalty = LengthPenalty(max_chars=5, per_char=0.5)
+    assert penalty(prompts=[None, None], completions=["abc", "abcdefgh"]) == [0.0, -1.5]
+    assert (AnswerMatch(weight=2).weight, AnswerMatch().__name__, penalty.__name__) == (2.0, "answer_match", "length_penalty")
+
+
+def test_online_mistakes_fail_in_one_line(rlhf_chain, tmp_path, capsys):
+    chain_dir, _ = rlhf_chain
+    for overrides, expected in [
+        (("stage=grpo",), "stage=grpo needs a reward: grpo.reward_model=<rm run> and/or grpo.reward_functions"),
+        (
+            ("experiment=grpo_arithmetic", "dataset=builtin_preference"),
+            "grpo.reward_functions.answer: reads the dataset column 'answer', which this data lacks (prompt)",
+        ),
+        (("stage=rloo", f"rloo.reward_model={chain_dir / 'sft'}"), "that is a stage=sft run; expected one of: rm"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            train(tmp_path / "refused", *overrides)
+        assert stop.value.code == 2
+        assert expected in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_typo_in_a_reward_function_is_refused_with_the_nearest_argument():
+    cfg = compose_config("experiment=grpo_arithmetic", "+grpo.reward_functions.answer.colum=answer")
+    with pytest.raises(
+        UserError, match=r"grpo\.reward_functions\.answer\.colum=answer: unknown key, not a field of rlhf\.rewards\.AnswerMatch"
+    ):
+        validate(cfg)
+
+
+def test_vllm_is_refused_where_it_cannot_run():
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None:
+        pytest.skip("this machine can run vLLM")
+    with pytest.raises(UserError, match=r"^grpo\.use_vllm=true needs .*set grpo\.use_vllm=false"):
+        check_vllm(OmegaConf.create({"use_vllm": True}), "grpo")
