@@ -12,7 +12,10 @@ d. the reference log-prob cache: a 3-point beta sweep run as users run it (one `
    each job's stage time, the first (computes the reference log-probs) against the later ones
    (load them). Each job trains one epoch over --sweep-pairs pairs;
 e. PPO: time per update in generation, policy/value forward, reference forward, scoring and
-   optimisation, and tokens generated per second, from a short SFT -> RM -> PPO chain.
+   optimisation, and tokens generated per second, from a short SFT -> RM -> PPO chain;
+f. GRPO and RLOO from that chain's SFT policy and reward model, as many updates of as many
+   sampled responses as PPO: time per update by phase, tokens generated per second, and the
+   held-out reward-model score gain per minute of updates, beside PPO's.
 Each process runs under /usr/bin/time for its peak RSS, with a fresh model cache; (a) alternates
 framework and plain runs `--repeats` times and reports medians.
 """
@@ -208,8 +211,44 @@ def measure(args, work: Path) -> None:
     ppo = json.loads((chain_dir / "ppo" / "metrics.json").read_text())
     result["ppo"] = {key: value for key, value in ppo.items() if key.startswith("time/")}
 
+    # f. online RL compared: PPO (the chain's), GRPO and RLOO from the same SFT policy and reward
+    # model, each sampling the same number of responses per update (PPO's ppo.batch_size) and
+    # running as many updates; the gain is the held-out reward-model score after minus before.
+    responses = OmegaConf.load(chain_dir / "ppo" / ".hydra" / "config.yaml").ppo.batch_size
+    online = {"ppo": online_summary(ppo, args.ppo_updates)}
+    for stage in ("grpo", "rloo"):
+        run = train(
+            runs / stage,
+            env,
+            f"model={args.model}",
+            f"stage={stage}",
+            f"model.init_from={chain_dir / 'sft'}",
+            f"{stage}.reward_model={chain_dir / 'rm'}",
+            f"{stage}.max_steps={args.ppo_updates}",
+            f"{stage}.per_device_train_batch_size={responses}",
+            f"{stage}.gradient_accumulation_steps=1",
+            f"{stage}.save_strategy=no",
+        )
+        online[stage] = online_summary(run["metrics"], args.ppo_updates)
+    result["online"] = {"responses_per_update": responses, "updates": args.ppo_updates, **online}
+
     result["total_seconds"] = time.perf_counter() - start
     write_results(args.out, f"{time.strftime('%Y-%m-%d-%H%M', started)}-{args.model}", result, markdown(result))
+
+
+def online_summary(metrics: dict, updates: int) -> dict:
+    """An online stage's time per update (split into phases), sampling speed and held-out gain."""
+    phases = {key[len("time/") : -len("_per_update")]: value for key, value in metrics.items() if key.endswith("_per_update")}
+    update_seconds = sum(phases.values())
+    gain = metrics["eval_scores"] - metrics["eval_scores_before"]
+    return {
+        "update_seconds": update_seconds,
+        "phases": phases,
+        "generated_tokens_per_second": metrics["time/generated_tokens_per_second"],
+        "eval_scores_before": metrics["eval_scores_before"],
+        "eval_scores": metrics["eval_scores"],
+        "score_gain_per_minute": gain / (update_seconds * updates / 60),
+    }
 
 
 def markdown(r: dict) -> str:
@@ -247,6 +286,22 @@ def markdown(r: dict) -> str:
     lines.append(f"| ... of which reference log-probs (computed, then loaded from the cache) | {refs} s |")
     for key, value in r["ppo"].items():
         lines.append(f"| PPO {key} | {value:.3f} |")
+    o = r["online"]
+    lines += [
+        "",
+        f"Online RL from the same SFT policy and reward model, {o['updates']} updates of {o['responses_per_update']} sampled "
+        "responses each (phases per update; the score is the reward model's mean on the held-out prompts):",
+        "",
+        "| stage | s / update | phases (s / update) | generated tokens / s | held-out score before -> after | gain / minute of updates |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stage in ("ppo", "grpo", "rloo"):
+        m = o[stage]
+        phases = ", ".join(f"{phase} {seconds:.3f}" for phase, seconds in m["phases"].items())
+        lines.append(
+            f"| {stage.upper()} | {m['update_seconds']:.3f} | {phases} | {m['generated_tokens_per_second']:.0f} | "
+            f"{m['eval_scores_before']:.2f} -> {m['eval_scores']:.2f} | {m['score_gain_per_minute']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -13,12 +13,14 @@ the held-out prompts' mean score before and after training is `eval_scores_befor
 """
 
 import importlib.util
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from transformers import TrainerCallback
 from trl import GRPOConfig, RLOOConfig
 
 from rlhf.errors import UserError
@@ -76,11 +78,56 @@ def run(cfg, run_dir: Path, trainer_class) -> dict:
 
     score = held_out_scorer(cfg, settings, inputs, trainer, reward_model, reward_tokenizer)
     before = {"eval_scores_before": score()} if score else {}  # the starting policy (a resumed run measures it again, alike)
+    timer = PhaseTimer(trainer, reward_model)  # after the held-out scoring: it times training only
     metrics = {**fit(trainer, run_dir, inputs, cfg, finish=False), **before, **last_logged(trainer.state.log_history)}
+    metrics.update(timer.per_update(metrics))
     if score:
         metrics["eval_scores"] = score()
     finish_tracking(metrics)
     return metrics
+
+
+class PhaseTimer(TrainerCallback):
+    """Where an update's time goes: sampling (the policy's `generate`) and scoring (the reward
+    model's forward pass), timed from the outside; the rest is the policy and reference passes
+    and the optimizer step. Reported per update this process ran, as PPO reports its phases."""
+
+    def __init__(self, trainer, reward_model):
+        self.seconds, self.updates, self.tokens = {"generation": 0.0, "scoring": 0.0}, 0, 0.0
+        args = trainer.args
+        self.answers_per_log = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size * args.logging_steps
+        generate = trainer.model.generate
+
+        def timed_generate(*positional, **keywords):
+            start = time.perf_counter()
+            try:
+                return generate(*positional, **keywords)
+            finally:
+                self.seconds["generation"] += time.perf_counter() - start
+
+        trainer.model.generate = timed_generate  # TRL samples through the model's own generate (without vLLM)
+        if reward_model is not None:
+            reward_model.register_forward_pre_hook(lambda *_: setattr(self, "scoring_start", time.perf_counter()))
+            reward_model.register_forward_hook(
+                lambda *_: self.seconds.update(scoring=self.seconds["scoring"] + time.perf_counter() - self.scoring_start)
+            )
+        trainer.add_callback(self)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.updates += 1
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.tokens += (logs or {}).get("completions/mean_length", 0.0) * self.answers_per_log
+
+    def per_update(self, metrics: dict) -> dict:
+        """time/<phase>_per_update, and completion tokens per second of sampling."""
+        if not self.updates or "train_runtime" not in metrics:
+            return {}
+        phases = {f"time/{phase}_per_update": seconds / self.updates for phase, seconds in self.seconds.items()}
+        phases["time/training_per_update"] = metrics["train_runtime"] / self.updates - sum(phases.values())
+        if self.seconds["generation"] > 0:
+            phases["time/generated_tokens_per_second"] = self.tokens / self.seconds["generation"]
+        return phases
 
 
 def held_out_scorer(cfg, settings, inputs, trainer, reward_model, reward_tokenizer):

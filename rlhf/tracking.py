@@ -85,13 +85,16 @@ class UpdateLog:
 
     def __init__(self, cfg, run_dir: Path):
         self.history = run_dir / "history.jsonl"
+        self.writes = is_main_process()  # under torchrun only rank 0 writes
         self.tensorboard = None
-        if cfg.logger.report_to == "tensorboard":
+        if cfg.logger.report_to == "tensorboard" and self.writes:
             from torch.utils.tensorboard import SummaryWriter  # needs the [tensorboard] extra
 
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
 
     def __call__(self, record: dict) -> None:
+        if not self.writes:
+            return
         append_history(self.history, record)
         print(" ".join(f"{key}={value:.4g}" for key, value in record.items()), flush=True)
         wandb = open_wandb_run()

@@ -3,6 +3,7 @@ settings object, the history log, the tracker, and the train -> evaluate -> save
 that ends a run."""
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,8 +106,10 @@ def training_args(cfg, stage_cfg, run_dir: Path, has_eval: bool):
 
 def device_for(cfg):
     """Where a stage that drives its own loop (PPO, eval) computes: a GPU when the hardware
-    preset uses one and there is one."""
-    return torch.device("cuda" if torch.cuda.is_available() and not cfg.hardware.training_args.use_cpu else "cpu")
+    preset uses one and there is one (under torchrun, the process's own)."""
+    if not torch.cuda.is_available() or cfg.hardware.training_args.use_cpu:
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # a launch's process uses its own GPU
 
 
 class HistoryWriter(TrainerCallback):

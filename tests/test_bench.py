@@ -37,6 +37,10 @@ def test_benchmark_writes_its_json_and_markdown_table(tmp_path):
     assert result["matmul_peak_gflops"] > 1 and result["sft_trained_tokens"] > 0
     assert result["ppo"]["time/generated_tokens_per_second"] > 0
     assert {"time/generation_per_update", "time/optimisation_per_update"} <= set(result["ppo"])
+    for stage in ("ppo", "grpo", "rloo"):  # the same responses per update, from the same SFT policy and reward model
+        online = result["online"][stage]
+        assert online["update_seconds"] > 0 and online["generated_tokens_per_second"] > 0, stage
+        assert online["phases"]["generation"] > 0 and "score_gain_per_minute" in online, stage
     table = json_file.with_suffix(".md").read_text()
     for measure in (
         "SFT training-phase time",

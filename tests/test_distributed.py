@@ -114,3 +114,83 @@ def test_slurm_tasks_become_torch_ranks(monkeypatch):
     import os
 
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"], os.environ["MASTER_ADDR"]) == ("1", "2", "1", "node7")
+
+
+def whiten_on_two_ranks(rank: int, directory: str, halves: list) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from rlhf import distributed
+    from rlhf.ppo import core
+
+    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=2)
+    try:
+        values, mask = halves[rank]
+        torch.save(core.masked_whiten(values, mask, reduce=distributed.all_sum), f"{directory}/whitened-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_whitening_over_two_ranks_equals_whitening_the_gathered_batch(tmp_path):
+    import torch
+    import torch.multiprocessing as mp
+
+    from rlhf.ppo import core
+
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(8, 6, generator=generator, dtype=torch.float64) * 3 + 1
+    mask = (torch.rand(8, 6, generator=generator) > 0.3).long()
+    mask[:, 0] = 1
+    halves = [(values[:4], mask[:4]), (values[4:], mask[4:])]
+    mp.spawn(whiten_on_two_ranks, args=(str(tmp_path), halves), nprocs=2)
+    out = [torch.load(tmp_path / f"whitened-{rank}.pt") for rank in (0, 1)]
+    assert torch.allclose(torch.cat(out), core.masked_whiten(values, mask), atol=1e-12)
+    assert not torch.allclose(out[0], core.masked_whiten(*halves[0]))  # each half alone would whiten differently
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
+def test_ppo_on_two_processes_trains_one_run_and_resumes_exactly(rlhf_chain, tmp_path):
+    """ppo.batch_size is global: each of two processes samples half of it; gradients, whitening
+    and the KL statistic are those of the whole batch; rank 0 writes one history line per update.
+    A run cut off after its checkpoint resumes, on as many processes, to the same metrics."""
+    chain_dir, _ = rlhf_chain
+    overrides = (
+        "stage=ppo",
+        "hardware=multi_gpu",
+        f"model.init_from={chain_dir / 'sft'}",
+        f"ppo.reward_model={chain_dir / 'rm'}",
+        "ppo.total_updates=12",
+        "ppo.save_steps=6",
+    )
+
+    def torchrun(run_dir):
+        done = subprocess.run(
+            [TORCHRUN, "--nproc_per_node=2", "train.py", *overrides, f"hydra.run.dir={run_dir}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((run_dir / "metrics.json").read_text()), done.stdout
+
+    whole, _ = torchrun(tmp_path / "whole")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "whole" / "history.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))  # exactly one line per update
+    assert whole["eval_scores"] > whole["eval_scores_before"] + 0.5
+
+    # What a run killed after update 8 leaves: the checkpoint of update 6 and history up to 8.
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "whole", cut)
+    for name in ("metrics.json", "final"):
+        shutil.rmtree(cut / name) if (cut / name).is_dir() else (cut / name).unlink()
+    lines = (cut / "history.jsonl").read_text().splitlines()
+    (cut / "history.jsonl").write_text("\n".join(lines[:8]) + "\n")
+    (cut / "status.json").write_text('{"status": "running"}')
+    resumed, stdout = torchrun(cut)
+    assert "resuming from" in stdout and "checkpoint-6" in stdout
+    for key, value in whole.items():
+        if "runtime" not in key and "per_second" not in key and not key.startswith("time/"):
+            assert resumed[key] == pytest.approx(value, abs=1e-5), key
+    steps = [json.loads(line)["step"] for line in (cut / "history.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))

@@ -56,6 +56,10 @@ def fake_run(path, stage: str, finished: bool = True, model: str = "builtin:tiny
         ("quantization=8bit", "hardware=gpu", "logger=wandb"),
         ("sweeps=dpo_beta_rank",),
         ("model=qwen3-0.6b", "dataset=hh_rlhf", "stage=dpo"),
+        ("stage=grpo", "+grpo.reward_model=null"),
+        ("stage=rloo", "model=smollm2-135m"),
+        ("experiment=grpo_chain",),
+        ("experiment=grpo_arithmetic",),
     ],
 )
 def test_shipped_configs_pass(overrides):

@@ -40,31 +40,28 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return total / count.clamp(min=1)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of `values` over the masked entries (a scalar); Bessel-corrected if `unbiased`."""
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
-    if unbiased:
-        n = mask.bool().sum()
-        if n < 2:
-            raise ValueError(f"unbiased variance needs at least 2 masked entries, got {int(n)}")
-        var = var * n / (n - 1)
-    return var
-
-
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / sqrt(var + 1e-8), with mean and var over the masked entries only.
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce=None) -> torch.Tensor:
+    """(x - mean) / sqrt(var + 1e-8), with mean and (Bessel-corrected) var over the masked entries only.
 
     Advantage whitening ([NIMPL], "normalize advantages"): keeps the policy-gradient scale
     stable across batches whose reward scale drifts. With `shift_mean=False` the mean is added
     back, so only the scale changes (used for rewards, whose sign carries meaning).
-    Padded positions are set to 0.
+    Padded positions are set to 0. `reduce` sums a tensor over the processes of a launch
+    (`rlhf.distributed.all_sum`): mean and var are then those of the whole global batch.
     """
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    reduce = reduce or (lambda tensor: tensor)
+    mask = mask.bool()
+    masked = torch.where(mask, values, torch.zeros_like(values))
+    total, count = reduce(torch.stack([masked.sum(), mask.sum().to(values.dtype)]))
+    if count < 2:
+        raise ValueError(f"unbiased variance needs at least 2 masked entries, got {int(count)}")
+    mean = total / count
+    squares = reduce(torch.where(mask, (values - mean) ** 2, torch.zeros_like(values)).sum())
+    var = squares / (count - 1)
     whitened = (values - mean) * torch.rsqrt(var + WHITEN_EPS)
     if not shift_mean:
         whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+    return torch.where(mask, whitened, torch.zeros_like(whitened))
 
 
 # --- rewards -------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rlhf import distributed
 from rlhf.errors import NonFiniteLoss, UserError
 from rlhf.generation import (
     Samples,
@@ -116,6 +117,7 @@ class PPOTrainer:
             self.kl_controller = core.AdaptiveKLController(settings.kl_coef, settings.target, settings.horizon)
         else:
             self.kl_controller = core.FixedKLController(settings.kl_coef)
+        distributed.broadcast_parameters(trainable)  # every process starts from rank 0's weights
         self.policy.eval()  # no dropout: log-probs at sampling and at update time must agree
         self.seconds, self.generated_tokens = {}, 0  # where an update's time goes
         self.done_updates = 0  # updates finished before this process started (a resumed run)
@@ -128,33 +130,35 @@ class PPOTrainer:
         needs, with `keep` (metrics measured before training) alongside."""
         if len(prompts) < self.settings.batch_size:  # no full batch: the loop below would never get one
             raise UserError(f"ppo.batch_size={self.settings.batch_size}: the training split has only {len(prompts)} prompts")
+        share = self.local_share()
         order, last = random.Random(seed), {}
         batches = self._batches(prompts, order)
         for _ in range(self.done_updates):  # a resumed run draws the prompts an uninterrupted one would
             next(batches)
         for update in range(self.done_updates + 1, self.settings.total_updates + 1):
-            rollout = self.rollout(next(batches))
+            rollout = self.rollout(next(batches)[share])  # this process's part of the global batch
             mask = rollout.samples.response_mask
             scores = rollout.scores
             if self.settings.missing_eos_penalty is not None:
                 scores = core.missing_eos_penalty(scores, rollout.samples.ended_with_eos, self.settings.missing_eos_penalty)
             rewards, kl = core.kl_penalized_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask, self.kl_controller.value)
             advantages, returns = core.gae(rewards, rollout.values, mask, self.settings.gamma, self.settings.lam)
-            advantages = core.masked_whiten(advantages, mask)
+            advantages = core.masked_whiten(advantages, mask, reduce=distributed.all_sum)  # over the global batch
             with self.timed("optimisation"):
                 stats = self.optimise(rollout, advantages, returns, update)
-            mean_kl = kl.sum(dim=1).mean().item()  # KL of whole responses, averaged over the batch
-            record = {
-                "step": update,
-                "objective/scores": rollout.scores.mean().item(),
-                "objective/kl": mean_kl,
-                "objective/rlhf_reward": (rollout.scores - self.kl_controller.value * kl.sum(dim=1)).mean().item(),
-                "objective/entropy": core.masked_mean(rollout.entropy, mask).item(),
-                "objective/kl_coef": self.kl_controller.value,
+            statistics = {
+                "objective/scores": rollout.scores.mean(),
+                "objective/kl": kl.sum(dim=1).mean(),  # KL of whole responses, averaged over the batch
+                "objective/rlhf_reward": (rollout.scores - self.kl_controller.value * kl.sum(dim=1)).mean(),
+                "objective/entropy": core.masked_mean(rollout.entropy, mask),
                 **stats,
-                "response_length": mask.sum(dim=1).float().mean().item(),
+                "response_length": mask.sum(dim=1).float().mean(),
             }
-            self.kl_controller.update(mean_kl, self.settings.batch_size)
+            # Each process holds an equal share of the batch: the mean of their means is the global mean.
+            means = distributed.all_mean(torch.stack([torch.as_tensor(value, dtype=torch.float32) for value in statistics.values()]))
+            statistics = dict(zip(statistics, means.tolist()))
+            record = {"step": update, **statistics, "objective/kl_coef": self.kl_controller.value}
+            self.kl_controller.update(statistics["objective/kl"], self.settings.batch_size)  # the same on every process
             if update % self.settings.logging_steps == 0 or update == self.settings.total_updates:
                 self.log(record)
             if self.settings.save_steps > 0 and update % self.settings.save_steps == 0 and update < self.settings.total_updates:
@@ -164,6 +168,17 @@ class PPOTrainer:
         timing = {f"time/{phase}_per_update": seconds / ran for phase, seconds in self.seconds.items()}
         timing["time/generated_tokens_per_second"] = self.generated_tokens / self.seconds["generation"]
         return {**{key: value for key, value in last.items() if key != "step"}, **timing}
+
+    def local_share(self) -> slice:
+        """This process's part of each global batch: batch_size / processes prompts."""
+        world, settings = distributed.world_size(), self.settings
+        if settings.batch_size % world or settings.mini_batch_size % world:
+            raise UserError(
+                f"ppo.batch_size={settings.batch_size} and ppo.mini_batch_size={settings.mini_batch_size} are global: "
+                f"both must be multiples of the {world} processes"
+            )
+        size = settings.batch_size // world
+        return slice(distributed.rank() * size, (distributed.rank() + 1) * size)
 
     def _batches(self, prompts: list, order: random.Random):
         """Endless batches of prompts: reshuffled passes over the dataset."""
@@ -177,23 +192,27 @@ class PPOTrainer:
 
     def save_checkpoint(self, path: Path, update: int, keep: dict) -> None:
         """The trainable weights (adapter or whole policy), value head, optimizer, KL coefficient
-        and random state after `update`; the mark, written last, makes it complete. Older
-        checkpoints beyond `save_total_limit` are deleted once this one is whole."""
+        and every process's random state after `update`; the mark, written last, makes it
+        complete. Older checkpoints beyond `save_total_limit` are deleted once this one is whole.
+        Weights and optimizer are equal on every process: rank 0 writes them."""
+        path.mkdir(parents=True, exist_ok=True)
+        if is_main_process():
+            (path / CHECKPOINT_MARK).unlink(missing_ok=True)  # a directory being rewritten is incomplete until the end
+            torch.save(
+                {
+                    "policy": {name: p.detach() for name, p in self.policy.named_parameters() if p.requires_grad},
+                    "value_head": self.value_head.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                },
+                path / "ppo_state.pt",
+            )
+        random_state = {"torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        torch.save(random_state, path / f"rng_state_{distributed.rank()}.pt")
+        distributed.barrier()  # every process's part is on disk before the mark says so
         if not is_main_process():
             return
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CHECKPOINT_MARK).unlink(missing_ok=True)  # a directory being rewritten is incomplete until the end
-        torch.save(
-            {
-                "policy": {name: p.detach() for name, p in self.policy.named_parameters() if p.requires_grad},
-                "value_head": self.value_head.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
-            path / "ppo_state.pt",
-        )
-        write_json(path / CHECKPOINT_MARK, {"step": update, "kl_coef": self.kl_controller.value, "keep": keep})
+        mark = {"step": update, "kl_coef": self.kl_controller.value, "keep": keep, "processes": distributed.world_size()}
+        write_json(path / CHECKPOINT_MARK, mark)
         older = sorted((p for p in path.parent.glob("checkpoint-*") if p != path), key=checkpoint_step)
         for stale in older[: max(len(older) - self.settings.save_total_limit + 1, 0)]:
             shutil.rmtree(stale, ignore_errors=True)
@@ -203,15 +222,21 @@ class PPOTrainer:
         metrics saved with it."""
         if mark["step"] >= self.settings.total_updates:
             raise UserError(f"{path} is at update {mark['step']}, not before ppo.total_updates={self.settings.total_updates}")
+        processes = distributed.world_size()
+        if mark.get("processes", 1) != processes:
+            raise UserError(
+                f"{path} was written by {mark.get('processes', 1)} processes: resume it with as many (this launch has {processes})"
+            )
         state = torch.load(path / "ppo_state.pt", map_location="cpu", weights_only=True)  # load_state_dict moves it
         unexpected = self.policy.load_state_dict(state["policy"], strict=False).unexpected_keys
         if unexpected:
             raise UserError(f"{path}: the checkpoint's weights do not fit this policy (e.g. {unexpected[0]})")
         self.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        random_state = torch.load(path / f"rng_state_{distributed.rank()}.pt", weights_only=True)
+        torch.set_rng_state(random_state["torch_rng"])
+        if random_state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(random_state["cuda_rng"])
         self.kl_controller.value = mark["kl_coef"]
         self.done_updates = mark["step"]
         return mark["keep"]
@@ -256,8 +281,9 @@ class PPOTrainer:
         A non-finite loss or gradient stops the run before the optimizer step can write it into
         the weights (and so into a checkpoint)."""
         totals, count = {}, 0
+        world = distributed.world_size()  # each process takes its share of every global mini-batch
         for _ in range(self.settings.ppo_epochs):
-            for index in torch.randperm(self.settings.batch_size).split(self.settings.mini_batch_size):
+            for index in torch.randperm(self.settings.batch_size // world).split(self.settings.mini_batch_size // world):
                 part = rollout.samples.select(index)
                 mask = part.response_mask
                 logits, hidden = response_outputs(self.policy, part, self.settings.temperature, hidden=True)
@@ -267,12 +293,13 @@ class PPOTrainer:
                     self.value_head(hidden), rollout.values[index], returns[index], mask, self.settings.cliprange_value
                 )
                 loss = pg_loss + self.settings.vf_coef * vf_loss
-                if not torch.isfinite(loss):
+                if distributed.all_sum(torch.isfinite(loss).float()) < world:  # every process stops, or none does
                     raise NonFiniteLoss(
                         f"PPO diverged at update {update}: the loss is {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()})"
                     )
                 self.optimizer.zero_grad()
                 loss.backward()
+                distributed.average_gradients(self.trainable)  # the gradient of the global mini-batch
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.max_grad_norm)
                 if not torch.isfinite(grad_norm):
                     raise NonFiniteLoss(f"PPO diverged at update {update}: the gradient norm is {grad_norm.item()}")
@@ -292,6 +319,10 @@ class PPOTrainer:
 
     @torch.no_grad()
     def mean_score(self, prompts: list) -> float:
-        """Mean reward-model score of sampled responses to `prompts` (e.g. held-out ones)."""
+        """Mean reward-model score of sampled responses to `prompts` (e.g. held-out ones), the
+        prompts shared out between the processes."""
+        mine = prompts[distributed.rank() :: distributed.world_size()]
         models = (self.policy, self.tokenizer, self.reward_model, self.reward_tokenizer)
-        return mean_reward(*models, prompts, self.settings, self.device, self.settings.batch_size)
+        mean = mean_reward(*models, mine, self.settings, self.device, self.settings.batch_size) if mine else 0.0
+        total, count = distributed.all_sum(torch.tensor([mean * len(mine), len(mine)], dtype=torch.float64)).tolist()
+        return total / count

@@ -17,13 +17,20 @@ from peft import get_peft_model
 from safetensors.torch import save_file
 from transformers import set_seed
 
+from rlhf import ddp_backend, distributed
 from rlhf.ppo.trainer import PPOModels, PPOTrainer, ValueHead
-from rlhf.runs import resume_point
+from rlhf.runs import is_main_process, resume_point
 from rlhf.tracking import UpdateLog, finish_tracking, start_tracking
 from rlhf.training import device_for, load_inputs, load_reward_model, save_final
 
 
 def run(cfg, run_dir: Path) -> dict:
+    # Under torchrun / accelerate launch: one process group for the run (gloo on CPUs, nccl on GPUs).
+    with distributed.process_group(ddp_backend()):
+        return train_ppo(cfg, run_dir)
+
+
+def train_ppo(cfg, run_dir: Path) -> dict:
     settings = instantiate(cfg.ppo)  # validate() has checked ppo.reward_model
     device = device_for(cfg)
     set_seed(cfg.seed)
@@ -56,7 +63,8 @@ def run(cfg, run_dir: Path) -> dict:
     metrics["data/skipped_rows"] = inputs.data.skipped_rows
 
     final = save_final(run_dir, policy, inputs, cfg)
-    save_file(models.value_head.state_dict(), str(final / "value_head.safetensors"))  # apart: final/ loads as a plain policy
+    if is_main_process():
+        save_file(models.value_head.state_dict(), str(final / "value_head.safetensors"))  # apart: final/ loads as a plain policy
     log.close()
     finish_tracking(metrics)
     return metrics
