@@ -10,7 +10,9 @@ sizes (rows, steps, lengths, batch sizes under --smoke), on `../shared/data`:
 2. a reward model from the SFT policy on the pairs: held-out accuracy, with its Wilson bound;
 3. DPO from the SFT policy on the same pairs: held-out reward accuracy, with its Wilson bound;
 4. PPO from the SFT policy against that reward model: held-out score before and after, final KL;
-5. `stage=eval` of the PPO and the DPO policy against the SFT policy, judged by the reward model.
+5. GRPO from the SFT policy against the same reward model, as many updates of as many sampled
+   answers as PPO: held-out score before and after, final KL;
+6. `stage=eval` of the PPO, GRPO and DPO policies against the SFT policy, judged by the reward model.
 
 Every stage reads the same rows with the same split, so the held-out pairs and prompts are the
 same ones throughout and no stage trained on them. Writes bench/results/<date>-learning.json
@@ -47,6 +49,7 @@ SMOKE = {
     "batch": ["{stage}.per_device_train_batch_size=2", "{stage}.gradient_accumulation_steps=1"],
 }
 PPO_SMOKE = ["ppo.batch_size=2", "ppo.mini_batch_size=1", "ppo.ppo_epochs=1"]
+GRPO_SMOKE = ["grpo.num_generations=2"]
 
 
 def main() -> None:
@@ -121,7 +124,26 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list) -> d
         *(PPO_SMOKE if smoke else []),
         *changed("ppo"),
     )
-    for policy in ("ppo", "dpo"):
+    # GRPO at PPO's budget: as many updates, each sampling ppo.batch_size answers (8 by default).
+    runs["grpo"] = train(
+        work / "grpo",
+        env,
+        "stage=grpo",
+        "dataset=hh_rlhf",
+        *data,
+        f"model.init_from={sft}",
+        f"grpo.reward_model={work / 'rm'}",
+        f"grpo.max_steps={sizes['ppo_updates']}",
+        f"grpo.per_device_train_batch_size={2 if smoke else 8}",
+        "grpo.gradient_accumulation_steps=1",
+        "grpo.save_strategy=no",
+        f"grpo.eval_prompts={sizes['eval_prompts']}",
+        f"grpo.max_completion_length={sizes['new_tokens']}",
+        f"grpo.max_prompt_length={sizes['max_length']}",
+        *(GRPO_SMOKE if smoke else []),
+        *changed("grpo"),
+    )
+    for policy in ("ppo", "grpo", "dpo"):
         runs[f"eval_{policy}"] = train(
             work / f"eval-{policy}",
             env,
@@ -156,7 +178,11 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list) -> d
         "ppo_eval_scores": m["ppo"]["eval_scores"],
         "ppo_kl": m["ppo"]["objective/kl"],
         "ppo_kl_target": 6.0,
+        "grpo_eval_scores_before": m["grpo"]["eval_scores_before"],
+        "grpo_eval_scores": m["grpo"]["eval_scores"],
+        "grpo_kl": m["grpo"]["kl"],
         "win_rate_ppo_vs_sft": m["eval_ppo"]["eval_win_rate"],
+        "win_rate_grpo_vs_sft": m["eval_grpo"]["eval_win_rate"],
         "win_rate_dpo_vs_sft": m["eval_dpo"]["eval_win_rate"],
         "eval_prompts": m["eval_ppo"]["eval_prompts"],
         "dropped_rows": {stage: m[stage].get("data/dropped_rows", 0) for stage in ("sft", "rm", "dpo")},
@@ -209,8 +235,11 @@ def markdown(r: dict) -> str:
         "| bound > 0.5 |",
         f"| PPO held-out RM score, before -> after | {r['ppo_eval_scores_before']:.3f} -> {r['ppo_eval_scores']:.3f} | rises |",
         f"| PPO final KL to the SFT policy (target) | {r['ppo_kl']:.2f} nats ({r['ppo_kl_target']:g}) | <= target |",
-        f"| win rate over SFT judged by the RM, PPO / DPO ({r['eval_prompts']} held-out prompts) | "
-        f"{r['win_rate_ppo_vs_sft']:.3f} / {r['win_rate_dpo_vs_sft']:.3f} | PPO > 0.5 |",
+        f"| GRPO held-out RM score, before -> after (same updates and answers per update as PPO) | "
+        f"{r['grpo_eval_scores_before']:.3f} -> {r['grpo_eval_scores']:.3f} | rises |",
+        f"| GRPO final KL to the SFT policy (TRL's per-token estimate) | {r['grpo_kl']:.4f} | small |",
+        f"| win rate over SFT judged by the RM, PPO / GRPO / DPO ({r['eval_prompts']} held-out prompts) | "
+        f"{r['win_rate_ppo_vs_sft']:.3f} / {r['win_rate_grpo_vs_sft']:.3f} / {r['win_rate_dpo_vs_sft']:.3f} | > 0.5 |",
         "",
         "| stage | wall time (process) | peak RSS | throughput |",
         "|---|---|---|---|",

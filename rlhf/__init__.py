@@ -42,5 +42,6 @@ def ddp_backend():
 
 
 OmegaConf.register_new_resolver("launch_stamp", launch_stamp, replace=True)
+OmegaConf.register_new_resolver("mul", lambda a, b: a * b, replace=True)  # `${mul:16,4}`: a budget's answers per update
 OmegaConf.register_new_resolver("ddp_backend", ddp_backend, replace=True)
 OmegaConf.register_new_resolver("if_cuda", if_cuda, replace=True)

@@ -10,6 +10,9 @@ hyperparameters (`ppo.kl_coef=0.05` reaches only the ppo step). A step whose dir
 holds a finished run with the same config is skipped, so a failed chain resumes where it broke;
 any other step directory is claimed as a single run's is (an interrupted step of the same config
 resumes, one of another config is refused unless resume=overwrite, which starts it over).
+At the end the steps are compared as `python -m rlhf.compare <run dir>` compares them: a table,
+compare.csv and report.html in the run directory (for experiment=compare_aligners also
+compare_aligners.csv and frontier.png).
 """
 
 import json
@@ -18,6 +21,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+from rlhf import compare
 from rlhf.compose import compose
 from rlhf.errors import UserError
 from rlhf.runs import finished_with, is_main_process, prepare_run_dir
@@ -48,6 +52,8 @@ def run(cfg, run_dir: Path, run_stage) -> dict:
             prepare_run_dir(step_cfg, step_dir, overrides, write=is_main_process())
             step_metrics = run_stage(step_cfg, step_dir, overrides)
         metrics.update({f"{name}/{key}": value for key, value in step_metrics.items()})
+    if is_main_process():  # the steps side by side: table, compare.csv, report.html (an aligner comparison's too)
+        compare.main([str(run_dir)])
     return metrics
 
 

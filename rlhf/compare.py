@@ -1,4 +1,5 @@
-"""Compare finished runs side by side: a table on stdout, plus compare.csv and compare.png.
+"""Compare finished runs side by side: a table on stdout, plus compare.csv, compare.png and a
+self-contained report.html.
 
 Usage:
 
@@ -22,6 +23,11 @@ What it writes, into the FIRST directory given:
 - compare.csv: every final metric of every run, after the run, status and overrides columns.
 - compare.png: one line per run - training `loss` over step on the left, `--metric` on the right.
   Needs matplotlib (optional): without it a note says so and the rest is still written.
+- report.html: one file that opens without network access: the sortable table of runs and their
+  curves side by side (loss, reward, KL, win rate over steps); for an aligner comparison
+  (`experiment=compare_aligners`, or a sweep of them) also compare_aligners.csv, the aligner
+  table and frontier.png (judge and proxy score against KL), written beside it.
+A chain run stands for its steps.
 
 Sorting: by `--sort` (default: eval_loss when any run has it, else train_loss). Metrics whose
 name says lower is better (contains "loss", "runtime" or "perplexity") sort ascending, all
@@ -36,6 +42,7 @@ Imports neither torch nor transformers: a whole sweep takes about a second, plot
 
 import argparse
 import csv
+import io
 import json
 import sys
 from dataclasses import dataclass, field
@@ -43,6 +50,7 @@ from pathlib import Path
 
 import yaml
 
+from rlhf import aligners, report
 from rlhf.errors import UserError
 
 CSV_NAME = "compare.csv"
@@ -81,6 +89,7 @@ def main(argv=None) -> int:
         print(f"wrote {out_dir / CSV_NAME}", file=sys.stderr)
         if plot_curves(runs, args.metric or sort_metric, out_dir / PNG_NAME, explicit=args.metric is not None):
             print(f"wrote {out_dir / PNG_NAME}", file=sys.stderr)
+        write_report(runs, columns, args.paths, out_dir)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -126,17 +135,16 @@ def load_runs(paths) -> list:
 
 
 def run_dirs(paths) -> list:
-    """Each argument as a run, or its run subdirectories when it is a sweep."""
+    """Each argument as a run, or its run subdirectories when it is a sweep; a chain (a run whose
+    subdirectories are runs: its steps) stands for its steps."""
     found = []
     for arg in paths:
         path = Path(arg)
-        if is_run_dir(path):
-            found.append(path)
-            continue
-        jobs = sweep_jobs(path)
+        jobs = [path] if is_run_dir(path) else sweep_jobs(path)
         if not jobs:
             raise UserError(f"{arg}: not a run directory or a sweep directory")
-        found.extend(jobs)
+        for job in jobs:
+            found.extend(sweep_jobs(job) or [job])
     return found
 
 
@@ -315,6 +323,85 @@ def write_csv(runs, path: Path) -> None:
                 writer.writerow([run.name, run.status, " ".join(run.overrides), *(run.metrics.get(name, "") for name in names)])
     except OSError as err:
         raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+# --- the aligner comparison and the HTML report ----------------------------------------------
+
+REPORT_NAME = "report.html"
+# The curves of the report, each from the first of these history keys a run logged.
+PANELS = {
+    "loss": ("loss",),
+    "reward": ("reward", "objective/scores", "rewards/margins", "eval_margin"),
+    "KL": ("kl", "objective/kl", "kl_loss"),
+    "win rate": ("eval_win_rate", "eval_rewards/accuracies", "eval_accuracy"),
+}
+
+
+def write_report(runs, columns: list, paths: list, out_dir: Path) -> None:
+    """report.html (and, when the runs hold an aligner comparison, compare_aligners.csv and
+    frontier.png) in `out_dir`."""
+    sections = [("runs", report.table(["run", "status", "overrides", *columns], table_rows(runs, columns)))]
+    curves = figure_png(lambda fig: draw_curves(fig, runs))
+    if curves:
+        sections.append(("training curves", report.figure(curves, "each run's curves over its training steps")))
+    comparison = aligners.rows([run.path for run in runs], name_base(Path(paths[0])))
+    if comparison:
+        aligners.write_csv(comparison, out_dir / aligners.CSV_NAME)
+        print("\n" + aligners.format_table(comparison))
+        print(f"wrote {out_dir / aligners.CSV_NAME}", file=sys.stderr)
+        header = list(aligners.COLUMNS)
+        cells = [[format_value(row[key]) if row[key] is not None else MISSING for key in header] for row in comparison]
+        sections.insert(0, ("aligners compared with the SFT policy", report.table(header, cells)))
+        if aligners.plot_frontier(comparison, out_dir / aligners.PNG_NAME):
+            print(f"wrote {out_dir / aligners.PNG_NAME}", file=sys.stderr)
+            png = (out_dir / aligners.PNG_NAME).read_bytes()
+            sections.insert(1, ("reward-KL frontier", report.figure(png, "judge (filled) and proxy (hollow) score against KL")))
+    try:
+        (out_dir / REPORT_NAME).write_text(report.page(f"runs in {out_dir}", sections), encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"cannot write {out_dir / REPORT_NAME}: {err.strerror or err}") from None
+    print(f"wrote {out_dir / REPORT_NAME}", file=sys.stderr)
+
+
+def table_rows(runs, columns: list) -> list:
+    return [[run.name, run.status, " ".join(run.overrides), *(format_value(run.metrics.get(c, MISSING)) for c in columns)] for run in runs]
+
+
+def figure_png(draw) -> bytes | None:
+    """A figure drawn by `draw(fig)` as PNG bytes; None without matplotlib or with nothing drawn."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    fig = Figure(figsize=(16, 4.2), layout="constrained")
+    if not draw(fig):
+        return None
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    return buffer.getvalue()
+
+
+def draw_curves(fig, runs) -> bool:
+    """One panel per entry of PANELS that any run logged, every run a line in it."""
+    present = {title: keys for title, keys in PANELS.items() if any(first_curve(run, keys) for run in runs)}
+    if not present:
+        return False
+    labels = legend_labels(runs)
+    for ax, (title, keys) in zip(fig.subplots(1, len(present), squeeze=False)[0], present.items()):
+        for index, (run, label) in enumerate(zip(runs, labels)):
+            steps, values = first_curve(run, keys) or ([], [])
+            ax.plot(steps, values, label=label, color=f"C{index % 10}", marker="o" if len(steps) <= 10 else None, markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(4, max(1, len(runs))), fontsize="small")
+    return True
+
+
+def first_curve(run, keys) -> tuple:
+    return next((points for points in (curve(run, key) for key in keys) if points), ())
 
 
 # --- curves ----------------------------------------------------------------------------------

@@ -121,6 +121,7 @@ def environment(cfg) -> dict:
         "command": " ".join(shlex.quote(redact(arg)) for arg in [sys.executable, *sys.argv]),
         "cwd": os.getcwd(),
         "seed": cfg.seed,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),  # the device a gpu_pool job was given
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": versions,

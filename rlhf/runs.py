@@ -39,6 +39,7 @@ RUN_INPUTS = {
     "rloo.reward_model": (None, ("rm",)),
     "eval.policy": ("eval", POLICY_STAGES),
     "eval.reward_model": ("eval", ("rm",)),
+    "eval.judge_model": (None, ("rm",)),
 }
 
 

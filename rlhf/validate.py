@@ -139,6 +139,7 @@ NODE_RULES = {
     "dataset": {
         "test_size": Rule(lambda v: v >= 0 and (v < 1 or float(v).is_integer()), ">= 0: a fraction below 1 or a count of rows"),
         "max_samples": OPTIONAL_LENGTH,
+        "skip_rows": Rule(lambda v: v >= 0, "an integer >= 0", integer=True),
     },
 }
 

@@ -89,6 +89,10 @@ def test_learning_benchmark_smoke_runs_every_step(tmp_path):
         "ppo_kl_target",
         "win_rate_ppo_vs_sft",
         "win_rate_dpo_vs_sft",
+        "grpo_eval_scores_before",
+        "grpo_eval_scores",
+        "grpo_kl",
+        "win_rate_grpo_vs_sft",
         "eval_prompts",
     )
     assert all(key in result for key in keys), set(keys) - set(result)

@@ -159,3 +159,60 @@ def test_does_not_import_torch():
     code = "import sys, rlhf.compare; print('torch' in sys.modules or 'transformers' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_report_html_is_one_self_contained_file(runs, capsys):
+    """report.html holds the table of runs and the curves as embedded images, and references
+    no http(s) resource: it opens anywhere without network access."""
+    sweep, _ = runs
+    assert main([str(sweep)]) == 0
+    page = (sweep / "report.html").read_text(encoding="utf-8")
+    assert '<table class="sortable">' in page and page.count("<tr>") == 3  # header + two runs
+    assert "dpo.beta=0.1" in page and "dpo.beta=0.3" in page
+    assert page.count("data:image/png;base64,") >= 1  # the curves, embedded
+    assert "http://" not in page and "https://" not in page
+    assert "<script>" in page and "sorted-asc" in page  # clicking a header sorts
+
+
+def make_aligner_comparison(run_dir: Path, betas: dict) -> Path:
+    """What experiment=compare_aligners leaves (the files the comparison reads): an SFT step,
+    policy steps, and one stage=eval step per policy with proxy and judge scores."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("stage: chain\n")
+    make_run(run_dir / "sft", ["stage=sft"], {"train_loss": 1.0})
+    for index, (stage, beta) in enumerate(betas.items()):
+        policy = make_run(run_dir / stage, [f"stage={stage}"], {"stage_runtime": 10.0 + index})
+        key = {"dpo": "beta", "ppo": "kl_coef", "grpo": "beta", "rloo": "beta"}[stage]
+        (policy / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"stage": stage, stage: {key: beta}}))
+        evaluated = make_run(
+            run_dir / f"eval_{stage}",
+            ["stage=eval"],
+            {
+                "eval_win_rate": 0.6 + index / 20,
+                "eval_score_policy": 1.0 + index,
+                "eval_score_reference": 0.5,
+                "eval_judge_win_rate": 0.55,
+                "eval_score_judge_policy": 0.8 - index / 10,
+                "eval_score_judge_reference": 0.4,
+                "eval_kl": 2.0 * (index + 1),
+                "eval_length_policy": 12.0,
+            },
+        )
+        (evaluated / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"stage": "eval", "eval": {"policy": str(policy)}}))
+    return run_dir
+
+
+def test_an_aligner_comparison_gets_its_table_frontier_and_report(tmp_path, capsys):
+    run_dir = make_aligner_comparison(tmp_path / "D", {"dpo": 0.1, "ppo": 0.05, "grpo": 0.04, "rloo": 0.05})
+    assert main([str(run_dir)]) == 0
+    rows = {row["stage"]: row for row in csv.DictReader((run_dir / "compare_aligners.csv").open())}
+    assert set(rows) == {"dpo", "ppo", "grpo", "rloo"}
+    assert rows["dpo"]["setting"] == "dpo.beta=0.1" and rows["ppo"]["setting"] == "ppo.kl_coef=0.05"
+    assert float(rows["ppo"]["kl"]) == 4.0 and float(rows["ppo"]["judge_win_rate"]) == 0.55
+    assert float(rows["rloo"]["wall_seconds"]) == 13.0 and float(rows["dpo"]["proxy_score_sft"]) == 0.5
+    for column in ("proxy_win_rate", "proxy_score", "judge_win_rate", "judge_score", "kl", "length"):
+        assert column in rows["grpo"]
+    assert (run_dir / "frontier.png").stat().st_size > 1000
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert "reward-KL frontier" in page and page.count("data:image/png;base64,") == 1  # the frontier (no curves logged here)
+    assert "judge win" in capsys.readouterr().out  # the aligner table on stdout

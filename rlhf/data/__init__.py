@@ -38,6 +38,7 @@ def load_splits(dataset_cfg, kind: str) -> Splits:
 
     fmt = data_format(dataset_cfg, kind)
     records, skipped, source = [], Counter(), None
+    passed = dataset_cfg.get("skip_rows") or 0  # valid rows to pass over: a later, disjoint part of the data
     for source, where, row in read_rows(dataset_cfg):
         if dataset_cfg.max_samples is not None and len(records) >= dataset_cfg.max_samples:
             break
@@ -51,6 +52,9 @@ def load_splits(dataset_cfg, kind: str) -> Splits:
                     f"{source}, {where}: {err} (format {dataset_cfg.format} reads {fmt.fields}; dataset.skip_invalid=true skips such rows)"
                 ) from None
             skipped[str(err)] += 1
+            continue
+        if passed:
+            passed -= 1
             continue
         records.append({k: v for k, v in record.items() if k not in ANSWERS} if kind == "prompt" else record)
     if skipped:

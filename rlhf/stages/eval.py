@@ -4,7 +4,10 @@ reference (the policy it started from), and let a reward model judge them.
 Reports the reward model's win rate of policy over reference (ties count half), both mean
 scores, the mean KL(policy || reference) of the policy's own samples (sum over response
 tokens of log pi - log ref: unbiased, because the tokens are the policy's samples), and the
-mean response lengths. Every generation goes to samples.jsonl in the run directory.
+mean response lengths. With `eval.judge_model=<rm run>` a second reward model - one the policy
+was not optimised against, trained on other pairs - scores the same answers (`eval_judge_*`):
+a proxy reward that rises while the judge's falls is over-optimisation (Gao et al. 2022).
+Every generation goes to samples.jsonl in the run directory.
 """
 
 import json
@@ -27,6 +30,7 @@ class EvalConfig(SamplingSettings):
 
     policy: str | None = None
     reward_model: str | None = None
+    judge_model: str | None = None
     num_prompts: int = 64
     batch_size: int = 16
     temperature: float = 0.7
@@ -40,7 +44,8 @@ def run(cfg, run_dir: Path) -> dict:
     prompts = [row["prompt"] for row in (splits.eval if splits.eval is not None else splits.train)][: settings.num_prompts]
     policy, reference, tokenizer = load_policy_and_reference(settings.policy, cfg)
     reward_model, reward_tokenizer = load_reward_model(settings.reward_model, cfg, key="eval.reward_model")
-    for model in (policy, reference, reward_model):
+    judge, judge_tokenizer = load_reward_model(settings.judge_model, cfg, key="eval.judge_model") if settings.judge_model else (None, None)
+    for model in (policy, reference, reward_model, judge):
         if model is not None:
             model.to(device).eval()
 
@@ -57,9 +62,14 @@ def run(cfg, run_dir: Path) -> dict:
         kl = ((response_logprobs(policy, from_policy, kl_temperature) - ref_logprobs) * from_policy.response_mask).sum(dim=1)
         policy_scores = reward_scores(reward_model, reward_tokenizer, batch, from_policy.texts, device)
         reference_scores = reward_scores(reward_model, reward_tokenizer, batch, from_reference.texts, device)
+        judged = {}
+        if judge is not None:
+            judged["judge_policy"] = reward_scores(judge, judge_tokenizer, batch, from_policy.texts, device).tolist()
+            judged["judge_reference"] = reward_scores(judge, judge_tokenizer, batch, from_reference.texts, device).tolist()
         for i, prompt in enumerate(batch):
             rows.append(
                 {
+                    **{f"score_{key}": scores[i] for key, scores in judged.items()},
                     "prompt": prompt,
                     "policy": from_policy.texts[i],
                     "reference": from_reference.texts[i],
@@ -72,9 +82,18 @@ def run(cfg, run_dir: Path) -> dict:
             )
     with open(run_dir / "samples.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    metrics = {"eval_win_rate": sum(agreement(row["score_policy"] - row["score_reference"]) for row in rows) / len(rows)}
-    for key in ("score_policy", "score_reference", "kl", "length_policy", "length_reference"):
-        metrics[f"eval_{key}"] = sum(row[key] for row in rows) / len(rows)
+
+    def mean(key):
+        return sum(row[key] for row in rows) / len(rows)
+
+    def win_rate(scorer):  # ties count half
+        return sum(agreement(row[f"score_{scorer}policy"] - row[f"score_{scorer}reference"]) for row in rows) / len(rows)
+
+    metrics = {"eval_win_rate": win_rate("")}
+    if judge is not None:
+        metrics["eval_judge_win_rate"] = win_rate("judge_")
+    keys = ("score_policy", "score_reference", "score_judge_policy", "score_judge_reference", "kl", "length_policy", "length_reference")
+    metrics.update({f"eval_{key}": mean(key) for key in keys if key in rows[0]})
     return {**metrics, "eval_prompts": len(rows)}
 
 
