@@ -3,8 +3,9 @@
     python bench/run.py                                  # the tiny default model, 5 min 20 s on 2 CPU cores
     python bench/run.py --model smollm2-135m --steps 8 --sweep-pairs 128 --ppo-updates 2 --repeats 1   # a real 135M model, 27 minutes
 
-a. overhead: `train.py` SFT and DPO against bench/plain_trl.py (the same TRL trainer by hand):
-   the ratio of training-phase time (the trainer's train_runtime) and of whole-process time;
+a. overhead: `train.py` SFT and DPO against bench/plain_trl.py (the same TRL trainer by hand,
+   TRL's defaults for what a user would not set, precision included): the ratio of
+   training-phase time (the trainer's train_runtime) and of whole-process time;
 b. start-up: `train.py --cfg job` (composes the config, must not import torch);
 c. memory: peak RSS of DPO with LoRA (adapter-disabled reference) against SFT with LoRA, both
    with as many sequences per step, so the difference is what DPO keeps besides (no model copy);
@@ -83,7 +84,10 @@ def measure(args, work: Path) -> None:
     }
     import torch
 
-    result["matmul_peak_gflops"] = matmul_peak_gflops("float32")  # hardware=cpu trains in float32
+    # MFU is measured against the peak of the precision a run computes in (env.json's precision).
+    peaks = {"float32": matmul_peak_gflops("float32"), "bfloat16": matmul_peak_gflops("bfloat16")}
+    result["matmul_peak_gflops"] = peaks["float32"]
+    result["matmul_peak_gflops_bfloat16"] = peaks["bfloat16"]
     result["threads"] = torch.get_num_threads()
 
     # a. overhead against plain TRL; c. memory (SFT sees as many sequences per step as DPO's pairs hold)
@@ -130,6 +134,7 @@ def measure(args, work: Path) -> None:
             )
             plain = json.loads(plain_out.read_text())
             runs_of["plain"].append({"train_runtime": plain["train_runtime"], "process_seconds": seconds, "peak_rss_mib": rss})
+            result[f"{stage}_plain_trl_bf16"] = plain["bf16"]
         median = {
             side: {key: statistics.median(run[key] for run in measured) for key in ("train_runtime", "process_seconds", "peak_rss_mib")}
             for side, measured in runs_of.items()
@@ -148,8 +153,11 @@ def measure(args, work: Path) -> None:
         # f. model-FLOP utilisation of the framework's training phase against this machine's matmul peak
         sequences = args.steps * batch * (2 if stage == "dpo" else 1)  # a DPO pair is two sequences
         tokens = trained_tokens(runs / f"{stage}-0")
+        precision = json.loads((runs / f"{stage}-0" / "env.json").read_text())["precision"]
+        result[f"{stage}_precision"] = precision
         result[f"{stage}_trained_tokens"] = tokens
-        result[f"{stage}_mfu"] = mfu(model_dir, tokens, sequences, ours["train_runtime"], result["matmul_peak_gflops"])
+        peak = peaks["bfloat16" if "bfloat16 autocast" in precision else "float32"]
+        result[f"{stage}_mfu"] = mfu(model_dir, tokens, sequences, ours["train_runtime"], peak)
         if stage == "dpo":  # where the framework's DPO process time goes besides training
             result["overhead_dpo"]["reference_logps_seconds_framework"] = statistics.median(
                 run["reference_logps"] for run in runs_of["framework"]
@@ -271,9 +279,15 @@ def markdown(r: dict) -> str:
             f"| {stage.upper()} whole process, framework / plain TRL | {o['process_seconds_framework']:.1f} s / "
             f"{o['process_seconds_plain_trl']:.1f} s = {o['process_ratio']:.3f} |"
         )
-    lines.append(f"| matmul peak, float32, {r.get('threads', '?')} threads | {r['matmul_peak_gflops']:.0f} GFLOP/s |")
+    lines.append(
+        f"| matmul peak, float32 / bfloat16, {r.get('threads', '?')} threads | {r['matmul_peak_gflops']:.0f} / "
+        f"{r['matmul_peak_gflops_bfloat16']:.0f} GFLOP/s |"
+    )
     for stage in ("sft", "dpo"):
-        lines.append(f"| {stage.upper()} model-FLOP utilisation (6N + attention per trained token) | {r[f'{stage}_mfu']:.1%} |")
+        lines.append(
+            f"| {stage.upper()} model-FLOP utilisation (6N + attention per trained token) against the peak of its precision "
+            f"({r[f'{stage}_precision']}; plain TRL bf16={r[f'{stage}_plain_trl_bf16']}) | {r[f'{stage}_mfu']:.1%} |"
+        )
     lines.append(f"| `train.py --cfg job` start-up (median of 5) | {r['startup_cfg_job_seconds']:.2f} s |")
     sft_rss, dpo_rss = r["overhead_sft"]["peak_rss_mib_framework"], r["overhead_dpo"]["peak_rss_mib_framework"]
     lines.append(f"| peak RSS, DPO+LoRA / SFT+LoRA | {dpo_rss:.0f} MiB / {sft_rss:.0f} MiB = {r['peak_rss_ratio_dpo_over_sft']:.2f} |")

@@ -26,7 +26,7 @@ from trl import GRPOConfig, RLOOConfig
 from rlhf.errors import UserError
 from rlhf.generation import SamplingSettings, mean_reward
 from rlhf.tracking import finish_tracking, start_tracking
-from rlhf.training import device_for, fit, load_inputs, load_reward_model, trainer_kwargs
+from rlhf.training import autocast, device_for, fit, load_inputs, load_reward_model, trainer_kwargs
 
 LOGGED = ("reward", "rewards/", "kl", "completions/", "clip_ratio", "entropy")  # TRL's log keys kept in metrics.json
 
@@ -140,7 +140,12 @@ def held_out_scorer(cfg, settings, inputs, trainer, reward_model, reward_tokeniz
     sampling = SamplingSettings(settings.max_prompt_length, args.max_completion_length, args.temperature, args.top_p)
     reward_model.to(device)
     models = (inputs.tokenizer, reward_model, reward_tokenizer)
-    return lambda: mean_reward(trainer.model, *models, held_out, sampling, device, args.per_device_eval_batch_size)
+
+    def score():
+        with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it
+            return mean_reward(trainer.model, *models, held_out, sampling, device, args.per_device_eval_batch_size)
+
+    return score
 
 
 def check_vllm(settings, stage: str) -> None:

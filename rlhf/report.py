@@ -11,7 +11,7 @@ body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0 2em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
 th { background: #f0f0f0; cursor: pointer; user-select: none; }
-td:first-child, th:first-child { text-align: left; }
+td.text, th:first-child { text-align: left; }
 th.sorted-asc::after { content: " \\25B2"; } th.sorted-desc::after { content: " \\25BC"; }
 figure { margin: 1em 0 2em; } figcaption { font-size: 0.9em; color: #555; }
 img { max-width: 100%; }
@@ -44,8 +44,18 @@ document.querySelectorAll("table.sortable").forEach(function (table) {
 def table(header: list, rows: list) -> str:
     """A sortable HTML table of `rows` (lists of cells, already formatted as text)."""
     head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>\n" for row in rows)
+    body = "".join("<tr>" + "".join(cell_html(cell) for cell in row) + "</tr>\n" for row in rows)
     return f'<table class="sortable"><thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody></table>'
+
+
+def cell_html(cell) -> str:
+    """Numbers right-aligned (they line up), text left-aligned."""
+    text = str(cell)
+    try:
+        float(text)
+        return f"<td>{html.escape(text)}</td>"
+    except ValueError:
+        return f'<td class="text">{html.escape(text)}</td>'
 
 
 def figure(png: bytes, caption: str) -> str:

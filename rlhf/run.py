@@ -23,7 +23,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from rlhf import PROJECT_ROOT, chain
+from rlhf import PROJECT_ROOT, chain, precision
 from rlhf.errors import UserError
 from rlhf.runs import finished_with, is_main_process, prepare_run_dir, write_json, write_status
 from rlhf.stages import get_stage
@@ -79,6 +79,8 @@ def run_stage(cfg, run_dir: Path, overrides=()) -> dict:
     main_process = is_main_process()
     try:
         validate(cfg, list(overrides))  # before the stage's heavy imports and before any model or dataset loads
+        if main_process and cfg.stage != "chain":  # each chain step says its own
+            print(f"precision: {precision(cfg)}", flush=True)
         stage = functools.partial(chain.run, run_stage=run_stage) if cfg.stage == "chain" else get_stage(cfg.stage)
         if main_process:
             write_json(run_dir / "env.json", environment(cfg))
@@ -122,6 +124,7 @@ def environment(cfg) -> dict:
         "cwd": os.getcwd(),
         "seed": cfg.seed,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),  # the device a gpu_pool job was given
+        "precision": precision(cfg) if cfg.stage != "chain" else None,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": versions,

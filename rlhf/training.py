@@ -112,6 +112,12 @@ def device_for(cfg):
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # a launch's process uses its own GPU
 
 
+def autocast(cfg, device):
+    """bfloat16 autocast for a stage that drives its own loop (PPO, eval, held-out scoring), on
+    exactly when the Trainer stages get it: hardware.training_args.bf16."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.hardware.training_args.bf16))
+
+
 class HistoryWriter(TrainerCallback):
     """Appends each log event of a transformers Trainer (train and eval) to history.jsonl."""
 

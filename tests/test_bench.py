@@ -99,3 +99,13 @@ def test_learning_benchmark_smoke_runs_every_step(tmp_path):
     assert result["rm_eval_pairs"] > 0 and result["dpo_eval_pairs"] > 0 and result["eval_prompts"] > 0
     assert set(result["stages"]) == {"sft", "rm", "dpo", "ppo", "eval_ppo", "eval_dpo"}
     assert all(cost["peak_rss_mib"] > 0 and cost["process_seconds"] > 0 for cost in result["stages"].values())
+
+
+def test_padding_benchmark_measures_the_trainers_own_batches(tmp_path):
+    bench("bench/padding.py", "--model", "tiny", "--batches", "2", "--out", str(tmp_path))
+    [json_file] = tmp_path.glob("*-padding-tiny.json")
+    result = json.loads(json_file.read_text())
+    for stage in ("sft", "rm", "dpo"):
+        measured = result["stages"][stage]
+        assert measured["batches"] == 2 and 0 < measured["pad_share"] < 1, stage
+        assert measured["min"] <= measured["median"] <= measured["max"], stage

@@ -21,7 +21,7 @@ from rlhf.data import load_splits
 from rlhf.generation import SamplingSettings, as_reference, response_logprobs, reward_scores, sample
 from rlhf.lineage import POLICY_STAGES, TrainedRun
 from rlhf.metrics import agreement
-from rlhf.training import device_for, load_reward_model
+from rlhf.training import autocast, device_for, load_reward_model
 
 
 @dataclass
@@ -49,37 +49,9 @@ def run(cfg, run_dir: Path) -> dict:
         if model is not None:
             model.to(device).eval()
 
-    # The KL of the distributions sampled from; greedy decoding (temperature 0) compares the
-    # untempered ones rather than dividing the logits by ~0.
-    kl_temperature = settings.temperature or 1.0
-    rows = []
-    for start in range(0, len(prompts), settings.batch_size):
-        batch = prompts[start : start + settings.batch_size]
-        from_policy = sample(policy, tokenizer, batch, settings, device)
-        with as_reference(policy, reference) as ref:
-            from_reference = sample(ref, tokenizer, batch, settings, device)
-            ref_logprobs = response_logprobs(ref, from_policy, kl_temperature)
-        kl = ((response_logprobs(policy, from_policy, kl_temperature) - ref_logprobs) * from_policy.response_mask).sum(dim=1)
-        policy_scores = reward_scores(reward_model, reward_tokenizer, batch, from_policy.texts, device)
-        reference_scores = reward_scores(reward_model, reward_tokenizer, batch, from_reference.texts, device)
-        judged = {}
-        if judge is not None:
-            judged["judge_policy"] = reward_scores(judge, judge_tokenizer, batch, from_policy.texts, device).tolist()
-            judged["judge_reference"] = reward_scores(judge, judge_tokenizer, batch, from_reference.texts, device).tolist()
-        for i, prompt in enumerate(batch):
-            rows.append(
-                {
-                    **{f"score_{key}": scores[i] for key, scores in judged.items()},
-                    "prompt": prompt,
-                    "policy": from_policy.texts[i],
-                    "reference": from_reference.texts[i],
-                    "score_policy": policy_scores[i].item(),
-                    "score_reference": reference_scores[i].item(),
-                    "kl": kl[i].item(),
-                    "length_policy": int(from_policy.response_mask[i].sum()),
-                    "length_reference": int(from_reference.response_mask[i].sum()),
-                }
-            )
+    judges = {"": (reward_model, reward_tokenizer), **({"judge_": (judge, judge_tokenizer)} if judge is not None else {})}
+    with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it (hardware.training_args.bf16)
+        rows = answer_and_score(prompts, settings, device, (policy, reference, tokenizer), judges)
     with open(run_dir / "samples.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
@@ -95,6 +67,40 @@ def run(cfg, run_dir: Path) -> dict:
     keys = ("score_policy", "score_reference", "score_judge_policy", "score_judge_reference", "kl", "length_policy", "length_reference")
     metrics.update({f"eval_{key}": mean(key) for key in keys if key in rows[0]})
     return {**metrics, "eval_prompts": len(rows)}
+
+
+def answer_and_score(prompts: list, settings, device, models: tuple, judges: dict) -> list:
+    """One row per prompt: the policy's and the reference's answers, each reward model's score of
+    both (`judges`: prefix -> (model, tokenizer)), the KL of the policy's answer and both lengths."""
+    policy, reference, tokenizer = models
+    # The KL of the distributions sampled from; greedy decoding (temperature 0) compares the
+    # untempered ones rather than dividing the logits by ~0.
+    kl_temperature = settings.temperature or 1.0
+    rows = []
+    for start in range(0, len(prompts), settings.batch_size):
+        batch = prompts[start : start + settings.batch_size]
+        from_policy = sample(policy, tokenizer, batch, settings, device)
+        with as_reference(policy, reference) as ref:
+            from_reference = sample(ref, tokenizer, batch, settings, device)
+            ref_logprobs = response_logprobs(ref, from_policy, kl_temperature)
+        kl = ((response_logprobs(policy, from_policy, kl_temperature) - ref_logprobs) * from_policy.response_mask).sum(dim=1)
+        scores = {}
+        for prefix, (model, model_tokenizer) in judges.items():
+            scores[f"score_{prefix}policy"] = reward_scores(model, model_tokenizer, batch, from_policy.texts, device).tolist()
+            scores[f"score_{prefix}reference"] = reward_scores(model, model_tokenizer, batch, from_reference.texts, device).tolist()
+        for i, prompt in enumerate(batch):
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "policy": from_policy.texts[i],
+                    "reference": from_reference.texts[i],
+                    **{key: values[i] for key, values in scores.items()},
+                    "kl": kl[i].item(),
+                    "length_policy": int(from_policy.response_mask[i].sum()),
+                    "length_reference": int(from_reference.response_mask[i].sum()),
+                }
+            )
+    return rows
 
 
 def load_policy_and_reference(policy_run, cfg):

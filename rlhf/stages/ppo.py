@@ -21,7 +21,7 @@ from rlhf import ddp_backend, distributed
 from rlhf.ppo.trainer import PPOModels, PPOTrainer, ValueHead
 from rlhf.runs import is_main_process, resume_point
 from rlhf.tracking import UpdateLog, finish_tracking, start_tracking
-from rlhf.training import device_for, load_inputs, load_reward_model, save_final
+from rlhf.training import autocast, device_for, load_inputs, load_reward_model, save_final
 
 
 def run(cfg, run_dir: Path) -> dict:
@@ -52,14 +52,15 @@ def train_ppo(cfg, run_dir: Path) -> dict:
     trainer = PPOTrainer(models, settings, device, log=log)
     held_out = [row["prompt"] for row in inputs.data.eval][: settings.eval_prompts] if inputs.data.eval is not None else []
     checkpoint, mark = resume_point(cfg, run_dir)
-    if checkpoint is not None:  # an interrupted run: go on from its last complete checkpoint
-        metrics = trainer.resume(checkpoint, mark)
-    else:
-        metrics = {"eval_scores_before": trainer.mean_score(held_out)} if held_out else {}
-    train_prompts = [row["prompt"] for row in inputs.data.train]
-    metrics.update(trainer.train(train_prompts, seed=cfg.seed, checkpoints=run_dir / "checkpoints", keep=dict(metrics)))
-    if held_out:
-        metrics["eval_scores"] = trainer.mean_score(held_out)
+    with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it (hardware.training_args.bf16)
+        if checkpoint is not None:  # an interrupted run: go on from its last complete checkpoint
+            metrics = trainer.resume(checkpoint, mark)
+        else:
+            metrics = {"eval_scores_before": trainer.mean_score(held_out)} if held_out else {}
+        train_prompts = [row["prompt"] for row in inputs.data.train]
+        metrics.update(trainer.train(train_prompts, seed=cfg.seed, checkpoints=run_dir / "checkpoints", keep=dict(metrics)))
+        if held_out:
+            metrics["eval_scores"] = trainer.mean_score(held_out)
     metrics["data/skipped_rows"] = inputs.data.skipped_rows
 
     final = save_final(run_dir, policy, inputs, cfg)

@@ -1,0 +1,58 @@
+"""Mixed precision where the hardware has it: on the CPU preset a real model trains in bfloat16
+autocast (float32 weights) when the CPU has bfloat16 matrix units, the tiny model in float32,
+`hardware.training_args.bf16` forces either; the choice is printed and recorded in env.json,
+and the stages with their own loops (PPO, eval) use the same autocast."""
+
+import json
+import math
+
+from conftest import compose_config, train
+
+from rlhf import cpu_bf16, precision
+
+
+def test_the_cpu_preset_chooses_bfloat16_where_the_cpu_has_it_and_never_for_the_tiny_model():
+    real = compose_config("model=smollm2-135m", "stage=dpo")
+    assert real.hardware.training_args.bf16 is cpu_bf16()
+    assert precision(real) == "float32 weights" + (", bfloat16 autocast" if cpu_bf16() else "")
+    assert compose_config("stage=dpo").hardware.training_args.bf16 is False  # model=tiny: float32 is faster
+    assert compose_config("model=smollm2-135m", "hardware.training_args.bf16=false").hardware.training_args.bf16 is False
+    assert compose_config("hardware.training_args.bf16=true").hardware.training_args.bf16 is True
+
+
+def test_cpu_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    cpuinfo = tmp_path / "cpuinfo"
+    original = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: original(cpuinfo if str(self) == "/proc/cpuinfo" else self, *a, **k))
+    cpuinfo.write_text("flags : fpu sse avx512f avx512_bf16\n")
+    assert cpu_bf16() is True
+    cpuinfo.write_text("flags : fpu sse avx2\n")
+    assert cpu_bf16() is False
+
+
+def test_ppo_and_eval_run_under_bfloat16_autocast_when_asked(rlhf_chain, tmp_path, capsys):
+    chain_dir, _ = rlhf_chain
+    forced = "hardware.training_args.bf16=true"
+    metrics = train(
+        tmp_path / "ppo",
+        "stage=ppo",
+        f"model.init_from={chain_dir / 'sft'}",
+        f"ppo.reward_model={chain_dir / 'rm'}",
+        "ppo.total_updates=2",
+        "ppo.eval_prompts=16",
+        forced,
+    )
+    assert all(math.isfinite(metrics[key]) for key in ("eval_scores", "objective/kl", "loss/policy"))
+    assert "precision: float32 weights, bfloat16 autocast" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ppo" / "env.json").read_text())["precision"] == "float32 weights, bfloat16 autocast"
+    judged = train(
+        tmp_path / "eval",
+        "stage=eval",
+        f"eval.policy={tmp_path / 'ppo'}",
+        f"eval.reward_model={chain_dir / 'rm'}",
+        "eval.num_prompts=8",
+        forced,
+    )
+    assert 0 <= judged["eval_win_rate"] <= 1 and math.isfinite(judged["eval_kl"])
