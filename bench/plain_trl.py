@@ -8,6 +8,7 @@ defaults for everything a user would not set: the peer the framework is measured
 import argparse
 import json
 
+import torch
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -26,12 +27,13 @@ def main():
     parser.add_argument("--data", required=True)
     parser.add_argument("--batch", type=int, default=16, help="rows per step")
     parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--rows", type=int, default=None, help="read only the first N rows (default: all)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model)
-    data = rows(args.data)
+    data = rows(args.data)[: args.rows]
     if args.stage == "sft":
         records = [
             {
@@ -49,8 +51,9 @@ def main():
             }
             for r in data
         ]
-    # What a user of plain TRL writes: the run's sizes and no tracker; TRL's defaults for the rest,
-    # precision included (bfloat16 autocast where the machine has it), as a peer would run it.
+    # What a user of plain TRL writes: the run's sizes, no tracker, and use_cpu on a machine without
+    # a GPU (TRL's bf16 default refuses to start there otherwise); TRL's defaults for the rest,
+    # precision included (bf16=True: bfloat16 autocast on the CPU) and activation checkpointing.
     common = dict(
         output_dir="/tmp/plain-trl-bench",
         max_steps=args.steps,
@@ -59,6 +62,7 @@ def main():
         logging_steps=5,
         save_strategy="no",
         report_to="none",
+        use_cpu=not torch.cuda.is_available(),
     )
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     dataset = Dataset.from_list(records)

@@ -41,9 +41,12 @@ def ddp_backend():
     return "gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
 
 
-def cpu_bf16() -> bool:
-    """`${cpu_bf16:}`: True on a CPU with bfloat16 matrix units (AVX512-BF16 or AMX), where
-    bfloat16 autocast trains real models faster; read from /proc/cpuinfo (False elsewhere)."""
+def cpu_bf16(model: str = "") -> bool:
+    """`${cpu_bf16:${model.name_or_path}}`: True on a CPU with bfloat16 matrix units (AVX512-BF16
+    or AMX, read from /proc/cpuinfo), where bfloat16 autocast trains real models faster; False
+    elsewhere and for the built-in tiny model, whose matrices are too small for it to pay."""
+    if model == "builtin:tiny":
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text(errors="ignore").split()
     except OSError:

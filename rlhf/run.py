@@ -42,8 +42,8 @@ def main(cfg, run_dir: Path | None = None):
     adopt_slurm_ranks()
     in_sweep = hydra is not None and hydra.mode == RunMode.MULTIRUN
     try:
-        if in_sweep and cfg.get("resume", "auto") == "auto" and finished_with(run_dir, cfg):
-            # Re-running a sweep into its directory: finished jobs stay as they are; the rest run or resume.
+        if (in_sweep or cfg.stage == "chain") and cfg.get("resume", "auto") == "auto" and finished_with(run_dir, cfg):
+            # Re-running a sweep or a chain into its directory: what finished with this config stays as it is.
             print(f"{run_dir}: already finished with this config; skipped", flush=True)
             return objective(cfg, json.loads((run_dir / "metrics.json").read_text()))
         prepare_run_dir(cfg, run_dir, hydra.overrides.task if hydra else [], hydra, write=is_main_process())

@@ -97,7 +97,7 @@ def test_learning_benchmark_smoke_runs_every_step(tmp_path):
     )
     assert all(key in result for key in keys), set(keys) - set(result)
     assert result["rm_eval_pairs"] > 0 and result["dpo_eval_pairs"] > 0 and result["eval_prompts"] > 0
-    assert set(result["stages"]) == {"sft", "rm", "dpo", "ppo", "eval_ppo", "eval_dpo"}
+    assert set(result["stages"]) == {"sft", "rm", "dpo", "ppo", "grpo", "eval_ppo", "eval_grpo", "eval_dpo"}
     assert all(cost["peak_rss_mib"] > 0 and cost["process_seconds"] > 0 for cost in result["stages"].values())
 
 

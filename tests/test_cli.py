@@ -100,7 +100,8 @@ def test_missing_model_fails_with_one_line(tmp_path):
 def test_unknown_stage_lists_the_valid_ones():
     done = cli("stage=ppo_typo")
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip() == "error: stage=ppo_typo: no stage config named ppo_typo; options: chain, dpo, eval, ppo, rm, sft"
+    options = "chain, dpo, eval, grpo, ppo, rloo, rm, sft"
+    assert done.stderr.strip() == f"error: stage=ppo_typo: no stage config named ppo_typo; options: {options}"
 
 
 def test_wrong_data_kind_fails_with_one_line(tmp_path):

@@ -71,7 +71,7 @@ def test_crashed_grpo_run_resumes_to_the_metrics_of_an_uninterrupted_one(rlhf_ch
     monkeypatch.setattr(GRPOTrainer, "training_step", original)
     resumed = train(tmp_path / "crashed", *overrides)
     for key, value in whole.items():
-        if "runtime" not in key and "per_second" not in key:
+        if "runtime" not in key and "per_second" not in key and not key.startswith("time/"):  # timings differ
             assert resumed[key] == pytest.approx(value, abs=1e-5), key
     logged = [json.loads(line) for line in (tmp_path / "crashed" / "history.jsonl").read_text().splitlines()]
     assert [line["step"] for line in logged if "loss" in line] == list(range(1, 9))  # each update once, across the crash

@@ -166,7 +166,7 @@ def test_valid_command_lines_pass(argv):
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["stage=dpoo"], "stage=dpoo: no stage config named dpoo; did you mean stage=dpo? options: chain, dpo, eval, ppo, rm, sft"),
+        (["stage=dpoo"], "stage=dpoo: no stage config named dpoo; did you mean stage=dpo? options: chain, dpo, eval, grpo, ppo, rloo"),
         (["dpo.beta=0.3"], "dpo.beta=0.3: unknown key; this config has no dpo node (stage=dpo brings it)"),
         (["~sft.nothing"], "~sft.nothing: sft.nothing is not in this config; nothing to delete"),
         (["+sft.learning_rate=1"], "+sft.learning_rate=1: sft.learning_rate is already in the config; set it without the +"),
@@ -261,7 +261,7 @@ def test_ppo_needs_a_finished_reward_model_run(tmp_path):
 def test_eval_needs_a_finished_policy_and_reward_model_run(tmp_path):
     sft, rm = fake_run(tmp_path / "sft", "sft"), fake_run(tmp_path / "rm", "rm")
     assert refused(compose_config("stage=eval", f"eval.reward_model={rm}")) == (
-        "eval.policy=null: stage=eval needs eval.policy=<directory of a finished stage=sft/dpo/ppo run>"
+        "eval.policy=null: stage=eval needs eval.policy=<directory of a finished stage=sft/dpo/ppo/grpo/rloo run>"
     )
     assert "that is a stage=sft run; expected one of: rm" in refused(
         compose_config("stage=eval", f"eval.policy={sft}", f"eval.reward_model={sft}")

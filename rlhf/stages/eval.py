@@ -79,9 +79,12 @@ def answer_and_score(prompts: list, settings, device, models: tuple, judges: dic
     rows = []
     for start in range(0, len(prompts), settings.batch_size):
         batch = prompts[start : start + settings.batch_size]
-        from_policy = sample(policy, tokenizer, batch, settings, device)
+        # The reference answers first: with the same seed and prompts they are the same in every
+        # evaluation of policies that started from the same policy (an aligner comparison's SFT row).
         with as_reference(policy, reference) as ref:
             from_reference = sample(ref, tokenizer, batch, settings, device)
+        from_policy = sample(policy, tokenizer, batch, settings, device)
+        with as_reference(policy, reference) as ref:
             ref_logprobs = response_logprobs(ref, from_policy, kl_temperature)
         kl = ((response_logprobs(policy, from_policy, kl_temperature) - ref_logprobs) * from_policy.response_mask).sum(dim=1)
         scores = {}
