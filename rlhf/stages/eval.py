@@ -39,7 +39,6 @@ class EvalConfig(SamplingSettings):
 def run(cfg, run_dir: Path) -> dict:
     settings = instantiate(cfg.eval)
     device = device_for(cfg)
-    set_seed(cfg.seed)
     splits = load_splits(cfg.dataset, kind="prompt")
     prompts = [row["prompt"] for row in (splits.eval if splits.eval is not None else splits.train)][: settings.num_prompts]
     policy, reference, tokenizer = load_policy_and_reference(settings.policy, cfg)
@@ -50,6 +49,9 @@ def run(cfg, run_dir: Path) -> dict:
             model.to(device).eval()
 
     judges = {"": (reward_model, reward_tokenizer), **({"judge_": (judge, judge_tokenizer)} if judge is not None else {})}
+    # Seeded after loading (which draws random numbers for adapters and merged copies): evaluations
+    # of policies that started from the same one sample the same reference answers.
+    set_seed(cfg.seed)
     with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it (hardware.training_args.bf16)
         rows = answer_and_score(prompts, settings, device, (policy, reference, tokenizer), judges)
     with open(run_dir / "samples.jsonl", "w", encoding="utf-8") as f:
@@ -76,13 +78,13 @@ def answer_and_score(prompts: list, settings, device, models: tuple, judges: dic
     # The KL of the distributions sampled from; greedy decoding (temperature 0) compares the
     # untempered ones rather than dividing the logits by ~0.
     kl_temperature = settings.temperature or 1.0
+    batches = [prompts[start : start + settings.batch_size] for start in range(0, len(prompts), settings.batch_size)]
+    # Every reference answer first: with the same seed and prompts they are the same in every
+    # evaluation of policies that started from the same policy (an aligner comparison's SFT row).
+    with as_reference(policy, reference) as ref:
+        references = [sample(ref, tokenizer, batch, settings, device) for batch in batches]
     rows = []
-    for start in range(0, len(prompts), settings.batch_size):
-        batch = prompts[start : start + settings.batch_size]
-        # The reference answers first: with the same seed and prompts they are the same in every
-        # evaluation of policies that started from the same policy (an aligner comparison's SFT row).
-        with as_reference(policy, reference) as ref:
-            from_reference = sample(ref, tokenizer, batch, settings, device)
+    for batch, from_reference in zip(batches, references):
         from_policy = sample(policy, tokenizer, batch, settings, device)
         with as_reference(policy, reference) as ref:
             ref_logprobs = response_logprobs(ref, from_policy, kl_temperature)
