@@ -77,7 +77,7 @@ def main():
     else:
         trainer = DPOTrainer(
             model=model,
-            args=DPOConfig(learning_rate=5e-4, beta=0.1, precompute_ref_log_probs=True, **common),
+            args=DPOConfig(learning_rate=5e-4, beta=0.1, **common),  # TRL runs the reference on every batch
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=lora,

@@ -37,7 +37,8 @@ class PreferenceEvaluation:
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         model = self.accelerator.unwrap_model(self.model)
         chosen, rejected = [], []
-        with torch.no_grad():
+        # Under the same autocast as the library's own evaluation steps
+        with torch.no_grad(), self.compute_loss_context_manager():
             for batch in dataloader:
                 scores = self.pair_scores(model, prepare_inputs(self, batch))
                 # Under DDP each rank scores its shard: gather them, in dataset order.
@@ -217,7 +218,8 @@ class KLDPOTrainer(PreferenceEvaluation, ReferenceLogpsHook, DPOTrainer):
 
     @staticmethod
     def completion_logps(model, batch) -> torch.Tensor:
-        """Sum of log-probabilities of each row's completion tokens."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        token_logps = torch.gather(F.log_softmax(logits[:, :-1].float(), dim=-1), 2, batch["input_ids"][:, 1:, None])[..., 0]
-        return (token_logps * batch["completion_mask"][:, 1:]).sum(dim=1)
+        """Sum of log-probabilities of each row's completion tokens, from TRL's fused LM head (the
+        one DPO's loss reads): it scores the completion positions without the full logits."""
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels, fused_lm_head=True, use_cache=False)
+        return output.log_probs.sum(dim=1)

@@ -12,7 +12,13 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
-from rlhf.compat import logged_loss_total, restore_trained_tokens, running_loss_total, trained_tokens
+from rlhf.compat import (
+    logged_loss_total,
+    restore_trained_tokens,
+    running_loss_total,
+    score_labelled_positions_on_cpu,
+    trained_tokens,
+)
 from rlhf.data import Splits, load_splits
 from rlhf.errors import NonFiniteLoss
 from rlhf.lineage import Lineage, TrainedRun, write_final_lineage
@@ -77,6 +83,7 @@ def trainer_kwargs(cfg, stage_cfg, inputs: StageInputs, run_dir: Path, evaluate:
     """The arguments every TRL trainer takes the same way: model, settings, data, tokenizer,
     LoRA config and the history callback; `evaluate=False` keeps the held-out split from TRL."""
     held_out = inputs.data.eval if evaluate else None
+    score_labelled_positions_on_cpu()  # TRL's log-probs on the CPU: completions only, not prompt and padding
     return {
         "model": inputs.model,
         "args": training_args(cfg, stage_cfg, run_dir, has_eval=held_out is not None),

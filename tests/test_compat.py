@@ -49,3 +49,36 @@ def test_hydra_parses_the_flags_train_py_reads():
     )
     for flag in ("help", "hydra_help", "info", "shell_completion", "experimental_rerun", "config_dir"):
         assert hasattr(args, flag), moved(f"Hydra's --{flag.replace('_', '-')} flag", "hydra-core")
+
+
+def test_trl_fused_head_scores_only_the_labelled_positions_on_cpu_with_the_same_log_probs(monkeypatch):
+    import torch
+    import trl.trainer.utils as trl_utils
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf.compat import score_labelled_positions_on_cpu
+
+    assert "compact = _use_triton(" in inspect.getsource(trl_utils.add_fused_lm_head), moved("trl.trainer.utils._use_triton's role in add_fused_lm_head", "trl")
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)  # put back after the test
+    scored_rows = []
+
+    class Spy:  # records how many positions the LM head scores
+        @staticmethod
+        def apply(hidden, *args):
+            scored_rows.append(hidden.shape[0])
+            return chunked.apply(hidden, *args)
+
+    chunked = trl_utils._ChunkedLogProbFunction
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Spy)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).eval()
+    trl_utils.add_fused_lm_head(model)
+    ids = torch.randint(0, 300, (2, 12))
+    labels = ids.masked_fill(torch.arange(12) < 7, -100)  # a 7-token prompt, a 5-token completion
+    every_position = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+    score_labelled_positions_on_cpu()
+    labelled_only = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+    assert scored_rows == [2 * 11, 2 * 5]
+    torch.testing.assert_close(labelled_only, every_position)
+    assert labelled_only[:, 6:].abs().min() > 0 and labelled_only[:, :6].abs().max() == 0
