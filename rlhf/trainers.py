@@ -221,5 +221,6 @@ class KLDPOTrainer(PreferenceEvaluation, ReferenceLogpsHook, DPOTrainer):
         """Sum of log-probabilities of each row's completion tokens, from TRL's fused LM head (the
         one DPO's loss reads): it scores the completion positions without the full logits."""
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels, fused_lm_head=True, use_cache=False)
+        rows = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        output = model(**rows, labels=labels, fused_lm_head=True)
         return output.log_probs.sum(dim=1)

@@ -58,7 +58,8 @@ def test_trl_fused_head_scores_only_the_labelled_positions_on_cpu_with_the_same_
 
     from rlhf.compat import score_labelled_positions_on_cpu
 
-    assert "compact = _use_triton(" in inspect.getsource(trl_utils.add_fused_lm_head), moved("trl.trainer.utils._use_triton's role in add_fused_lm_head", "trl")
+    role = "trl.trainer.utils._use_triton's role in add_fused_lm_head"
+    assert "compact = _use_triton(" in inspect.getsource(trl_utils.add_fused_lm_head), moved(role, "trl")
     monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)  # put back after the test
     scored_rows = []
 
@@ -71,7 +72,8 @@ def test_trl_fused_head_scores_only_the_labelled_positions_on_cpu_with_the_same_
     chunked = trl_utils._ChunkedLogProbFunction
     monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Spy)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(vocab_size=300, **sizes)
     model = LlamaForCausalLM(config).eval()
     trl_utils.add_fused_lm_head(model)
     ids = torch.randint(0, 300, (2, 12))
