@@ -175,6 +175,7 @@ class KLDPOTrainer(PreferenceEvaluation, ReferenceLogpsHook, DPOTrainer):
                 "rows": rows.hexdigest(),
                 "truncation": [self.args.max_length, self.args.truncation_mode, self.args.pad_to_multiple_of],
                 "loss": [self.args.ld_alpha],  # LD-DPO weighs the reference's tail tokens differently
+                "adapter_sums": "float32",  # under autocast, since rlhf.training.float32_adapter_sums: older entries differ
             },
             sort_keys=True,
             default=str,

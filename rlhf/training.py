@@ -125,6 +125,26 @@ def autocast(cfg, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.hardware.training_args.bf16))
 
 
+def float32_adapter_sums(model, cfg) -> None:
+    """Under bfloat16 autocast over float32 weights, have every LoRA layer add its adapter's output
+    to the frozen layer's output in float32.
+
+    Autocast rounds the frozen layer's output to bfloat16, and LoRA adds its (early in training,
+    tiny) update to that rounded value: an update under half a bfloat16 step of the output is
+    rounded away, every time, so the model computes with only part of its adapter. On SmolLM2
+    after 8 SFT steps that read as a held-out loss 1.3% higher than the same model in float32
+    (merged into the weights, whose float32 rest bits dither the rounding, it was 0.2%). Handing
+    LoRA the frozen output in float32 keeps the update; the matrix products stay in bfloat16."""
+    from peft.tuners.lora import LoraLayer
+
+    if not (cfg.hardware.training_args.bf16 and cfg.hardware.dtype == "float32"):
+        return
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and not getattr(module.base_layer, "float32_output", False):
+            module.base_layer.register_forward_hook(lambda layer, inputs, output: output.float())
+            module.base_layer.float32_output = True  # once per layer, however many stages call this
+
+
 class HistoryWriter(TrainerCallback):
     """Appends each log event of a transformers Trainer (train and eval) to history.jsonl."""
 
@@ -192,6 +212,7 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg, finish: bool = True) -
     checkpoint, mark = resume_point(cfg, run_dir)
     if checkpoint is not None:
         restore_trained_tokens(trainer, mark["num_tokens"])
+    float32_adapter_sums(trainer.model, cfg)  # the trainer has wrapped the model in its adapter by now
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics = {
         **result.metrics,

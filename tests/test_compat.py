@@ -60,7 +60,10 @@ def test_trl_fused_head_scores_only_the_labelled_positions_on_cpu_with_the_same_
 
     role = "trl.trainer.utils._use_triton's role in add_fused_lm_head"
     assert "compact = _use_triton(" in inspect.getsource(trl_utils.add_fused_lm_head), moved(role, "trl")
-    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)  # put back after the test
+    from trl.kernels import chunked_logprob
+
+    # TRL's own choice (an earlier training in this process may have made the CPU's already), put back after the test
+    monkeypatch.setattr(trl_utils, "_use_triton", chunked_logprob._use_triton)
     scored_rows = []
 
     class Spy:  # records how many positions the LM head scores

@@ -56,3 +56,44 @@ def test_ppo_and_eval_run_under_bfloat16_autocast_when_asked(rlhf_chain, tmp_pat
         forced,
     )
     assert 0 <= judged["eval_win_rate"] <= 1 and math.isfinite(judged["eval_kl"])
+
+
+def test_lora_updates_below_a_bfloat16_step_survive_autocast():
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf.training import float32_adapter_sums
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4, bias=False)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    def adapted():
+        torch.manual_seed(0)
+        layer = Layer()
+        layer.proj.weight.data = torch.eye(4) * 4.0  # outputs of 4..16: a bfloat16 step there is 1/32 or more
+        model = get_peft_model(layer, LoraConfig(r=2, lora_alpha=2, target_modules=["proj"]))
+        torch.nn.init.constant_(model.base_model.model.proj.lora_B["default"].weight, 1e-3)  # an update of ~4e-3
+        return model
+
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    model = adapted()
+    with torch.no_grad():
+        exact = model(x)
+        update = exact - 4.0 * x
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded_away = model(x).float()
+            float32_adapter_sums(model, compose_config("hardware.training_args.bf16=true"))
+            kept = model(x).float()
+    assert update.abs().min() > 1e-3
+    assert torch.equal(rounded_away, 4.0 * x)  # autocast alone: the adapter's update is lost entirely
+    assert (kept - exact).abs().max() < 0.02 * update.abs().min()  # summed in float32: kept
+    float32_adapter_sums(model, compose_config("hardware.training_args.bf16=true"))  # a second call adds no second hook
+    assert len(model.base_model.model.proj.base_layer._forward_hooks) == 1
+    untouched = adapted()
+    float32_adapter_sums(untouched, compose_config())  # the tiny model: float32, nothing to do
+    assert not untouched.base_model.model.proj.base_layer._forward_hooks

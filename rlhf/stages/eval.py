@@ -21,7 +21,7 @@ from rlhf.data import load_splits
 from rlhf.generation import SamplingSettings, as_reference, response_logprobs, reward_scores, sample
 from rlhf.lineage import POLICY_STAGES, TrainedRun
 from rlhf.metrics import agreement
-from rlhf.training import autocast, device_for, load_reward_model
+from rlhf.training import autocast, device_for, float32_adapter_sums, load_reward_model
 
 
 @dataclass
@@ -47,6 +47,7 @@ def run(cfg, run_dir: Path) -> dict:
     for model in (policy, reference, reward_model, judge):
         if model is not None:
             model.to(device).eval()
+            float32_adapter_sums(model, cfg)
 
     judges = {"": (reward_model, reward_tokenizer), **({"judge_": (judge, judge_tokenizer)} if judge is not None else {})}
     # Seeded after loading (which draws random numbers for adapters and merged copies): evaluations

@@ -21,7 +21,7 @@ from rlhf import ddp_backend, distributed
 from rlhf.ppo.trainer import PPOModels, PPOTrainer, ValueHead
 from rlhf.runs import is_main_process, resume_point
 from rlhf.tracking import UpdateLog, finish_tracking, start_tracking
-from rlhf.training import autocast, device_for, load_inputs, load_reward_model, save_final
+from rlhf.training import autocast, device_for, float32_adapter_sums, load_inputs, load_reward_model, save_final
 
 
 def run(cfg, run_dir: Path) -> dict:
@@ -42,6 +42,7 @@ def train_ppo(cfg, run_dir: Path) -> dict:
     else:
         reference = copy.deepcopy(inputs.model).requires_grad_(False).eval()  # full fine-tuning: a frozen copy
         policy = inputs.model
+    float32_adapter_sums(policy, cfg)
     models = PPOModels(policy, reference, ValueHead(policy.config.hidden_size), inputs.tokenizer, reward_model, reward_tokenizer)
     for module in (models.policy, models.reference, models.value_head, models.reward_model):
         if module is not None:
