@@ -54,6 +54,37 @@ def history(run_dir: Path, key: str) -> list:
     return [line[key] for line in lines if key in line]
 
 
+def crash_in_call(monkeypatch, owner, method: str, call: int) -> None:
+    """Make `owner.method` raise RuntimeError("simulated crash") in its `call`-th call from now:
+    a run that dies mid-training (monkeypatch puts the method back)."""
+    original, calls = getattr(owner, method), []
+
+    def crashing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError("simulated crash")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, method, crashing)
+
+
+def train_through_a_crash(monkeypatch, owner, method: str, call: int, run_dir: Path, *overrides: str) -> dict:
+    """Run a stage that dies in the `call`-th call of `owner.method`, then the same command again
+    (which resumes); return the second run's metrics.json."""
+    with monkeypatch.context() as patch:
+        crash_in_call(patch, owner, method, call)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(run_dir, *overrides)
+    return train(run_dir, *overrides)
+
+
+def assert_same_metrics(got: dict, expected: dict, tolerance: float) -> None:
+    """Every metric of `expected` but timings is in `got`, equal within `tolerance`."""
+    for key, value in expected.items():
+        if "runtime" not in key and "per_second" not in key and not key.startswith("time/"):  # timings differ
+            assert got[key] == pytest.approx(value, abs=tolerance), key
+
+
 def cli(*args: str, python_flags: tuple = (), timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python train.py <args>` from the project root, as a user would."""
     return subprocess.run([sys.executable, *python_flags, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)

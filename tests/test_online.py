@@ -5,7 +5,7 @@ RM, resume after a crash, and refuse what cannot work in one line."""
 import json
 
 import pytest
-from conftest import compose_config, history, train
+from conftest import assert_same_metrics, compose_config, history, train, train_through_a_crash
 from omegaconf import OmegaConf
 
 from rlhf.errors import UserError
@@ -57,22 +57,8 @@ def test_crashed_grpo_run_resumes_to_the_metrics_of_an_uninterrupted_one(rlhf_ch
     overrides += ("grpo.max_steps=8", "grpo.save_steps=4", "grpo.eval_prompts=16")
     whole = train(tmp_path / "whole", *overrides)
 
-    original, calls = GRPOTrainer.training_step, []
-
-    def crash_in_step_six(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 6:
-            raise RuntimeError("simulated crash")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(GRPOTrainer, "training_step", crash_in_step_six)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(tmp_path / "crashed", *overrides)
-    monkeypatch.setattr(GRPOTrainer, "training_step", original)
-    resumed = train(tmp_path / "crashed", *overrides)
-    for key, value in whole.items():
-        if "runtime" not in key and "per_second" not in key and not key.startswith("time/"):  # timings differ
-            assert resumed[key] == pytest.approx(value, abs=1e-5), key
+    resumed = train_through_a_crash(monkeypatch, GRPOTrainer, "training_step", 6, tmp_path / "crashed", *overrides)
+    assert_same_metrics(resumed, whole, 1e-5)
     logged = [json.loads(line) for line in (tmp_path / "crashed" / "history.jsonl").read_text().splitlines()]
     assert [line["step"] for line in logged if "loss" in line] == list(range(1, 9))  # each update once, across the crash
 

@@ -6,7 +6,7 @@ and the stages with their own loops (PPO, eval) use the same autocast."""
 import json
 import math
 
-from conftest import compose_config, train
+from conftest import assert_same_metrics, compose_config, train, train_through_a_crash
 
 from rlhf import cpu_bf16, precision
 
@@ -59,28 +59,13 @@ def test_ppo_and_eval_run_under_bfloat16_autocast_when_asked(rlhf_chain, tmp_pat
 
 
 def test_a_bfloat16_dpo_run_crashed_midway_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path, monkeypatch):
-    import pytest
     from trl import DPOTrainer
 
     overrides = ("stage=dpo", "hardware.training_args.bf16=true", "dpo.max_steps=10", "dpo.save_steps=5", "dpo.eval_steps=5")
     whole = train(tmp_path / "whole", *overrides)
-    original, calls = DPOTrainer.training_step, []
-
-    def crash_in_step_seven(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 7:
-            raise RuntimeError("simulated crash")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(DPOTrainer, "training_step", crash_in_step_seven)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(tmp_path / "crashed", *overrides)
-    monkeypatch.setattr(DPOTrainer, "training_step", original)
-    resumed = train(tmp_path / "crashed", *overrides)
+    resumed = train_through_a_crash(monkeypatch, DPOTrainer, "training_step", 7, tmp_path / "crashed", *overrides)
     assert json.loads((tmp_path / "crashed" / "env.json").read_text())["precision"] == "float32 weights, bfloat16 autocast"
-    for key, value in whole.items():
-        if "runtime" not in key and "per_second" not in key and not key.startswith("time/"):  # timings differ
-            assert resumed[key] == pytest.approx(value, abs=1e-6), key
+    assert_same_metrics(resumed, whole, 1e-6)
 
 
 def test_lora_updates_below_a_bfloat16_step_survive_autocast():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import compose_config, history, train
+from conftest import compose_config, crash_in_call, history, train
 
 from rlhf.errors import UserError
 
@@ -57,15 +57,7 @@ def crash_ppo_in_update(monkeypatch, update: int) -> None:
     """Make PPO's optimisation step raise in `update` (counting from this call)."""
     from rlhf.ppo.trainer import PPOTrainer
 
-    original, calls = PPOTrainer.optimise, []
-
-    def crashing(self, *args):
-        calls.append(1)
-        if len(calls) == update:
-            raise RuntimeError("simulated crash")
-        return original(self, *args)
-
-    monkeypatch.setattr(PPOTrainer, "optimise", crashing)
+    crash_in_call(monkeypatch, PPOTrainer, "optimise", update)
 
 
 def test_interrupted_ppo_resumes_to_the_metrics_of_an_uninterrupted_run(rlhf_chain, tmp_path, monkeypatch):
