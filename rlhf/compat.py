@@ -26,8 +26,8 @@ version, before any training test does.
   elsewhere, because an accelerator without Triton recompiles for each new count of positions.
   A CPU does not compile, so there the full scoring only wastes time: on SmolLM2 with DPO it
   was a third of each step. `score_labelled_positions_on_cpu` makes the CPU take the compact
-  path; the log-probs are the same (the labelled positions are scored either way). No public
-  setting chooses the path.
+  path; the log-probs are the same up to float rounding (the labelled positions are scored
+  either way, in smaller products). No public setting chooses the path.
 - Hydra parses train.py's command line with `hydra._internal.utils.get_args_parser`; the
   project reads the same flags with the same parser instead of a copy of Hydra's flag table.
 """

@@ -26,7 +26,7 @@ from trl import GRPOConfig, RLOOConfig
 from rlhf.errors import UserError
 from rlhf.generation import SamplingSettings, mean_reward
 from rlhf.tracking import finish_tracking, start_tracking
-from rlhf.training import autocast, device_for, fit, load_inputs, load_reward_model, trainer_kwargs
+from rlhf.training import autocast, device_for, fit, float32_adapter_sums, load_inputs, load_reward_model, trainer_kwargs
 
 LOGGED = ("reward", "rewards/", "kl", "completions/", "clip_ratio", "entropy")  # TRL's log keys kept in metrics.json
 
@@ -76,6 +76,7 @@ def run(cfg, run_dir: Path, trainer_class) -> dict:
         **kwargs,
     )
 
+    float32_adapter_sums(trainer.model, trainer.args.bf16)  # before the first scoring, not only in fit()
     score = held_out_scorer(cfg, settings, inputs, trainer, reward_model, reward_tokenizer)
     before = {"eval_scores_before": score()} if score else {}  # the starting policy (a resumed run measures it again, alike)
     timer = PhaseTimer(trainer, reward_model)  # after the held-out scoring: it times training only

@@ -23,6 +23,7 @@ from rlhf.cache import cache_dir
 from rlhf.compat import ReferenceLogpsHook, log_metric, prepare_inputs
 from rlhf.generation import as_reference
 from rlhf.metrics import preference_metrics
+from rlhf.training import float32_adapter_sums
 
 
 class PreferenceEvaluation:
@@ -37,8 +38,7 @@ class PreferenceEvaluation:
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         model = self.accelerator.unwrap_model(self.model)
         chosen, rejected = [], []
-        # Under the same autocast as the library's own evaluation steps
-        with torch.no_grad(), self.compute_loss_context_manager():
+        with torch.no_grad():
             for batch in dataloader:
                 scores = self.pair_scores(model, prepare_inputs(self, batch))
                 # Under DDP each rank scores its shard: gather them, in dataset order.
@@ -139,6 +139,7 @@ class KLDPOTrainer(PreferenceEvaluation, ReferenceLogpsHook, DPOTrainer):
         quantization), the tokenizer, the tokenized rows, and the truncation settings, so any
         change there computes them anew."""
         start = time.perf_counter()
+        float32_adapter_sums(self.model, self.args.bf16)  # TRL runs this pass while the trainer is built, before fit()
         dataset = self._cached_ref_logps(dataset, name, batch_size)
         self.timings["time/reference_logps"] = self.timings.get("time/reference_logps", 0.0) + time.perf_counter() - start
         return dataset
@@ -175,7 +176,7 @@ class KLDPOTrainer(PreferenceEvaluation, ReferenceLogpsHook, DPOTrainer):
                 "rows": rows.hexdigest(),
                 "truncation": [self.args.max_length, self.args.truncation_mode, self.args.pad_to_multiple_of],
                 "loss": [self.args.ld_alpha],  # LD-DPO weighs the reference's tail tokens differently
-                "adapter_sums": "float32",  # under autocast, since rlhf.training.float32_adapter_sums: older entries differ
+                "adapter_sums": "float32",  # bfloat16 runs compute with rlhf.training.float32_adapter_sums since it came
             },
             sort_keys=True,
             default=str,

@@ -125,24 +125,37 @@ def autocast(cfg, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.hardware.training_args.bf16))
 
 
-def float32_adapter_sums(model, cfg) -> None:
+def float32_adapter_sums(model, bf16_autocast: bool) -> None:
     """Under bfloat16 autocast over float32 weights, have every LoRA layer add its adapter's output
     to the frozen layer's output in float32.
 
     Autocast rounds the frozen layer's output to bfloat16, and LoRA adds its (early in training,
     tiny) update to that rounded value: an update under half a bfloat16 step of the output is
-    rounded away, every time, so the model computes with only part of its adapter. On SmolLM2
-    after 8 SFT steps that read as a held-out loss 1.3% higher than the same model in float32
-    (merged into the weights, whose float32 rest bits dither the rounding, it was 0.2%). Handing
-    LoRA the frozen output in float32 keeps the update; the matrix products stay in bfloat16."""
+    rounded back to the same value, every time, so the model computes with only part of its
+    adapter. On SmolLM2 after 8 SFT steps that read as a held-out loss 1.3% higher than the same
+    model in float32 (merged into the weights, whose float32 low bits dither the rounding, 0.2%).
+    Handed the frozen output in float32, LoRA's sum stays float32; where a later operation rounds
+    it to bfloat16 again (attention, the next matrix product), the rounding no longer drops the
+    update every time. The matrix products themselves stay in bfloat16.
+
+    Called before anything computes with the adapter in place: fit(), DPO's reference pass (which
+    TRL runs while the trainer is built), the online stages' first held-out scoring, PPO and eval."""
     from peft.tuners.lora import LoraLayer
 
-    if not (cfg.hardware.training_args.bf16 and cfg.hardware.dtype == "float32"):
+    if not bf16_autocast:
         return
     for module in model.modules():
-        if isinstance(module, LoraLayer) and not getattr(module.base_layer, "float32_output", False):
-            module.base_layer.register_forward_hook(lambda layer, inputs, output: output.float())
-            module.base_layer.float32_output = True  # once per layer, however many stages call this
+        if not isinstance(module, LoraLayer):
+            continue
+        frozen = module.base_layer
+        weight = getattr(frozen, "weight", None)  # float32 weights only: not bfloat16 presets, not 4-bit
+        if weight is not None and weight.dtype == torch.float32 and not getattr(frozen, "float32_output", False):
+            frozen.register_forward_hook(float32_output)
+            frozen.float32_output = True  # once per layer, however many stages call this
+
+
+def float32_output(layer, inputs, output):
+    return output.float() if torch.is_tensor(output) and output.is_floating_point() else output
 
 
 class HistoryWriter(TrainerCallback):
@@ -212,7 +225,7 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg, finish: bool = True) -
     checkpoint, mark = resume_point(cfg, run_dir)
     if checkpoint is not None:
         restore_trained_tokens(trainer, mark["num_tokens"])
-    float32_adapter_sums(trainer.model, cfg)  # the trainer has wrapped the model in its adapter by now
+    float32_adapter_sums(trainer.model, trainer.args.bf16)  # the trainer has wrapped the model in its adapter by now
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics = {
         **result.metrics,

@@ -25,11 +25,7 @@ def test_benchmark_writes_its_json_and_markdown_table(tmp_path):
         overhead = result[f"overhead_{stage}"]
         # Loose bounds: 2-step training phases are too short to measure closely (the README's
         # figures use 150 steps); these catch gross regressions, e.g. a second process start-up.
-        # The framework's DPO computes the reference log-probs of its whole split once (for the
-        # cache), the peer only those of its 2 batches: that one-off pass is left out here.
-        one_off = overhead.get("reference_logps_seconds_framework", 0.0)
-        assert (overhead["train_runtime_framework"] - one_off) / overhead["train_runtime_plain_trl"] < 4, stage
-        assert overhead["process_ratio"] < 1.5, stage
+        assert overhead["training_ratio"] < 4 and overhead["process_ratio"] < 1.5, stage
     assert result["startup_cfg_job_seconds"] < 3
     assert result["peak_rss_ratio_dpo_over_sft"] < 1.3
     assert result["overhead_dpo"]["reference_logps_seconds_framework"] > 0

@@ -58,12 +58,14 @@ def test_ppo_and_eval_run_under_bfloat16_autocast_when_asked(rlhf_chain, tmp_pat
     assert 0 <= judged["eval_win_rate"] <= 1 and math.isfinite(judged["eval_kl"])
 
 
-def test_a_bfloat16_dpo_run_crashed_midway_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path, monkeypatch):
+def test_a_bfloat16_dpo_run_crashed_midway_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
     from trl import DPOTrainer
 
     overrides = ("stage=dpo", "hardware.training_args.bf16=true", "dpo.max_steps=10", "dpo.save_steps=5", "dpo.eval_steps=5")
     whole = train(tmp_path / "whole", *overrides)
+    capsys.readouterr()
     resumed = train_through_a_crash(monkeypatch, DPOTrainer, "training_step", 7, tmp_path / "crashed", *overrides)
+    assert "resuming from" in capsys.readouterr().out  # from checkpoint-5, not from the start
     assert json.loads((tmp_path / "crashed" / "env.json").read_text())["precision"] == "float32 weights, bfloat16 autocast"
     assert_same_metrics(resumed, whole, 1e-6)
 
@@ -97,13 +99,13 @@ def test_lora_updates_below_a_bfloat16_step_survive_autocast():
         update = exact - 4.0 * x
         with torch.autocast("cpu", dtype=torch.bfloat16):
             rounded_away = model(x).float()
-            float32_adapter_sums(model, compose_config("hardware.training_args.bf16=true"))
+            float32_adapter_sums(model, True)
             kept = model(x).float()
     assert update.abs().min() > 1e-3
     assert torch.equal(rounded_away, 4.0 * x)  # autocast alone: the adapter's update is lost entirely
     assert (kept - exact).abs().max() < 0.02 * update.abs().min()  # summed in float32: kept
-    float32_adapter_sums(model, compose_config("hardware.training_args.bf16=true"))  # a second call adds no second hook
+    float32_adapter_sums(model, True)  # a second call adds no second hook
     assert len(model.base_model.model.proj.base_layer._forward_hooks) == 1
     untouched = adapted()
-    float32_adapter_sums(untouched, compose_config())  # the tiny model: float32, nothing to do
+    float32_adapter_sums(untouched, False)  # no autocast: nothing to do
     assert not untouched.base_model.model.proj.base_layer._forward_hooks

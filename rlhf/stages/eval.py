@@ -47,7 +47,7 @@ def run(cfg, run_dir: Path) -> dict:
     for model in (policy, reference, reward_model, judge):
         if model is not None:
             model.to(device).eval()
-            float32_adapter_sums(model, cfg)
+            float32_adapter_sums(model, cfg.hardware.training_args.bf16)
 
     judges = {"": (reward_model, reward_tokenizer), **({"judge_": (judge, judge_tokenizer)} if judge is not None else {})}
     # Seeded after loading (which draws random numbers for adapters and merged copies): evaluations

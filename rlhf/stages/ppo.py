@@ -42,7 +42,7 @@ def train_ppo(cfg, run_dir: Path) -> dict:
     else:
         reference = copy.deepcopy(inputs.model).requires_grad_(False).eval()  # full fine-tuning: a frozen copy
         policy = inputs.model
-    float32_adapter_sums(policy, cfg)
+    float32_adapter_sums(policy, cfg.hardware.training_args.bf16)
     models = PPOModels(policy, reference, ValueHead(policy.config.hidden_size), inputs.tokenizer, reward_model, reward_tokenizer)
     for module in (models.policy, models.reference, models.value_head, models.reward_model):
         if module is not None:
