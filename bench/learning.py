@@ -48,6 +48,7 @@ SMOKE = {
     "eval_prompts": 4,
     "batch": ["{stage}.per_device_train_batch_size=2", "{stage}.gradient_accumulation_steps=1"],
 }
+GAIN = ("eval_score_gain", "eval_score_gain_ci95")  # the held-out score's paired change and its 95% interval
 PPO_SMOKE = ["ppo.batch_size=2", "ppo.mini_batch_size=1", "ppo.ppo_epochs=1"]
 GRPO_SMOKE = ["grpo.num_generations=2"]
 
@@ -174,16 +175,12 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list) -> d
         "rm_eval_pairs": m["rm"]["eval_pairs"],
         "dpo_eval_accuracy": m["dpo"]["eval_rewards/accuracies"],
         "dpo_eval_pairs": m["dpo"]["eval_pairs"],
-        "ppo_eval_scores_before": m["ppo"]["eval_scores_before"],
-        "ppo_eval_scores": m["ppo"]["eval_scores"],
+        **{f"{a}_{key}": m[a][key] for a in ("ppo", "grpo") for key in ("eval_scores_before", "eval_scores", *GAIN)},
         "ppo_kl": m["ppo"]["objective/kl"],
         "ppo_kl_target": 6.0,
-        "grpo_eval_scores_before": m["grpo"]["eval_scores_before"],
-        "grpo_eval_scores": m["grpo"]["eval_scores"],
         "grpo_kl": m["grpo"]["kl"],
-        "win_rate_ppo_vs_sft": m["eval_ppo"]["eval_win_rate"],
-        "win_rate_grpo_vs_sft": m["eval_grpo"]["eval_win_rate"],
-        "win_rate_dpo_vs_sft": m["eval_dpo"]["eval_win_rate"],
+        **{f"win_rate_{a}_vs_sft": m[f"eval_{a}"]["eval_win_rate"] for a in ("ppo", "grpo", "dpo")},
+        **{f"win_rate_{a}_vs_sft_ci95": m[f"eval_{a}"]["eval_win_rate_ci95"] for a in ("ppo", "grpo", "dpo")},
         "eval_prompts": m["eval_ppo"]["eval_prompts"],
         "dropped_rows": {stage: m[stage].get("data/dropped_rows", 0) for stage in ("sft", "rm", "dpo")},
         "skipped_rows": m["sft"]["data/skipped_rows"],
@@ -214,6 +211,12 @@ def stage_cost(run: dict, run_dir: Path) -> dict:
     return cost
 
 
+def gain(r: dict, aligner: str) -> str:
+    low, high = r[f"{aligner}_eval_score_gain_ci95"]
+    before, after, change = (r[f"{aligner}_{key}"] for key in ("eval_scores_before", "eval_scores", "eval_score_gain"))
+    return f"{before:.3f} -> {after:.3f} ({change:+.3f} [{low:+.3f}, {high:+.3f}])"
+
+
 def markdown(r: dict) -> str:
     s = r["sizes"]
     lines = [
@@ -233,13 +236,16 @@ def markdown(r: dict) -> str:
         f"| DPO: share of held-out pairs ranked right by the implicit reward (pairs; bound; batch-mean accuracy) | "
         f"{r['dpo_eval_win_rate']:.3f} ({r['dpo_eval_pairs']}; {r['dpo_accuracy_wilson_lower']:.3f}; {r['dpo_eval_accuracy']:.3f}) "
         "| bound > 0.5 |",
-        f"| PPO held-out RM score, before -> after | {r['ppo_eval_scores_before']:.3f} -> {r['ppo_eval_scores']:.3f} | rises |",
+        f"| PPO held-out RM score, before -> after (paired gain, 95% interval) | {gain(r, 'ppo')} | interval above 0 |",
         f"| PPO final KL to the SFT policy (target) | {r['ppo_kl']:.2f} nats ({r['ppo_kl_target']:g}) | <= target |",
-        f"| GRPO held-out RM score, before -> after (same updates and answers per update as PPO) | "
-        f"{r['grpo_eval_scores_before']:.3f} -> {r['grpo_eval_scores']:.3f} | rises |",
+        f"| GRPO held-out RM score, before -> after (same updates and answers per update as PPO) | {gain(r, 'grpo')} | interval above 0 |",
         f"| GRPO final KL to the SFT policy (TRL's per-token estimate) | {r['grpo_kl']:.4f} | small |",
-        f"| win rate over SFT judged by the RM, PPO / GRPO / DPO ({r['eval_prompts']} held-out prompts) | "
-        f"{r['win_rate_ppo_vs_sft']:.3f} / {r['win_rate_grpo_vs_sft']:.3f} / {r['win_rate_dpo_vs_sft']:.3f} | > 0.5 |",
+        *(
+            f"| {a.upper()} win rate over SFT judged by the RM ({r['eval_prompts']} held-out prompts; 95% Wilson interval) | "
+            f"{r[f'win_rate_{a}_vs_sft']:.3f} [{r[f'win_rate_{a}_vs_sft_ci95'][0]:.3f}, {r[f'win_rate_{a}_vs_sft_ci95'][1]:.3f}] | "
+            "interval above 0.5 |"
+            for a in ("ppo", "grpo", "dpo")
+        ),
         "",
         "| stage | wall time (process) | peak RSS | throughput |",
         "|---|---|---|---|",

@@ -53,19 +53,39 @@ def all_mean(tensor: torch.Tensor) -> torch.Tensor:
     return all_sum(tensor) / world_size()
 
 
-def average_gradients(parameters: list) -> None:
-    """Replace each parameter's gradient by its mean over the processes (one all-reduce of all
-    gradients flattened together): every process then takes the same optimizer step."""
+def sum_gradients(parameters: list) -> None:
+    """Replace each parameter's gradient by its sum over the processes (one all-reduce of all
+    gradients flattened together): every process then takes the same optimizer step. Summed, not
+    averaged: each process's loss is already its share of the global mean (its token sum over the
+    global token count), so the sum is the gradient of the global batch whatever each holds."""
     if world_size() == 1:
         return
     grads = [p.grad for p in parameters if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world_size()
     offset = 0
     for grad in grads:
         grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
         offset += grad.numel()
+
+
+def all_gather_list(values: list) -> list:
+    """Every process's `values` (any picklable items) concatenated in rank order."""
+    if world_size() == 1:
+        return list(values)
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, list(values))
+    return [value for part in parts for value in part]
+
+
+def from_main_process(value):
+    """Rank 0's `value` on every process: a decision that the processes must take together (one
+    that leads into a collective operation) is taken once."""
+    if world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def broadcast_parameters(parameters: list) -> None:

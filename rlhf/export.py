@@ -58,7 +58,7 @@ def export(run_dir, out_dir, adapter_only: bool = False, tolerance: float = 1e-5
     tokenizer = run.start.tokenizer()
     trained, gap = full_precision_form(run, head, tokenizer)
     try:
-        base = write_adapter(run, out, head) if adapter_only else write_merged(trained, out)
+        base = write_adapter(run, out, head) if adapter_only else write_merged(trained, out, tokenizer)
         tokenizer.save_pretrained(out)
         # In float64 the check sees the exported weights (rounded once to float32), not the rounding
         # of float32 matmuls, which alone moves the tiny model's logits by ~1e-5 between the merged
@@ -101,8 +101,10 @@ def full_precision_form(run, head: str, tokenizer) -> tuple:
     return expanded, largest_difference(trained, expanded, tokenizer)
 
 
-def write_merged(trained, out: Path) -> None:
-    """The trained model with its adapter folded in (in float64, rounded once to float32)."""
+def write_merged(trained, out: Path, tokenizer) -> None:
+    """The trained model with its adapter folded in (in float64, rounded once to float32); its
+    configs name the tokenizer's pad id (a reward model reads its score at the last token that
+    is not the pad id, so plain transformers must know the one the tokenizer pads with)."""
     from peft import PeftModel
 
     model = copy.deepcopy(trained).double()
@@ -110,8 +112,8 @@ def write_merged(trained, out: Path) -> None:
         model = model.merge_and_unload()
     model = model.float()
     for settings in (model.config, getattr(model, "generation_config", None)):
-        if settings is not None and settings.pad_token_id is None:  # a reward model reads its score at the last non-pad token
-            settings.pad_token_id = model.config.eos_token_id
+        if settings is not None:
+            settings.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
 
 

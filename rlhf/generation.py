@@ -3,6 +3,17 @@ scores of the online stages.
 
 Prompts are lists of chat messages; responses are the tokens after the prompt up to and
 including the first EOS.
+
+Two rules keep the numbers computed from samples honest:
+- Sample from what you score. `generate` fills every option the caller leaves unset from the
+  checkpoint's generation_config.json (Qwen3: top_k=20; Qwen2.5-Instruct: a repetition penalty)
+  and then from transformers' defaults (top_k=50). PPO's policy gradient, its KL penalty and
+  eval's KL are computed from log-probs of the plain tempered softmax, so sampling passes one
+  explicit configuration and hides the checkpoint's (`explicit_generation`).
+- Score where the text ends. A sequence classifier reads its score at the last token that is
+  not `config.pad_token_id`; when that id is not the one the tokenizer pads with, a shorter row
+  of a right-padded batch is scored on padding. `reward_scores` takes each row's last attended
+  token from the attention mask instead.
 """
 
 import contextlib
@@ -66,19 +77,55 @@ def encode_prompts(tokenizer, prompts: list, max_prompt_length: int, device) -> 
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
 
+def generation_config(settings: SamplingSettings, tokenizer, **library_sampler):
+    """Every option that shapes the distribution, set explicitly: the softmax of logits /
+    temperature (top_p where asked; temperature 0 = greedy), no top-k, no repetition penalty.
+    `library_sampler` mirrors another sampler's options (TRL's top_k, min_p, repetition_penalty)
+    where the samples only need to match that sampler, not log-probs."""
+    from transformers import GenerationConfig
+
+    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "max_new_tokens": settings.max_new_tokens}
+    if settings.temperature <= 0:
+        return GenerationConfig(do_sample=False, **ids)
+    options = {"top_k": 0, "repetition_penalty": 1.0, **{key: value for key, value in library_sampler.items() if value is not None}}
+    return GenerationConfig(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, **options, **ids)
+
+
+@contextlib.contextmanager
+def explicit_generation(model):
+    """For the block, `model.generate` knows no checkpoint defaults: the transformers model under
+    any peft or DDP wrapper gets an empty generation config, so only the caller's options and
+    transformers' global defaults (which `generation_config` overrides) apply."""
+    from transformers import GenerationConfig
+
+    inner = model
+    while hasattr(inner, "module") or hasattr(inner, "get_base_model"):
+        inner = inner.module if hasattr(inner, "module") else inner.get_base_model()
+    own = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = own
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device):
+    """Random draws in the block start from `seed` and leave the surrounding random state as it
+    was: the same prompts sampled under the same seed before and after training draw the same
+    random numbers (common random numbers), so the two scores are paired."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list, settings: SamplingSettings, device) -> Samples:
+def sample(model, tokenizer, prompts: list, settings: SamplingSettings, device, **library_sampler) -> Samples:
     """One response per prompt; temperature 0 means greedy decoding."""
     encoded = encode_prompts(tokenizer, prompts, settings.max_prompt_length, device)
-    temperature = settings.temperature
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": settings.top_p} if temperature > 0 else {"do_sample": False}
-    sequences = model.generate(
-        **encoded,
-        **sampling,
-        max_new_tokens=settings.max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    with explicit_generation(model):
+        sequences = model.generate(**encoded, generation_config=generation_config(settings, tokenizer, **library_sampler))
     responses = sequences[:, encoded["input_ids"].shape[1] :]
     response_mask = up_to_first_eos(responses, tokenizer.eos_token_id)
     texts = [tokenizer.decode(row[mask.bool()], skip_special_tokens=True) for row, mask in zip(responses, response_mask)]
@@ -116,29 +163,58 @@ def response_logprobs(model, samples: Samples, temperature: float) -> torch.Tens
 
 @torch.no_grad()
 def reward_scores(reward_model, reward_tokenizer, prompts: list, responses: list, device) -> torch.Tensor:
-    """The reward model's score of each (prompt, response), templated with its own tokenizer."""
+    """The reward model's score of each (prompt, response), templated with its own tokenizer and
+    read at each row's last attended token, whatever the model's config says the pad id is."""
     texts = [
         reward_tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
         for messages, response in zip(prompts, responses)
     ]
     batch = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    return reward_model(**batch).logits[:, 0].float()
+    return scores_at_last_token(reward_model, batch["input_ids"], batch["attention_mask"])
+
+
+def scores_at_last_token(reward_model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The score head's output at each row's last attended position ([batch], float32), caught on
+    its way out of the head: the classifier's own pooling looks for the pad id instead."""
+    head = getattr(reward_model, "score", None)
+    if not isinstance(head, torch.nn.Module):
+        raise TypeError(f"{type(reward_model).__name__} has no `score` head: not a transformers sequence classifier")
+    per_position = []
+    hook = head.register_forward_hook(lambda module, inputs, output: per_position.append(output))
+    try:
+        reward_model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        hook.remove()
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (positions * attention_mask.bool()).argmax(dim=1)  # the rightmost attended position, left or right padding
+    return per_position[0][torch.arange(len(last), device=last.device), last, 0].float()
 
 
 @torch.no_grad()
-def mean_reward(
-    policy, tokenizer, reward_model, reward_tokenizer, prompts: list, settings: SamplingSettings, device, batch_size: int
-) -> float:
-    """Mean reward-model score of one sampled response per prompt (the held-out prompts before
-    and after training: `eval_scores_before`, `eval_scores`), sampled without dropout."""
+def held_out_scores(
+    policy,
+    tokenizer,
+    reward_model,
+    reward_tokenizer,
+    prompts: list,
+    settings: SamplingSettings,
+    device,
+    batch_size: int,
+    seed: int,
+    **library_sampler,
+) -> list:
+    """The reward-model score of one sampled response per prompt (the held-out prompts before and
+    after training), sampled without dropout. Batch k is sampled under seed + k * batch_size, so
+    two calls on the same prompts and seed - before and after training - are paired draws."""
     training, scores = policy.training, []
     policy.eval()
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        responses = sample(policy, tokenizer, batch, settings, device).texts
-        scores.append(reward_scores(reward_model, reward_tokenizer, batch, responses, device))
+        with seeded(seed + start, device):
+            responses = sample(policy, tokenizer, batch, settings, device, **library_sampler).texts
+        scores += reward_scores(reward_model, reward_tokenizer, batch, responses, device).tolist()
     policy.train(training)
-    return torch.cat(scores).mean().item()
+    return scores
 
 
 @contextlib.contextmanager

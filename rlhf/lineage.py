@@ -73,8 +73,10 @@ class Lineage:
         load_tokenizer(self.base_path(), self.base).save_pretrained(out)
 
     def load(self, hardware_cfg, quantization_cfg=None, head: str = "causal_lm"):
-        """The model this lineage describes, in the hardware's dtype, quantized if asked."""
-        return load_model(self.path(hardware_cfg.dtype), self.base, quantization_cfg, hardware_cfg, head=head)
+        """The model this lineage describes, in the hardware's dtype, quantized if asked (a reward
+        model with its tokenizer's pad id)."""
+        pad_token_id = self.tokenizer().pad_token_id if head == "reward" else None
+        return load_model(self.path(hardware_cfg.dtype), self.base, quantization_cfg, hardware_cfg, head=head, pad_token_id=pad_token_id)
 
     def tokenizer(self):
         return load_tokenizer(self.base_path(), self.base)

@@ -41,12 +41,72 @@ def kendall_tau(margins, prompts) -> float:
     return sum(sum(signs) / len(signs) for signs in per_prompt.values()) / len(per_prompt)
 
 
-def wilson_lower_bound(successes: float, trials: int, z: float = 1.96) -> float:
-    """Lower end of the Wilson score interval for a rate of successes / trials (z = 1.96: the
-    95% level). Above 0.5 means the rate beats a coin flip at that level."""
+def wilson_interval(successes: float, trials: int, z: float = 1.96) -> list:
+    """[low, high] of the Wilson score interval for a rate of successes / trials (z = 1.96: the
+    95% level). A low end above 0.5 means the rate beats a coin flip at that level."""
     if trials <= 0:
         raise ValueError("need at least one trial")
     p = successes / trials
     centre = p + z * z / (2 * trials)
     spread = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
-    return (centre - spread) / (1 + z * z / trials)
+    return [(centre - spread) / (1 + z * z / trials), (centre + spread) / (1 + z * z / trials)]
+
+
+def wilson_lower_bound(successes: float, trials: int, z: float = 1.96) -> float:
+    """The low end of `wilson_interval`."""
+    return wilson_interval(successes, trials, z)[0]
+
+
+def paired_gain(before: list, after: list) -> dict:
+    """How much a policy's held-out scores moved: the mean of before and after, and the mean
+    paired difference after - before (the same prompts, sampled under the same seeds) with its
+    95% Student t interval over prompts (from 2 prompts on). A gain whose interval includes 0 is
+    not a gain."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"need as many scores after as before, and some: got {len(before)} and {len(after)}")
+    differences = [b - a for a, b in zip(before, after)]
+    gain = {
+        "eval_scores_before": sum(before) / len(before),
+        "eval_scores": sum(after) / len(after),
+        "eval_score_gain": sum(differences) / len(differences),
+    }
+    if len(differences) > 1:
+        gain["eval_score_gain_ci95"] = mean_interval(differences)
+    return gain
+
+
+def mean_interval(values: list, level: float = 0.95) -> list:
+    """[low, high]: the Student t confidence interval of the mean of `values` (at least 2)."""
+    n = len(values)
+    if n < 2:
+        raise ValueError(f"a confidence interval needs at least 2 values, got {n}")
+    mean = sum(values) / n
+    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    half = t_quantile(0.5 + level / 2, n - 1) * spread
+    return [mean - half, mean + half]
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile (p > 0.5) of Student's t with `df` degrees of freedom, by bisection on its
+    distribution function."""
+    low, high = 0.0, 1.0
+    while student_t_cdf(high, df) < p:
+        high *= 2
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if student_t_cdf(middle, df) < p else (low, middle)
+    return (low + high) / 2
+
+
+def student_t_cdf(x: float, df: int) -> float:
+    """P(T <= x) for x >= 0: 1/2 plus the density integrated from 0 to x (Simpson's rule on 2000
+    intervals; the density is smooth, so the error is far below the digits an interval shows).
+    density(t) = Gamma((df + 1) / 2) / (sqrt(df pi) Gamma(df / 2)) (1 + t^2 / df)^(-(df + 1) / 2)."""
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def density(t):
+        return math.exp(log_norm - (df + 1) / 2 * math.log1p(t * t / df))
+
+    steps, width = 2000, x / 2000
+    inner = sum((4 if i % 2 else 2) * density(i * width) for i in range(1, steps))
+    return 0.5 + width / 3 * (density(0.0) + inner + density(x))

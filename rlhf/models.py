@@ -53,12 +53,13 @@ def load_tokenizer(model_path: str, model_cfg):
     return tokenizer
 
 
-def load_model(model_path: str, model_cfg, quantization_cfg, hardware_cfg, head: str = "causal_lm"):
+def load_model(model_path: str, model_cfg, quantization_cfg, hardware_cfg, head: str = "causal_lm", pad_token_id: int | None = None):
     """The model in `model_path`, in the hardware's dtype, quantized if asked (`rlhf.lineage`
     decides which directory: a base model, or one with earlier runs' adapters merged in).
 
     head="causal_lm" is a policy; head="reward" a sequence classifier with one output (a
-    reward model; its score head starts untrained unless an adapter brings one).
+    reward model; its score head starts untrained unless an adapter brings one), whose config
+    gets `pad_token_id`, the id its tokenizer pads with (required for head="reward").
     """
     import torch
     from hydra.utils import instantiate
@@ -73,9 +74,14 @@ def load_model(model_path: str, model_cfg, quantization_cfg, hardware_cfg, head:
         "attn_implementation": model_cfg.get("attn_implementation") or None,
     }
     if head == "reward":
+        if pad_token_id is None:
+            raise ValueError("a reward model needs its tokenizer's pad_token_id")
         model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, **kwargs)
-        if model.config.pad_token_id is None:  # the score is read at the last non-pad token
-            model.config.pad_token_id = model.config.eos_token_id
+        # transformers' classifier reads the score at the last token that is not config.pad_token_id:
+        # it must be the id the tokenizer pads with. Qwen2.5/Qwen3 configs have none, and their EOS
+        # (<|im_end|>) is not their pad token (<|endoftext|>): with EOS as pad id, every shorter row of
+        # a right-padded batch would be scored on a padding token.
+        model.config.pad_token_id = pad_token_id
     else:
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     if quantization is not None:

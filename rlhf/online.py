@@ -9,7 +9,8 @@ each with a weight); either or both. Under LoRA the reference of the KL term is 
 its adapter disabled. TRL's log lines (reward, rewards/<function>/mean, kl, completions/*,
 clip_ratio/*) go to history.jsonl, and their last values to metrics.json; with a reward model,
 the held-out prompts' mean score before and after training is `eval_scores_before` and
-`eval_scores`, as PPO names them.
+`eval_scores`, and their paired difference `eval_score_gain` with `eval_score_gain_ci95`, as
+PPO names them.
 """
 
 import importlib.util
@@ -24,7 +25,8 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, RLOOConfig
 
 from rlhf.errors import UserError
-from rlhf.generation import SamplingSettings, mean_reward
+from rlhf.generation import SamplingSettings, held_out_scores
+from rlhf.metrics import paired_gain
 from rlhf.tracking import finish_tracking, start_tracking
 from rlhf.training import autocast, device_for, fit, float32_adapter_sums, load_inputs, load_reward_model, trainer_kwargs
 
@@ -78,12 +80,12 @@ def run(cfg, run_dir: Path, trainer_class) -> dict:
 
     float32_adapter_sums(trainer.model, trainer.args.bf16)  # before the first scoring, not only in fit()
     score = held_out_scorer(cfg, settings, inputs, trainer, reward_model, reward_tokenizer)
-    before = {"eval_scores_before": score()} if score else {}  # the starting policy (a resumed run measures it again, alike)
+    before = score() if score else None  # the starting policy (a resumed run measures it again, to the same scores)
     timer = PhaseTimer(trainer, reward_model)  # after the held-out scoring: it times training only
-    metrics = {**fit(trainer, run_dir, inputs, cfg, finish=False), **before, **last_logged(trainer.state.log_history)}
+    metrics = {**fit(trainer, run_dir, inputs, cfg, finish=False), **last_logged(trainer.state.log_history)}
     metrics.update(timer.per_update(metrics))
     if score:
-        metrics["eval_scores"] = score()
+        metrics.update(paired_gain(before, score()))  # the same prompts and seeds before and after
     finish_tracking(metrics)
     return metrics
 
@@ -132,19 +134,24 @@ class PhaseTimer(TrainerCallback):
 
 
 def held_out_scorer(cfg, settings, inputs, trainer, reward_model, reward_tokenizer):
-    """A function giving the reward model's mean score of the policy's answers to the held-out
-    prompts (the split's first `eval_prompts`), or None without a reward model or held-out split."""
+    """A function giving the reward model's score of the policy's answer to each held-out prompt
+    (the split's first `eval_prompts`), or None without a reward model or held-out split. Answers
+    are sampled as TRL's trainer samples them (its temperature, top_p, top_k, min_p and
+    repetition penalty, nothing from the checkpoint), under seeds that repeat on every call."""
     if reward_model is None or inputs.data.eval is None:
         return None
     held_out = [row["prompt"] for row in inputs.data.eval][: settings.eval_prompts]
     args, device = trainer.args, device_for(cfg)
     sampling = SamplingSettings(settings.max_prompt_length, args.max_completion_length, args.temperature, args.top_p)
+    trl_sampler = {"top_k": args.top_k, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty}
     reward_model.to(device)
     models = (inputs.tokenizer, reward_model, reward_tokenizer)
 
     def score():
         with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it
-            return mean_reward(trainer.model, *models, held_out, sampling, device, args.per_device_eval_batch_size)
+            return held_out_scores(
+                trainer.model, *models, held_out, sampling, device, args.per_device_eval_batch_size, cfg.seed, **trl_sampler
+            )
 
     return score
 

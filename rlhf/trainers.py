@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from trl import DPOConfig, DPOTrainer, RewardTrainer
 
+from rlhf import distributed
 from rlhf.cache import cache_dir
 from rlhf.compat import ReferenceLogpsHook, log_metric, prepare_inputs
 from rlhf.generation import as_reference
@@ -146,14 +147,19 @@ class KLDPOTrainer(PreferenceEvaluation, ReferenceLogpsHook, DPOTrainer):
 
     def _cached_ref_logps(self, dataset, name, batch_size):
         path = self.ref_cache_path(dataset) if self.args.ref_cache and self.reference_identity else None
-        cached = read_ref_cache(path, len(dataset)) if path is not None and path.is_file() else None
+        main = self.accelerator.is_main_process
+        cached = read_ref_cache(path, len(dataset)) if main and path is not None and path.is_file() else None
+        # Rank 0 decides, and hands every rank its values: TRL's precompute below is collective, so
+        # ranks that decided alone (a file written between their checks, a node-local cache) would
+        # enter it alone and wait forever.
+        cached = distributed.from_main_process(cached)
         if cached is not None:
             print(f"reference log-probs of the {name} split: loaded from {path}", flush=True)
             for column in REF_COLUMNS:
                 dataset = dataset.add_column(column, cached[column].tolist())
             return dataset
         dataset = self.trl_reference_logps(dataset, name, batch_size)
-        if path is not None and self.accelerator.is_main_process:
+        if path is not None and main:
             columns = {c: torch.tensor(list(dataset[c]), dtype=torch.float32) for c in REF_COLUMNS}
             path.parent.mkdir(parents=True, exist_ok=True)
             # A name of its own per writer: concurrent sweep jobs writing the same key each rename

@@ -106,7 +106,8 @@ POSITIVE = Rule(lambda v: v > 0, "> 0")
 NON_NEGATIVE = Rule(lambda v: v >= 0, ">= 0")
 AT_LEAST_ONE = Rule(lambda v: v >= 1, "an integer >= 1", integer=True)
 UNIT = Rule(_between(0, 1), "in [0, 1]")
-TOP_P = Rule(_between(0, 1, low_open=True), "in (0, 1]")
+# PPO's and eval's log-probs and KL are those of the whole tempered softmax: nucleus sampling would draw from another distribution.
+WHOLE_SOFTMAX = Rule(lambda v: v == 1, "1.0: the log-probs and KL are those of the whole tempered softmax; lower the temperature instead")
 OPTIONAL_LENGTH = Rule(lambda v: v >= 1, "an integer >= 1 (or null)", integer=True, none_ok=True)
 
 # Keys every stage node (sft, rm, dpo, ppo, any later one) and hardware.training_args may hold.
@@ -126,14 +127,14 @@ NODE_RULES = {
         **dict.fromkeys(("cliprange", "cliprange_value", "temperature", "horizon", "target"), POSITIVE),
         **dict.fromkeys(("kl_coef", "vf_coef"), NON_NEGATIVE),
         **dict.fromkeys(("gamma", "lam"), UNIT),
-        "top_p": TOP_P,
+        "top_p": WHOLE_SOFTMAX,
         "save_steps": Rule(lambda v: v >= 0, "an integer >= 0 (0 = no checkpoints)", integer=True),
         "max_grad_norm": POSITIVE,  # PPO clips to it every step: 0 would zero every gradient
     },
     "eval": {
         **dict.fromkeys(("num_prompts", "batch_size", "max_prompt_length", "max_new_tokens"), AT_LEAST_ONE),
         "temperature": Rule(lambda v: v >= 0, ">= 0 (0 = greedy decoding)"),
-        "top_p": TOP_P,
+        "top_p": WHOLE_SOFTMAX,
     },
     "peft": {"r": AT_LEAST_ONE, "alpha": POSITIVE, "dropout": Rule(_between(0, 1, high_open=True), "in [0, 1)")},
     "dataset": {
@@ -247,10 +248,26 @@ def check_combinations(cfg) -> None:
         raise UserError(f"quantization={bits} with peft=none: quantized weights cannot be trained directly; {fix}")
     if stage == "chain":  # each step is validated when it runs, with its own overrides
         return
+    check_reference_bias(cfg)
     if isinstance(cfg.get("model"), DictConfig):
         check_hub(cfg.model.get("hub"))
         check_tuning(cfg)
     check_input_runs(cfg)
+
+
+def check_reference_bias(cfg) -> None:
+    """Under LoRA the reference of DPO, PPO and the online stages' KL term is the policy with its
+    adapter disabled; biases that peft trains in place stay on when it is, so the reference would
+    no longer be the starting policy. Refused rather than kept as a second frozen copy."""
+    stage, peft = cfg.get("stage"), cfg.get("peft")
+    if stage not in ("dpo", "ppo", "grpo", "rloo") or not isinstance(peft, DictConfig) or peft.get("bias", "none") == "none":
+        return
+    if stage in ("grpo", "rloo") and OmegaConf.select(cfg, f"{stage}.beta") == 0:  # no KL term: no reference
+        return
+    raise UserError(
+        f"peft.bias={peft.bias} with stage={stage}: the reference is the policy with its LoRA adapter disabled, and biases "
+        "trained in place stay on then, so it would not be the starting policy; use peft.bias=none (or peft=none: a frozen copy)"
+    )
 
 
 def check_tuning(cfg) -> None:

@@ -152,7 +152,7 @@ def test_real_models_get_real_model_hyperparameters(model):
 
 
 def test_tiny_model_keeps_its_fast_values_and_overrides_still_win():
-    expected = {"sft": 2e-3, "rm": 1e-3, "dpo": 5e-4, "ppo": 1e-3}
+    expected = {"sft": 2e-3, "rm": 1e-3, "dpo": 5e-4, "ppo": 5e-4}
     for stage, learning_rate in expected.items():
         cfg = compose_config(f"stage={stage}")
         assert cfg[stage].learning_rate == learning_rate and cfg.tuned_for == "tiny"

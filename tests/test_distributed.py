@@ -192,3 +192,112 @@ def test_ppo_on_two_processes_trains_one_run_and_resumes_exactly(rlhf_chain, tmp
     assert_same_metrics(resumed, whole, 1e-5)
     steps = [json.loads(line)["step"] for line in (cut / "history.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
+
+
+def ppo_update(rank: int, world: int, directory: str, model_path: str) -> None:
+    """One PPO optimisation phase (2 epochs of one global mini-batch) on this process's share of
+    a fixed rollout of 4 responses of 1, 2, 7 and 8 tokens; saves the trained weights."""
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.generation import Samples
+    from rlhf.ppo.trainer import PPOConfig, PPOModels, PPOTrainer, Rollout, ValueHead
+
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float64)
+        models = PPOModels(policy, None, ValueHead(policy.config.hidden_size), None, None, None)
+        settings = PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=2, max_grad_norm=1e9, vf_coef=0.5)
+        trainer = PPOTrainer(models, settings, torch.device("cpu"), log=None)
+        trainer.optimizer = torch.optim.SGD(trainer.trainable, lr=0.5)  # the update is the gradient itself
+
+        generator = torch.Generator().manual_seed(1)
+        lengths = torch.tensor([1, 2, 7, 8])
+        response_mask = (torch.arange(8)[None, :] < lengths[:, None]).long()
+        sequences = torch.randint(3, policy.config.vocab_size, (4, 11), generator=generator)
+        prompt_mask = torch.ones(4, 3, dtype=torch.long)
+        prompt_mask[:2, 0] = 0  # left padding
+        samples = Samples(sequences, torch.cat([prompt_mask, response_mask], dim=1), response_mask.float(), [""] * 4, torch.ones(4))
+        per_token = lambda: torch.randn(4, 8, generator=generator) * response_mask  # noqa: E731
+        old_logprobs, values, advantages, returns = -3 + per_token(), per_token(), per_token(), per_token()
+
+        share = slice(rank * 4 // world, (rank + 1) * 4 // world)  # rank 0: the two short responses
+        rollout = Rollout(samples.select(torch.arange(4)[share]), old_logprobs[share], None, values[share], None, None)
+        stats = trainer.optimise(rollout, advantages[share], returns[share], update=1)
+        torch.save(
+            {"weights": {n: p.detach() for n, p in policy.named_parameters()}, "stats": stats}, f"{directory}/update-{world}-{rank}.pt"
+        )
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def test_a_ppo_update_on_two_processes_equals_the_update_on_one(tmp_path):
+    """The global batch's responses are uneven (rank 0 holds 3 tokens, rank 1 holds 15): the update
+    is that of the mean over all 18 tokens either way, not the mean of two per-process means."""
+    import torch
+    import torch.multiprocessing as mp
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.tiny_model import ensure_tiny_model
+
+    model = str(ensure_tiny_model())
+    ppo_update(0, 1, str(tmp_path), model)
+    mp.spawn(ppo_update, args=(2, str(tmp_path), model), nprocs=2)
+    one, two = torch.load(tmp_path / "update-1-0.pt"), torch.load(tmp_path / "update-2-0.pt")
+    start = dict(AutoModelForCausalLM.from_pretrained(model).named_parameters())
+    moved = max((one["weights"][name] - start[name].double()).abs().max().item() for name in start)
+    assert moved > 1e-3  # the update did something
+    for name, weight in one["weights"].items():
+        assert torch.allclose(two["weights"][name], weight, atol=1e-6, rtol=0), name
+    for key, value in one["stats"].items():
+        assert two["stats"][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+
+
+def ref_cache_decision(rank: int, directory: str) -> None:
+    """A DPO job whose two ranks see different caches (node-local: only rank 0's holds the file)."""
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+    from datasets import Dataset
+    from safetensors.torch import save_file
+
+    from rlhf.trainers import REF_COLUMNS, KLDPOTrainer
+
+    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=2)
+    try:
+        path = Path(directory) / f"node-{rank}" / "ref.safetensors"
+        path.parent.mkdir()
+        if rank == 0:
+            save_file({column: torch.tensor([-1.0, -2.0, -3.0]) for column in REF_COLUMNS}, str(path))
+        computed = []
+
+        def trl_reference_logps(dataset, name, batch_size):  # TRL's collective precompute: must not be entered alone
+            computed.append(name)
+            return dataset.add_column(REF_COLUMNS[0], [0.0] * 3).add_column(REF_COLUMNS[1], [0.0] * 3)
+
+        trainer = SimpleNamespace(
+            args=SimpleNamespace(ref_cache=True),
+            reference_identity="the reference",
+            accelerator=SimpleNamespace(is_main_process=rank == 0),
+            ref_cache_path=lambda dataset: path,
+            trl_reference_logps=trl_reference_logps,
+        )
+        dataset = KLDPOTrainer._cached_ref_logps(trainer, Dataset.from_dict({"prompt": ["a", "b", "c"]}), "train", 2)
+        result = {"computed": computed, "chosen": list(dataset[REF_COLUMNS[0]])}
+        (Path(directory) / f"rank-{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_take_rank_zeros_reference_cache_decision(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(ref_cache_decision, args=(str(tmp_path),), nprocs=2)
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert result == {"computed": [], "chosen": [-1.0, -2.0, -3.0]}, rank

@@ -209,8 +209,14 @@ def test_composition_errors_become_one_line(argv, expected):
         (("stage=ppo", "ppo.gamma=1.5"), "ppo.gamma=1.5: must be in [0, 1]"),
         (("stage=ppo", "ppo.lam=-0.1"), "ppo.lam=-0.1: must be in [0, 1]"),
         (("stage=ppo", "ppo.temperature=0"), "ppo.temperature=0: must be > 0"),
-        (("stage=ppo", "ppo.top_p=0"), "ppo.top_p=0: must be in (0, 1]"),
-        (("stage=ppo", "ppo.top_p=1.2"), "ppo.top_p=1.2: must be in (0, 1]"),
+        (
+            ("stage=ppo", "+ppo.top_p=0.9"),
+            "ppo.top_p=0.9: must be 1.0: the log-probs and KL are those of the whole tempered softmax; lower the temperature instead",
+        ),
+        (
+            ("stage=eval", "+eval.top_p=0.5"),
+            "eval.top_p=0.5: must be 1.0: the log-probs and KL are those of the whole tempered softmax; lower the temperature instead",
+        ),
         (("dataset.test_size=-0.1",), "dataset.test_size=-0.1: must be >= 0: a fraction below 1 or a count of rows"),
         (("dataset.test_size=1.5",), "dataset.test_size=1.5: must be >= 0: a fraction below 1 or a count of rows"),
         (("stage=eval", "eval.temperature=-0.5"), "eval.temperature=-0.5: must be >= 0 (0 = greedy decoding)"),
@@ -227,11 +233,20 @@ def test_values_at_the_edges_pass(tmp_path):
     validate(compose_config("sft.max_length=null", "dataset.test_size=20", "peft.r=1"))
     sft = fake_run(tmp_path / "sft", "sft")
     validate(compose_config("stage=eval", f"eval.policy={sft}", f"eval.reward_model={rm}", "eval.temperature=0"))  # greedy
-    for edge in ("ppo.top_p=1", "ppo.gamma=0", "ppo.gamma=1", "ppo.lam=1", "ppo.kl_coef=0", "ppo.batch_size=8"):
+    for edge in ("+ppo.top_p=1", "ppo.gamma=0", "ppo.gamma=1", "ppo.lam=1", "ppo.kl_coef=0", "ppo.batch_size=8"):
         validate(compose_config("stage=ppo", f"ppo.reward_model={rm}", edge))
 
 
 # ---- 3. incompatible choices, and the runs a stage starts from --------------------------------
+
+
+def test_lora_bias_is_refused_where_the_reference_is_the_disabled_adapter():
+    for stage in ("dpo", "ppo", "grpo", "rloo"):
+        message = refused(compose_config(f"stage={stage}", "peft.bias=lora_only"))
+        assert message.startswith(f"peft.bias=lora_only with stage={stage}: the reference is the policy with its LoRA adapter disabled")
+    validate(compose_config("stage=grpo", "peft.bias=all", "grpo.beta=0", "experiment=grpo_arithmetic"))  # no KL term, no reference
+    validate(compose_config("stage=sft", "peft.bias=all"))  # no reference at all
+    validate(compose_config("stage=dpo", "peft=none"))
 
 
 def test_quantization_needs_lora():

@@ -28,16 +28,20 @@ WHITEN_EPS = 1e-8
 # --- masked statistics ---------------------------------------------------------------------
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None, count: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of `values` over the entries where `mask` is 1 (over `dim`, or over everything).
 
     `torch.where` rather than `values * mask`: padding may hold inf/nan (e.g. logprobs of pad
     tokens), and `nan * 0` is still nan. A slice with no real entries has mean 0.
+    `count` replaces the number of masked entries as the divisor: with several processes sharing
+    one batch, the count over all of them makes each process's result its share of the global
+    mean (the shares then add up to the mean over every token, whatever each process holds).
     """
     mask = mask.bool()
     total = torch.where(mask, values, torch.zeros_like(values)).sum(dim=dim)
-    count = mask.sum(dim=dim).to(values.dtype)
-    return total / count.clamp(min=1)
+    if count is None:
+        count = mask.sum(dim=dim)
+    return total / count.to(values.dtype).clamp(min=1)
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce=None) -> torch.Tensor:
@@ -149,6 +153,7 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     cliprange: float,
+    count: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, negated to be minimised; returns (loss, {clipfrac, approxkl}).
 
@@ -158,6 +163,7 @@ def policy_loss(
     bound, so the unclipped term still applies when it is the worse one.
     clipfrac is the share of tokens where the clipped term won (gradient 0 there); approxkl is
     0.5 * E[(log ratio)^2], the "k2" estimate of KL(pi_old || pi) ([NIMPL] logs the same).
+    Every mean is over the real tokens: `count` of them (see `masked_mean`), by default the mask's.
     """
     real = mask.bool()
     # Log-ratio 0 on padding, so exp() cannot overflow on garbage logprobs of pad tokens.
@@ -165,10 +171,10 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, count=count)
     stats = {
-        "clipfrac": masked_mean((clipped > unclipped).to(logprobs.dtype), mask).detach(),
-        "approxkl": (0.5 * masked_mean(log_ratio**2, mask)).detach(),
+        "clipfrac": masked_mean((clipped > unclipped).to(logprobs.dtype), mask, count=count).detach(),
+        "approxkl": (0.5 * masked_mean(log_ratio**2, mask, count=count)).detach(),
     }
     return loss, stats
 
@@ -179,19 +185,20 @@ def value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     cliprange_value: float,
+    count: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss; returns (loss, {clipfrac}).
 
     The value-head analogue of [PPO] Eq. (7), from OpenAI's PPO code and kept in RLHF
     ([NIMPL], value-function clipping): the new prediction may move at most `cliprange_value`
     from the rollout-time one, and the loss takes the worse of the clipped and unclipped squared
-    errors, 0.5 * E[max((V - R)^2, (V_clip - R)^2)].
+    errors, 0.5 * E[max((V - R)^2, (V_clip - R)^2)], over `count` real tokens (see `masked_mean`).
     """
     v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     unclipped = (values - returns) ** 2
     clipped = (v_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
-    stats = {"clipfrac": masked_mean((clipped > unclipped).to(values.dtype), mask).detach()}
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask, count=count)
+    stats = {"clipfrac": masked_mean((clipped > unclipped).to(values.dtype), mask, count=count).detach()}
     return loss, stats
 
 

@@ -28,7 +28,7 @@ from rlhf.generation import (
     Samples,
     SamplingSettings,
     as_reference,
-    mean_reward,
+    held_out_scores,
     response_logprobs,
     response_outputs,
     reward_scores,
@@ -146,17 +146,7 @@ class PPOTrainer:
             advantages = core.masked_whiten(advantages, mask, reduce=distributed.all_sum)  # over the global batch
             with self.timed("optimisation"):
                 stats = self.optimise(rollout, advantages, returns, update)
-            statistics = {
-                "objective/scores": rollout.scores.mean(),
-                "objective/kl": kl.sum(dim=1).mean(),  # KL of whole responses, averaged over the batch
-                "objective/rlhf_reward": (rollout.scores - self.kl_controller.value * kl.sum(dim=1)).mean(),
-                "objective/entropy": core.masked_mean(rollout.entropy, mask),
-                **stats,
-                "response_length": mask.sum(dim=1).float().mean(),
-            }
-            # Each process holds an equal share of the batch: the mean of their means is the global mean.
-            means = distributed.all_mean(torch.stack([torch.as_tensor(value, dtype=torch.float32) for value in statistics.values()]))
-            statistics = dict(zip(statistics, means.tolist()))
+            statistics = {**self.rollout_statistics(rollout, kl), **stats}
             record = {"step": update, **statistics, "objective/kl_coef": self.kl_controller.value}
             self.kl_controller.update(statistics["objective/kl"], self.settings.batch_size)  # the same on every process
             if update % self.settings.logging_steps == 0 or update == self.settings.total_updates:
@@ -168,6 +158,23 @@ class PPOTrainer:
         timing = {f"time/{phase}_per_update": seconds / ran for phase, seconds in self.seconds.items()}
         timing["time/generated_tokens_per_second"] = self.generated_tokens / self.seconds["generation"]
         return {**{key: value for key, value in last.items() if key != "step"}, **timing}
+
+    def rollout_statistics(self, rollout: Rollout, kl: torch.Tensor) -> dict:
+        """Means over the global batch: per response (scores, KL of whole responses, lengths) and
+        per token (entropy), from sums and counts added up over the processes."""
+        mask = rollout.samples.response_mask
+        response_kl = kl.sum(dim=1)
+        sums = {
+            "objective/scores": rollout.scores.sum(),
+            "objective/kl": response_kl.sum(),
+            "objective/rlhf_reward": (rollout.scores - self.kl_controller.value * response_kl).sum(),
+            "response_length": mask.sum(),
+        }
+        entropy = torch.where(mask.bool(), rollout.entropy, torch.zeros_like(rollout.entropy)).sum()  # over real tokens
+        counts = [mask.sum(), torch.tensor(len(rollout.scores))]  # tokens, responses
+        totals = distributed.all_sum(torch.stack([value.double() for value in (*sums.values(), entropy, *counts)]))
+        *summed, entropy, tokens, responses = totals.tolist()
+        return {**{name: value / responses for name, value in zip(sums, summed)}, "objective/entropy": entropy / tokens}
 
     def local_share(self) -> slice:
         """This process's part of each global batch: batch_size / processes prompts."""
@@ -278,51 +285,59 @@ class PPOTrainer:
 
     def optimise(self, rollout: Rollout, advantages, returns, update: int) -> dict:
         """ppo_epochs passes over shuffled mini-batches; returns the mean losses and statistics.
-        A non-finite loss or gradient stops the run before the optimizer step can write it into
-        the weights (and so into a checkpoint)."""
-        totals, count = {}, 0
-        world = distributed.world_size()  # each process takes its share of every global mini-batch
+
+        Each process holds its share of every global mini-batch. Its losses are its token sums
+        over the mini-batch's token count on all processes, and the gradients are summed across
+        them: the update is that of the global token mean, the same on 1 or N processes however
+        the response lengths fall (a per-process mean would weigh each token of a process with
+        few tokens more). A non-finite loss or gradient stops the run before the optimizer step
+        can write it into the weights (and so into a checkpoint)."""
+        totals, steps = None, 0
+        world = distributed.world_size()
         for _ in range(self.settings.ppo_epochs):
             for index in torch.randperm(self.settings.batch_size // world).split(self.settings.mini_batch_size // world):
                 part = rollout.samples.select(index)
                 mask = part.response_mask
+                tokens = distributed.all_sum(mask.sum())  # real tokens in the global mini-batch
                 logits, hidden = response_outputs(self.policy, part, self.settings.temperature, hidden=True)
                 logprobs = core.logprobs_from_logits(logits, part.responses)
-                pg_loss, pg_stats = core.policy_loss(logprobs, rollout.logprobs[index], advantages[index], mask, self.settings.cliprange)
+                pg_loss, pg_stats = core.policy_loss(
+                    logprobs, rollout.logprobs[index], advantages[index], mask, self.settings.cliprange, count=tokens
+                )
                 vf_loss, vf_stats = core.value_loss(
-                    self.value_head(hidden), rollout.values[index], returns[index], mask, self.settings.cliprange_value
+                    self.value_head(hidden), rollout.values[index], returns[index], mask, self.settings.cliprange_value, count=tokens
                 )
                 loss = pg_loss + self.settings.vf_coef * vf_loss
-                if distributed.all_sum(torch.isfinite(loss).float()) < world:  # every process stops, or none does
-                    raise NonFiniteLoss(
-                        f"PPO diverged at update {update}: the loss is {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()})"
-                    )
+                # The global values: each process's share added up (every process stops, or none does).
+                step = distributed.all_sum(
+                    torch.stack([pg_loss, vf_loss, pg_stats["clipfrac"], pg_stats["approxkl"], vf_stats["clipfrac"]]).detach().double()
+                )
+                if not torch.isfinite(step[:2]).all():
+                    policy, value = step[:2].tolist()
+                    raise NonFiniteLoss(f"PPO diverged at update {update}: the loss is not finite (policy {policy}, value {value})")
                 self.optimizer.zero_grad()
                 loss.backward()
-                distributed.average_gradients(self.trainable)  # the gradient of the global mini-batch
+                distributed.sum_gradients(self.trainable)  # the gradient of the global mini-batch's token mean
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.max_grad_norm)
                 if not torch.isfinite(grad_norm):
                     raise NonFiniteLoss(f"PPO diverged at update {update}: the gradient norm is {grad_norm.item()}")
                 self.optimizer.step()
-                step = {
-                    "loss/policy": pg_loss.item(),
-                    "loss/value": vf_loss.item(),
-                    "policy/clipfrac": pg_stats["clipfrac"].item(),
-                    "policy/approxkl": pg_stats["approxkl"].item(),
-                    "value/clipfrac": vf_stats["clipfrac"].item(),
-                }
-                totals = {key: totals.get(key, 0.0) + value for key, value in step.items()}
-                count += 1
-        return {key: value / count for key, value in totals.items()}
+                totals = step if totals is None else totals + step
+                steps += 1
+        names = ("loss/policy", "loss/value", "policy/clipfrac", "policy/approxkl", "value/clipfrac")
+        return dict(zip(names, (totals / steps).tolist()))
 
     # ---- evaluation ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def mean_score(self, prompts: list) -> float:
-        """Mean reward-model score of sampled responses to `prompts` (e.g. held-out ones), the
-        prompts shared out between the processes."""
-        mine = prompts[distributed.rank() :: distributed.world_size()]
+    def score_held_out(self, prompts: list, seed: int) -> list:
+        """The reward-model score of a sampled response to each of `prompts` (the held-out ones),
+        in their order; the prompts are shared out between the processes in contiguous blocks, and
+        each block is sampled under seeds fixed by its position, so the scores before and after
+        training are paired draws."""
+        block = -(-len(prompts) // distributed.world_size())
+        first = distributed.rank() * block
+        mine = prompts[first : first + block]
         models = (self.policy, self.tokenizer, self.reward_model, self.reward_tokenizer)
-        mean = mean_reward(*models, mine, self.settings, self.device, self.settings.batch_size) if mine else 0.0
-        total, count = distributed.all_sum(torch.tensor([mean * len(mine), len(mine)], dtype=torch.float64)).tolist()
-        return total / count
+        scores = held_out_scores(*models, mine, self.settings, self.device, self.settings.batch_size, seed + first) if mine else []
+        return distributed.all_gather_list(scores)

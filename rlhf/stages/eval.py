@@ -1,10 +1,11 @@
 """Policy evaluation: sample answers to held-out prompts from a trained policy and from its
 reference (the policy it started from), and let a reward model judge them.
 
-Reports the reward model's win rate of policy over reference (ties count half), both mean
-scores, the mean KL(policy || reference) of the policy's own samples (sum over response
-tokens of log pi - log ref: unbiased, because the tokens are the policy's samples), and the
-mean response lengths. With `eval.judge_model=<rm run>` a second reward model - one the policy
+Reports the reward model's win rate of policy over reference (ties count half, with its 95%
+Wilson interval), both mean scores and their paired difference (with its 95% t interval), the
+mean KL(policy || reference) of the policy's own samples (sum over response tokens of
+log pi - log ref: unbiased, because the tokens are the policy's samples), and the mean response
+lengths. With `eval.judge_model=<rm run>` a second reward model - one the policy
 was not optimised against, trained on other pairs - scores the same answers (`eval_judge_*`):
 a proxy reward that rises while the judge's falls is over-optimisation (Gao et al. 2022).
 Every generation goes to samples.jsonl in the run directory.
@@ -15,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from transformers import set_seed
 
 from rlhf.data import load_splits
-from rlhf.generation import SamplingSettings, as_reference, response_logprobs, reward_scores, sample
+from rlhf.errors import UserError
+from rlhf.generation import SamplingSettings, as_reference, response_logprobs, reward_scores, sample, seeded
 from rlhf.lineage import POLICY_STAGES, TrainedRun
-from rlhf.metrics import agreement
+from rlhf.metrics import agreement, paired_gain, wilson_interval
 from rlhf.training import autocast, device_for, float32_adapter_sums, load_reward_model
 
 
@@ -50,43 +53,49 @@ def run(cfg, run_dir: Path) -> dict:
             float32_adapter_sums(model, cfg.hardware.training_args.bf16)
 
     judges = {"": (reward_model, reward_tokenizer), **({"judge_": (judge, judge_tokenizer)} if judge is not None else {})}
-    # Seeded after loading (which draws random numbers for adapters and merged copies): evaluations
-    # of policies that started from the same one sample the same reference answers.
     set_seed(cfg.seed)
     with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it (hardware.training_args.bf16)
-        rows = answer_and_score(prompts, settings, device, (policy, reference, tokenizer), judges)
+        rows = answer_and_score(prompts, settings, device, (policy, reference, tokenizer), judges, cfg.seed)
     with open(run_dir / "samples.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-    def mean(key):
-        return sum(row[key] for row in rows) / len(rows)
-
-    def win_rate(scorer):  # ties count half
-        return sum(agreement(row[f"score_{scorer}policy"] - row[f"score_{scorer}reference"]) for row in rows) / len(rows)
-
-    metrics = {"eval_win_rate": win_rate("")}
-    if judge is not None:
-        metrics["eval_judge_win_rate"] = win_rate("judge_")
+    metrics = {}
+    for prefix in judges:  # eval_win_rate, eval_score_gain, ... and the same with eval_judge_
+        metrics.update(judged(rows, prefix))
     keys = ("score_policy", "score_reference", "score_judge_policy", "score_judge_reference", "kl", "length_policy", "length_reference")
-    metrics.update({f"eval_{key}": mean(key) for key in keys if key in rows[0]})
+    metrics.update({f"eval_{key}": sum(row[key] for row in rows) / len(rows) for key in keys if key in rows[0]})
     return {**metrics, "eval_prompts": len(rows)}
 
 
-def answer_and_score(prompts: list, settings, device, models: tuple, judges: dict) -> list:
+def judged(rows: list, prefix: str) -> dict:
+    """One reward model's verdict: the win rate of policy over reference (ties count half) with its
+    95% Wilson interval, and the mean paired score difference with its 95% t interval (each prompt's
+    two answers were sampled under the same seed)."""
+    policy, reference = [row[f"score_{prefix}policy"] for row in rows], [row[f"score_{prefix}reference"] for row in rows]
+    wins = sum(agreement(p - r) for p, r in zip(policy, reference))
+    metrics = {f"eval_{prefix}win_rate": wins / len(rows), f"eval_{prefix}win_rate_ci95": wilson_interval(wins, len(rows))}
+    gain = paired_gain(reference, policy)
+    metrics.update({f"eval_{prefix}{key[len('eval_') :]}": value for key, value in gain.items() if key.startswith("eval_score_gain")})
+    return metrics
+
+
+def answer_and_score(prompts: list, settings, device, models: tuple, judges: dict, seed: int) -> list:
     """One row per prompt: the policy's and the reference's answers, each reward model's score of
-    both (`judges`: prefix -> (model, tokenizer)), the KL of the policy's answer and both lengths."""
+    both (`judges`: prefix -> (model, tokenizer)), the KL of the policy's answer and both lengths.
+
+    Both answers to a batch are sampled under the same seed (seed + the batch's first index):
+    paired draws, and the same reference answers in every evaluation of policies that started
+    from the same policy (an aligner comparison's SFT row)."""
     policy, reference, tokenizer = models
     # The KL of the distributions sampled from; greedy decoding (temperature 0) compares the
     # untempered ones rather than dividing the logits by ~0.
     kl_temperature = settings.temperature or 1.0
-    batches = [prompts[start : start + settings.batch_size] for start in range(0, len(prompts), settings.batch_size)]
-    # Every reference answer first: with the same seed and prompts they are the same in every
-    # evaluation of policies that started from the same policy (an aligner comparison's SFT row).
-    with as_reference(policy, reference) as ref:
-        references = [sample(ref, tokenizer, batch, settings, device) for batch in batches]
     rows = []
-    for batch, from_reference in zip(batches, references):
-        from_policy = sample(policy, tokenizer, batch, settings, device)
+    for start in range(0, len(prompts), settings.batch_size):
+        batch = prompts[start : start + settings.batch_size]
+        with seeded(seed + start, device), as_reference(policy, reference) as ref:
+            from_reference = sample(ref, tokenizer, batch, settings, device)
+        with seeded(seed + start, device):
+            from_policy = sample(policy, tokenizer, batch, settings, device)
         with as_reference(policy, reference) as ref:
             ref_logprobs = response_logprobs(ref, from_policy, kl_temperature)
         kl = ((response_logprobs(policy, from_policy, kl_temperature) - ref_logprobs) * from_policy.response_mask).sum(dim=1)
@@ -113,6 +122,12 @@ def load_policy_and_reference(policy_run, cfg):
     """(policy, reference or None, tokenizer). The reference is the policy the run started
     from; for a LoRA run it is the same network with the run's adapter disabled (None)."""
     run = TrainedRun.of(policy_run, "eval.policy", stages=POLICY_STAGES)
+    bias = OmegaConf.select(run.cfg, "peft.bias", default="none")
+    if run.adapter is not None and bias != "none":  # see rlhf.validate.check_reference_bias
+        raise UserError(
+            f"eval.policy={policy_run}: trained with peft.bias={bias}, so its adapter disabled is not the policy it started from; "
+            "retrain it with peft.bias=none to compare it with its start"
+        )
     policy = run.load(cfg.hardware)
     reference = None if run.adapter is not None else run.start.load(cfg.hardware)
     return policy, reference, run.start.tokenizer()

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from transformers import set_seed
 
 from rlhf import ddp_backend, distributed
+from rlhf.metrics import paired_gain
 from rlhf.ppo.trainer import PPOModels, PPOTrainer, ValueHead
 from rlhf.runs import is_main_process, resume_point
 from rlhf.tracking import UpdateLog, finish_tracking, start_tracking
@@ -50,18 +51,19 @@ def train_ppo(cfg, run_dir: Path) -> dict:
 
     start_tracking(cfg, run_dir)
     log = UpdateLog(cfg, run_dir)
-    trainer = PPOTrainer(models, settings, device, log=log)
+    trainer = PPOTrainer(models, settings, device, log=log)  # rank 0's trainable weights on every process
+    set_seed(cfg.seed + distributed.rank())  # each process samples its own responses
     held_out = [row["prompt"] for row in inputs.data.eval][: settings.eval_prompts] if inputs.data.eval is not None else []
     checkpoint, mark = resume_point(cfg, run_dir)
     with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it (hardware.training_args.bf16)
         if checkpoint is not None:  # an interrupted run: go on from its last complete checkpoint
-            metrics = trainer.resume(checkpoint, mark)
-        else:
-            metrics = {"eval_scores_before": trainer.mean_score(held_out)} if held_out else {}
+            kept = trainer.resume(checkpoint, mark)
+        else:  # the held-out prompts are sampled under the same seeds before and after: paired scores
+            kept = {"held_out_before": trainer.score_held_out(held_out, cfg.seed)} if held_out else {}
         train_prompts = [row["prompt"] for row in inputs.data.train]
-        metrics.update(trainer.train(train_prompts, seed=cfg.seed, checkpoints=run_dir / "checkpoints", keep=dict(metrics)))
+        metrics = trainer.train(train_prompts, seed=cfg.seed, checkpoints=run_dir / "checkpoints", keep=kept)
         if held_out:
-            metrics["eval_scores"] = trainer.mean_score(held_out)
+            metrics.update(paired_gain(kept["held_out_before"], trainer.score_held_out(held_out, cfg.seed)))
     metrics["data/skipped_rows"] = inputs.data.skipped_rows
 
     final = save_final(run_dir, policy, inputs, cfg)

@@ -1,0 +1,203 @@
+"""The online RL numbers on models set up as the reference workflow's Qwen models are: a reward
+model scores where the text ends whatever its config's pad id, samples come from the
+distribution the log-probs describe, a PPO update is the same on 1 and 2 processes, ranks take
+the DPO cache decision together, a reference that would not be the starting policy is refused,
+and held-out scores before and after training are paired."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import cli, train
+
+SHORT = [{"role": "user", "content": "你好"}]
+LONG = [{"role": "user", "content": "请用三句话介绍一下你最喜欢的季节，并说明为什么喜欢它。"}]
+
+
+@pytest.fixture(scope="module")
+def qwen_like(tmp_path_factory):
+    """A copy of the tiny model set up as Qwen2.5/Qwen3 ship: no pad id in the config, and a
+    tokenizer that pads with <|endoftext|>, not with its EOS <|im_end|>; an RM and a policy
+    trained on it."""
+    from rlhf.tiny_model import ensure_tiny_model
+
+    root = tmp_path_factory.mktemp("qwen_like")
+    model = root / "model"
+    shutil.copytree(ensure_tiny_model(), model)
+    for name in ("config.json", "generation_config.json"):
+        settings = json.loads((model / name).read_text())
+        settings.pop("pad_token_id", None)
+        (model / name).write_text(json.dumps(settings))
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    assert tokenizer_config["pad_token"] != tokenizer_config["eos_token"]
+    base = ("model=custom", f"model.name_or_path={model}", "dataset.test_size=8", "dataset.max_samples=64")
+    train(root / "rm", "stage=rm", *base, "rm.max_steps=2", "rm.eval_strategy=no", "rm.save_strategy=no", "rm.max_length=256")
+    train(root / "sft", "stage=sft", *base, "sft.max_steps=2", "sft.eval_strategy=no", "sft.save_strategy=no", "sft.max_length=256")
+    return root
+
+
+def alone_and_batched(score) -> tuple:
+    """score(prompts, responses) of the short row alone and beside a longer row (which pads it)."""
+    alone = score([SHORT], ["好的。"])
+    batched = score([SHORT, LONG], ["好的。", "我最喜欢秋天，因为天气凉爽，树叶变成金黄色，而且空气很清新。"])
+    return alone[0].item(), batched[0].item()
+
+
+def test_reward_model_scores_a_row_alike_alone_and_padded_through_ppos_scoring(qwen_like):
+    from conftest import compose_config
+
+    from rlhf.generation import reward_scores
+    from rlhf.training import load_reward_model
+
+    cfg = compose_config("model=custom", f"model.name_or_path={qwen_like / 'model'}")
+    reward_model, tokenizer = load_reward_model(str(qwen_like / "rm"), cfg)
+    assert reward_model.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
+    alone, batched = alone_and_batched(lambda p, r: reward_scores(reward_model, tokenizer, p, r, torch.device("cpu")))
+    assert batched == pytest.approx(alone, abs=1e-4)
+    # whatever the config says: the score is read from the attention mask
+    reward_model.config.pad_token_id = tokenizer.eos_token_id
+    assert alone_and_batched(lambda p, r: reward_scores(reward_model, tokenizer, p, r, torch.device("cpu")))[1] == pytest.approx(
+        alone, abs=1e-4
+    )
+
+
+def test_reward_model_scores_a_row_alike_alone_and_padded_after_export(qwen_like, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf.export import export
+
+    export(qwen_like / "rm", tmp_path / "out")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+
+    def score(prompts, responses):  # plain transformers, as a user of the export scores
+        chats = [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
+        texts = [tokenizer.apply_chat_template(chat, tokenize=False) for chat in chats]
+        with torch.no_grad():
+            return model(**tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)).logits[:, 0]
+
+    alone, batched = alone_and_batched(score)
+    assert batched == pytest.approx(alone, abs=1e-4)
+
+
+def test_eval_stage_scores_do_not_depend_on_the_batch(qwen_like, tmp_path):
+    """Greedy answers are the same whatever the batch; their scores must be too."""
+    common = (
+        "stage=eval",
+        "model=custom",
+        f"model.name_or_path={qwen_like / 'model'}",
+        "dataset.test_size=8",
+        "dataset.max_samples=64",
+        f"eval.policy={qwen_like / 'sft'}",
+        f"eval.reward_model={qwen_like / 'rm'}",
+        "eval.num_prompts=8",
+        "eval.temperature=0",
+        "eval.max_new_tokens=16",
+    )
+    rows = {}
+    for size in (1, 8):
+        train(tmp_path / str(size), *common, f"eval.batch_size={size}")
+        rows[size] = [json.loads(line) for line in (tmp_path / str(size) / "samples.jsonl").read_text().splitlines()]
+    compared = [(one, eight) for one, eight in zip(rows[1], rows[8]) if one["policy"] == eight["policy"]]
+    lengths = {len(one["policy"]) + len(json.dumps(one["prompt"])) for one, _ in compared}
+    assert len(compared) >= 4 and len(lengths) > 1  # rows of several lengths: the shorter ones were padded
+    for one, eight in compared:
+        assert eight["score_policy"] == pytest.approx(one["score_policy"], abs=1e-4)
+
+
+def test_samples_follow_the_tempered_softmax_whatever_the_checkpoint_says():
+    """1500 first tokens at temperature 3 from a policy whose generation_config asks for top_k=2,
+    a repetition penalty and min_p: their distribution is softmax(logits / 3)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.generation import SamplingSettings, encode_prompts, sample
+    from rlhf.tiny_model import ensure_tiny_model
+
+    path = ensure_tiny_model()
+    tokenizer, policy = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        policy.model.norm.weight.mul_(5)  # sharper logits: 1500 samples then estimate the distribution to ~0.04
+    policy.generation_config.top_k, policy.generation_config.repetition_penalty, policy.generation_config.min_p = 2, 1.5, 0.1
+    prompt = [{"role": "user", "content": "请写一句关于天气的话。"}]
+    with torch.no_grad():
+        logits = policy(**encode_prompts(tokenizer, [prompt], 128, torch.device("cpu"))).logits[0, -1]
+    expected = torch.softmax(logits.double() / 3, dim=-1)
+    assert expected.topk(2).values.sum() < 0.9  # top_k=2 would be far off
+
+    torch.manual_seed(0)
+    drawn = sample(policy, tokenizer, [prompt] * 1500, SamplingSettings(128, 1, 3.0, 1.0), torch.device("cpu")).responses[:, 0]
+    observed = torch.bincount(drawn, minlength=expected.numel()).double() / len(drawn)
+    assert 0.5 * (observed - expected).abs().sum() < 0.08
+    assert policy.generation_config.top_k == 2  # the checkpoint's own settings are left as they were
+
+
+def test_lora_bias_is_refused_where_the_reference_is_the_disabled_adapter():
+    done = cli("stage=dpo", "peft.bias=all")
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: peft.bias=all with stage=dpo") and "Traceback" not in done.stderr
+
+
+def test_held_out_scores_are_paired_draws(qwen_like):
+    """Scoring the same prompts under the same seed twice gives the same scores (a policy that did
+    not change has gain 0 exactly); the draws leave the caller's random state alone."""
+    from conftest import compose_config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.generation import SamplingSettings, held_out_scores
+    from rlhf.metrics import paired_gain
+    from rlhf.training import load_reward_model
+
+    cfg = compose_config("model=custom", f"model.name_or_path={qwen_like / 'model'}")
+    reward_model, reward_tokenizer = load_reward_model(str(qwen_like / "rm"), cfg)
+    policy = AutoModelForCausalLM.from_pretrained(qwen_like / "model")
+    tokenizer = AutoTokenizer.from_pretrained(qwen_like / "model")
+    prompts = [[{"role": "user", "content": f"第{i}个问题：今天做什么？"}] for i in range(6)]
+
+    def scores():
+        settings = SamplingSettings(64, 12, 1.0, 1.0)
+        return held_out_scores(policy, tokenizer, reward_model, reward_tokenizer, prompts, settings, torch.device("cpu"), 4, seed=7)
+
+    state = torch.get_rng_state()
+    before, after = scores(), scores()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert before == after and len(set(before)) > 1
+    gain = paired_gain(before, after)
+    assert gain["eval_score_gain"] == 0 and gain["eval_score_gain_ci95"] == [0, 0]
+
+
+def test_paired_gain_by_hand():
+    from rlhf.metrics import paired_gain
+
+    before, after = [1.0, 2.0, 3.0, 4.0], [1.5, 2.0, 4.0, 4.5]  # differences 0.5, 0, 1, 0.5
+    gain = paired_gain(before, after)
+    # mean 0.5, sample sd sqrt(0.5 / 3), t(0.975, 3) = 3.182446 (published tables)
+    half = 3.182446 * (0.5 / 3) ** 0.5 / 2
+    assert gain["eval_score_gain"] == pytest.approx(0.5)
+    assert gain["eval_score_gain_ci95"] == pytest.approx([0.5 - half, 0.5 + half], abs=1e-5)
+    assert gain["eval_scores_before"] == 2.5 and gain["eval_scores"] == 3.0
+
+
+@pytest.mark.parametrize("df, table", [(1, 12.7062), (2, 4.3027), (10, 2.2281), (30, 2.0423), (120, 1.9799)])
+def test_t_quantiles_match_published_tables(df, table):
+    from rlhf.metrics import t_quantile
+
+    assert t_quantile(0.975, df) == pytest.approx(table, abs=1e-4)
+
+
+def test_wilson_interval_by_hand():
+    from rlhf.metrics import wilson_interval
+
+    # 8 of 10: centre (0.8 + 1.96^2 / 20) / (1 + 1.96^2 / 10), published [0.4902, 0.9433]
+    assert wilson_interval(8, 10) == pytest.approx([0.4902, 0.9433], abs=1e-4)
+
+
+def test_rlhf_chain_reports_a_paired_held_out_gain(rlhf_chain):
+    run_dir, _ = rlhf_chain
+    metrics = json.loads((run_dir / "ppo" / "metrics.json").read_text())
+    low, high = metrics["eval_score_gain_ci95"]
+    assert low <= metrics["eval_score_gain"] <= high
+    assert metrics["eval_score_gain"] == pytest.approx(metrics["eval_scores"] - metrics["eval_scores_before"])
+    assert low > 0  # the tiny model's PPO gain is a gain
