@@ -163,7 +163,15 @@ def load_back(out: Path, head: str, adapter_base):
         auto = AutoPeftModelForSequenceClassification if head == "reward" else AutoPeftModelForCausalLM
     else:
         auto = AutoModelForSequenceClassification if head == "reward" else AutoModelForCausalLM
-    return auto.from_pretrained(str(out), dtype=torch.float32).eval()
+    # A reward model's adapter sits over a causal LM's config: the classifier has one output.
+    model = auto.from_pretrained(str(out), dtype=torch.float32, **({"num_labels": 1} if head == "reward" else {})).eval()
+    if head == "reward" and model.config.pad_token_id is None:
+        # An adapter over a base whose config names no pad id (Qwen2.5, Qwen3): the classifier needs
+        # the tokenizer's to find each row's last token - the line a user of the export adds too.
+        from transformers import AutoTokenizer
+
+        model.config.pad_token_id = AutoTokenizer.from_pretrained(str(out)).pad_token_id
+    return model
 
 
 def largest_difference(trained, exported, tokenizer) -> tuple:

@@ -80,6 +80,8 @@ def test_reward_model_scores_a_row_alike_alone_and_padded_after_export(qwen_like
 
     alone, batched = alone_and_batched(score)
     assert batched == pytest.approx(alone, abs=1e-4)
+    record = export(qwen_like / "rm", tmp_path / "adapter", adapter_only=True)  # over a base config without a pad id
+    assert record["max_difference_relative_to_1_plus_largest_abs_logit"] <= 1e-5
 
 
 def test_eval_stage_scores_do_not_depend_on_the_batch(qwen_like, tmp_path):
