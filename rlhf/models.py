@@ -72,6 +72,9 @@ def load_model(model_path: str, model_cfg, quantization_cfg, hardware_cfg, head:
         "trust_remote_code": bool(model_cfg.trust_remote_code),
         "quantization_config": quantization,
         "attn_implementation": model_cfg.get("attn_implementation") or None,
+        # transformers 5 swaps in hub kernels on CUDA whenever the `kernels` package is installed
+        # (trl requires it), fetching them from the hub at load: offline, every GPU run failed there.
+        "use_kernels": bool(model_cfg.get("use_kernels", False)),
     }
     if head == "reward":
         if pad_token_id is None:

@@ -121,8 +121,15 @@ def device_for(cfg):
 
 def autocast(cfg, device):
     """bfloat16 autocast for a stage that drives its own loop (PPO, eval, held-out scoring), on
-    exactly when the Trainer stages get it: hardware.training_args.bf16."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.hardware.training_args.bf16))
+    exactly when the Trainer stages get it: hardware.training_args.bf16.
+
+    Without autocast's weight cache: the cache keeps the bfloat16 copy of every trainable weight
+    (LoRA's matrices, the value head) made at its first use until the outermost autocast block
+    ends. PPO trains inside one block, so with the cache every forward pass - rollouts, the
+    losses, the held-out scores after training - kept computing with the starting adapter: the
+    policy never moved (approxkl and KL exactly 0) while its saved weights did. The Trainer
+    stages enter autocast once per step and never saw this."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.hardware.training_args.bf16), cache_enabled=False)
 
 
 def float32_adapter_sums(model, bf16_autocast: bool) -> None:

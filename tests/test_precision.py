@@ -45,6 +45,9 @@ def test_ppo_and_eval_run_under_bfloat16_autocast_when_asked(rlhf_chain, tmp_pat
         forced,
     )
     assert all(math.isfinite(metrics[key]) for key in ("eval_scores", "objective/kl", "loss/policy"))
+    # The policy moves: before autocast's weight cache was switched off, every forward pass inside
+    # PPO's one autocast block used the starting adapter (KL, approxkl and the gain were exactly 0).
+    assert metrics["policy/approxkl"] > 0 and metrics["objective/kl"] != 0 and metrics["eval_score_gain"] != 0
     assert "precision: float32 weights, bfloat16 autocast" in capsys.readouterr().out
     assert json.loads((tmp_path / "ppo" / "env.json").read_text())["precision"] == "float32 weights, bfloat16 autocast"
     judged = train(
@@ -56,6 +59,23 @@ def test_ppo_and_eval_run_under_bfloat16_autocast_when_asked(rlhf_chain, tmp_pat
         forced,
     )
     assert 0 <= judged["eval_win_rate"] <= 1 and math.isfinite(judged["eval_kl"])
+
+
+def test_ppo_moves_a_policy_over_bfloat16_weights(rlhf_chain, tmp_path):
+    """The GPU presets' case (bfloat16 weights under bfloat16 autocast), here on the CPU: PPO's
+    own forward passes see the adapter it trains."""
+    chain_dir, _ = rlhf_chain
+    metrics = train(
+        tmp_path,
+        "stage=ppo",
+        f"model.init_from={chain_dir / 'sft'}",
+        f"ppo.reward_model={chain_dir / 'rm'}",
+        "ppo.total_updates=3",
+        "ppo.eval_prompts=16",
+        "hardware.dtype=bfloat16",
+        "hardware.training_args.bf16=true",
+    )
+    assert metrics["policy/approxkl"] > 0 and metrics["objective/kl"] != 0 and metrics["eval_score_gain"] != 0
 
 
 def test_a_bfloat16_dpo_run_crashed_midway_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path, monkeypatch, capsys):

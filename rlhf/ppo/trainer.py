@@ -171,7 +171,7 @@ class PPOTrainer:
             "response_length": mask.sum(),
         }
         entropy = torch.where(mask.bool(), rollout.entropy, torch.zeros_like(rollout.entropy)).sum()  # over real tokens
-        counts = [mask.sum(), torch.tensor(len(rollout.scores))]  # tokens, responses
+        counts = [mask.sum(), mask.new_tensor(len(rollout.scores))]  # tokens, responses (on the rollout's device)
         totals = distributed.all_sum(torch.stack([value.double() for value in (*sums.values(), entropy, *counts)]))
         *summed, entropy, tokens, responses = totals.tolist()
         return {**{name: value / responses for name, value in zip(sums, summed)}, "objective/entropy": entropy / tokens}
