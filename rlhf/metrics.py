@@ -64,14 +64,16 @@ def paired_gain(before: list, after: list) -> dict:
     not a gain."""
     if len(before) != len(after) or not before:
         raise ValueError(f"need as many scores after as before, and some: got {len(before)} and {len(after)}")
+    return {"eval_scores_before": sum(before) / len(before), "eval_scores": sum(after) / len(after), **score_gain(before, after)}
+
+
+def score_gain(before: list, after: list, prefix: str = "eval_") -> dict:
+    """`<prefix>score_gain`: the mean paired difference after - before, and from 2 pairs on
+    `<prefix>score_gain_ci95`, its 95% Student t interval."""
     differences = [b - a for a, b in zip(before, after)]
-    gain = {
-        "eval_scores_before": sum(before) / len(before),
-        "eval_scores": sum(after) / len(after),
-        "eval_score_gain": sum(differences) / len(differences),
-    }
+    gain = {f"{prefix}score_gain": sum(differences) / len(differences)}
     if len(differences) > 1:
-        gain["eval_score_gain_ci95"] = mean_interval(differences)
+        gain[f"{prefix}score_gain_ci95"] = mean_interval(differences)
     return gain
 
 

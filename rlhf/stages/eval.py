@@ -17,13 +17,12 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from transformers import set_seed
 
 from rlhf.data import load_splits
 from rlhf.errors import UserError
 from rlhf.generation import SamplingSettings, as_reference, response_logprobs, reward_scores, sample, seeded
 from rlhf.lineage import POLICY_STAGES, TrainedRun
-from rlhf.metrics import agreement, paired_gain, wilson_interval
+from rlhf.metrics import agreement, score_gain, wilson_interval
 from rlhf.training import autocast, device_for, float32_adapter_sums, load_reward_model
 
 
@@ -53,7 +52,6 @@ def run(cfg, run_dir: Path) -> dict:
             float32_adapter_sums(model, cfg.hardware.training_args.bf16)
 
     judges = {"": (reward_model, reward_tokenizer), **({"judge_": (judge, judge_tokenizer)} if judge is not None else {})}
-    set_seed(cfg.seed)
     with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it (hardware.training_args.bf16)
         rows = answer_and_score(prompts, settings, device, (policy, reference, tokenizer), judges, cfg.seed)
     with open(run_dir / "samples.jsonl", "w", encoding="utf-8") as f:
@@ -73,9 +71,7 @@ def judged(rows: list, prefix: str) -> dict:
     policy, reference = [row[f"score_{prefix}policy"] for row in rows], [row[f"score_{prefix}reference"] for row in rows]
     wins = sum(agreement(p - r) for p, r in zip(policy, reference))
     metrics = {f"eval_{prefix}win_rate": wins / len(rows), f"eval_{prefix}win_rate_ci95": wilson_interval(wins, len(rows))}
-    gain = paired_gain(reference, policy)
-    metrics.update({f"eval_{prefix}{key[len('eval_') :]}": value for key, value in gain.items() if key.startswith("eval_score_gain")})
-    return metrics
+    return {**metrics, **score_gain(reference, policy, prefix=f"eval_{prefix}")}
 
 
 def answer_and_score(prompts: list, settings, device, models: tuple, judges: dict, seed: int) -> list:
