@@ -29,13 +29,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from rlhf.errors import UserError
+from rlhf.lineage import FULL_PRECISION, Lineage, TrainedRun  # export and check in float32, on the CPU
 from rlhf.runs import POLICY_STAGES
 
 EXPORTABLE_STAGES = (*POLICY_STAGES, "rm")
-FULL_PRECISION = OmegaConf.create({"dtype": "float32"})  # export and check in float32, on the CPU
 SAMPLE_CONVERSATIONS = [  # inputs of the check: a short and a longer chat, padded into one batch
     [{"role": "user", "content": "1+1等于几？"}],
     [
@@ -48,8 +46,6 @@ SAMPLE_CONVERSATIONS = [  # inputs of the check: a short and a longer chat, padd
 
 def export(run_dir, out_dir, adapter_only: bool = False, tolerance: float = 1e-5) -> dict:
     """Write the run's model to `out_dir`, check it, and return what rlhf_export.json records."""
-    from rlhf.lineage import TrainedRun
-
     run = TrainedRun.of(run_dir, "RUN_DIR", stages=EXPORTABLE_STAGES)
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and any(out.iterdir()):
@@ -90,13 +86,17 @@ def export(run_dir, out_dir, adapter_only: bool = False, tolerance: float = 1e-5
 def full_precision_form(run, head: str, tokenizer) -> tuple:
     """(the trained model with float32 weights, the largest difference of its outputs from the
     model as the project loads it). A quantized run's start is dequantized: its float32 forward
-    must match the quantized one (bitsandbytes computes with the dequantized weights)."""
+    must match the quantized one (bitsandbytes computes with the dequantized weights). Earlier
+    runs' adapters stay stacked beside the dequantized base, as they were beside the quantized one."""
     from peft import PeftModel
+
+    from rlhf.models import stack_adapters
 
     trained = run.load(FULL_PRECISION, run.cfg.get("quantization"), head=head).eval()
     if run.cfg.get("quantization") is None:
         return trained, (0.0, 0.0)
-    start = run.start.load(FULL_PRECISION, run.cfg.quantization, head=head).dequantize()
+    start = Lineage(run.start.base).load(FULL_PRECISION, run.cfg.quantization, head=head).dequantize()
+    stack_adapters(start, run.start.adapters, head=head)  # dequantizing replaced the layers they were on
     expanded = PeftModel.from_pretrained(start, str(run.adapter)).eval()
     return expanded, largest_difference(trained, expanded, tokenizer)
 
@@ -104,12 +104,16 @@ def full_precision_form(run, head: str, tokenizer) -> tuple:
 def write_merged(trained, out: Path, tokenizer) -> None:
     """The trained model with its adapter folded in (in float64, rounded once to float32); its
     configs name the tokenizer's pad id (a reward model reads its score at the last token that
-    is not the pad id, so plain transformers must know the one the tokenizer pads with)."""
+    is not the pad id, so plain transformers must know the one the tokenizer pads with). Earlier
+    runs' stacked updates are folded in too."""
     from peft import PeftModel
+
+    from rlhf.models import fold_stacked_updates
 
     model = copy.deepcopy(trained).double()
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
+    fold_stacked_updates(model)
     model = model.float()
     for settings in (model.config, getattr(model, "generation_config", None)):
         if settings is not None:
@@ -134,8 +138,8 @@ def write_adapter(run, out: Path, head: str) -> str:
             "--adapter: this reward model stands on earlier runs' adapters, which have no single-adapter form over a "
             "classifier; export it without --adapter (merged weights)"
         )
-    base_lineage = type(run.start)(run.start.base)
-    base_name, revision = base_lineage.loadable_base(FULL_PRECISION.dtype)
+    base_lineage = Lineage(run.start.base)
+    base_name, revision = base_lineage.loadable_base()
     adapters = [*run.start.adapters, run.adapter]
     names = ["default"] if len(adapters) == 1 else [f"stage{i}" for i in range(len(adapters))]
     model = PeftModel.from_pretrained(base_lineage.load(FULL_PRECISION, head=head), str(adapters[0]), adapter_name=names[0])

@@ -7,6 +7,8 @@ Heavy libraries (torch, transformers, tokenizers) are imported inside the functi
 composing a config (`train.py --cfg job`, `--help`) never pays for them.
 """
 
+import json
+import math
 from pathlib import Path
 
 from rlhf import model_sources
@@ -128,3 +130,106 @@ def lora_config(r: int, alpha: float, dropout: float, target_modules, bias: str 
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias=bias, task_type=task_type)
+
+
+def merging_is_exact(hardware_cfg, quantization_cfg) -> bool:
+    """Whether folding earlier runs' LoRA updates into the weights gives the model they trained
+    as: float32 weights computed in float32. In bfloat16 - as weights, or under autocast, where
+    every matrix product rounds its weights to bfloat16 - an update smaller than half a step of
+    the weight it is added to rounds away (most of a 1e-5-sized update); quantizing the merged
+    weights moves them by far more than a LoRA update. There the updates are stacked instead."""
+    from omegaconf import OmegaConf
+
+    autocast = bool(OmegaConf.select(hardware_cfg, "training_args.bf16", default=False))
+    return str(hardware_cfg.dtype) == "float32" and not autocast and quantization_cfg is None
+
+
+def stack_adapters(model, adapter_dirs, head: str = "causal_lm") -> None:
+    """Apply saved LoRA adapters beside the model's frozen layers instead of folding them in: each
+    targeted layer adds x A^T B^T (the adapters' matrices, in their saved float32, concatenated
+    along the rank) to its output, as LoRA computed it while those runs trained. Nothing is
+    trainable or saved: a new adapter put on top sees a plain layer whose output includes the
+    earlier updates, and with that adapter disabled the model is the earlier run's policy."""
+    from safetensors.torch import load_file
+
+    modules = dict(model.named_modules())
+    for adapter_dir in adapter_dirs:
+        settings = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+        unsupported = [
+            name
+            for name, used in (
+                (f"peft_type={settings.get('peft_type')}", settings.get("peft_type") != "LORA"),
+                ("use_dora", settings.get("use_dora")),
+                ("rank_pattern", settings.get("rank_pattern")),
+                ("alpha_pattern", settings.get("alpha_pattern")),
+            )
+            if used
+        ]
+        if unsupported:
+            raise UserError(
+                f"{adapter_dir}: an adapter with {', '.join(unsupported)} cannot be stacked under a new one; retrain it as plain LoRA"
+            )
+        rank = settings["r"]
+        scaling = settings["lora_alpha"] / (math.sqrt(rank) if settings.get("use_rslora") else rank)
+        weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+        for key, tensor in weights.items():
+            name = key.removeprefix("base_model.model.")
+            if key.endswith(".lora_B.weight"):
+                continue  # read with its lora_A
+            if key.endswith(".lora_A.weight"):
+                owner = name.removesuffix(".lora_A.weight")
+                update = (tensor, weights[key.replace(".lora_A.weight", ".lora_B.weight")] * scaling)
+            elif key.endswith(".bias"):  # peft.bias=all/lora_only: the run trained these biases
+                owner, update = name.removesuffix(".bias"), None
+            else:
+                raise UserError(f"{adapter_dir}: cannot stack {key} (only LoRA matrices of linear layers and biases)")
+            module = modules.get(owner)
+            if module is None:
+                if head == "reward" and owner == "lm_head":  # a policy's output layer: a classifier has none
+                    continue
+                raise UserError(f"{adapter_dir}: it adapts {owner}, which model {type(model).__name__} does not have")
+            if update is None:
+                module.bias.data.copy_(tensor)
+            else:
+                add_stacked_update(module, *update)
+
+
+def add_stacked_update(module, lora_a, lora_b) -> None:
+    """Give `module` the frozen low-rank update lora_b @ lora_a (scaling folded into lora_b)."""
+    import torch
+
+    device = module.weight.device
+    if hasattr(module, "stacked_lora_a"):  # a second stacked adapter on this layer: one concatenated rank
+        lora_a = torch.cat([module.stacked_lora_a, lora_a.to(device)])
+        lora_b = torch.cat([module.stacked_lora_b, lora_b.to(device)], dim=1)
+    else:
+        module.register_forward_hook(stacked_update_output)
+    module.register_buffer("stacked_lora_a", lora_a.float().to(device), persistent=False)
+    module.register_buffer("stacked_lora_b", lora_b.float().to(device), persistent=False)
+
+
+def stacked_update_output(module, inputs, output):
+    """The layer's output plus its stacked update, added as peft added those adapters' outputs
+    while their runs trained: in float32, kept in float32 where the layer's weights are float32
+    (LoRA's sum under autocast, `training.float32_adapter_sums`), else rounded back to the
+    output's dtype."""
+    import torch
+    import torch.nn.functional as F
+
+    x = inputs[0].to(module.stacked_lora_a.dtype)
+    update = F.linear(F.linear(x, module.stacked_lora_a), module.stacked_lora_b)
+    total = output.float() + update.float()
+    return total if module.weight.dtype == torch.float32 else total.to(output.dtype)
+
+
+def fold_stacked_updates(model) -> None:
+    """Fold every stacked update into its layer's weights (in their dtype) and remove it: for
+    saving a whole model, or exporting (in float64, where the fold loses nothing)."""
+    for module in model.modules():
+        if hasattr(module, "stacked_lora_a"):
+            weight = module.weight
+            weight.data += (module.stacked_lora_b.to(weight.dtype) @ module.stacked_lora_a.to(weight.dtype)).to(weight.device)
+            for hook_id, hook in list(module._forward_hooks.items()):
+                if hook is stacked_update_output:
+                    del module._forward_hooks[hook_id]
+            del module.stacked_lora_a, module.stacked_lora_b

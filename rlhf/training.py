@@ -22,6 +22,7 @@ from rlhf.compat import (
 from rlhf.data import Splits, load_splits
 from rlhf.errors import NonFiniteLoss
 from rlhf.lineage import Lineage, TrainedRun, write_final_lineage
+from rlhf.models import fold_stacked_updates
 from rlhf.runs import (
     CHECKPOINT_MARK,
     append_history,
@@ -60,8 +61,8 @@ def load_inputs(cfg, data_kind: str, head: str = "causal_lm") -> StageInputs:
 
 def load_reward_model(rm_run, cfg, key: str = "ppo.reward_model"):
     """(reward model, its tokenizer) from a finished `stage=rm` run named by the setting `key`:
-    its base model with every adapter of its lineage and its own (score head included) merged
-    in, frozen."""
+    its lineage with its own adapter (score head included) on top - merged where that is exact,
+    as the RM computed when its accuracy was measured - frozen."""
     run = TrainedRun.of(rm_run, key, stages=("rm",))
     model = run.load(cfg.hardware, head="reward", merge=True)
     model.requires_grad_(False)
@@ -73,6 +74,7 @@ def save_final(run_dir: Path, model, inputs: StageInputs, cfg) -> Path:
     (`rlhf.lineage`); written by the main process only."""
     final = run_dir / "final"
     if is_main_process():
+        fold_into_whole_model(model)
         model.save_pretrained(str(final))
         inputs.tokenizer.save_pretrained(str(final))
         write_final_lineage(final, inputs.lineage, cfg, inputs.head)
@@ -223,6 +225,17 @@ class RunGuard(TrainerCallback):
             write_json(checkpoint / CHECKPOINT_MARK, {"step": state.global_step, "loss_total": total, "num_tokens": tokens})
 
 
+def fold_into_whole_model(model) -> None:
+    """A whole-model final/ (peft=none) must hold every update the model computes with: earlier
+    runs' stacked adapters are folded into its weights before it is saved, in the weights' dtype
+    (a bfloat16 full fine-tune keeps every weight, its own updates too, rounded to bfloat16).
+    An adapter final/ leaves them where lineage.json says they are."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        fold_stacked_updates(model)
+
+
 def fit(trainer, run_dir: Path, inputs: StageInputs, cfg, finish: bool = True) -> dict:
     """Train (resuming from the last complete checkpoint when there is one and resume=auto),
     evaluate on the held-out split, save the adapter/model and tokenizer to final/, and return
@@ -244,6 +257,7 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg, finish: bool = True) -
         metrics["train_loss"] = (mark["loss_total"] + logged_loss_total(trainer)) / trainer.state.global_step
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
+    fold_into_whole_model(trainer.model)
     trainer.save_model(str(run_dir / "final"))  # on the main process only (the Trainer checks)
     if is_main_process():
         trainer.processing_class.save_pretrained(str(run_dir / "final"))

@@ -123,7 +123,7 @@ def test_4bit_run_exports_full_precision_weights_with_its_outputs(dpo_chain, tmp
     pytest.importorskip("bitsandbytes", reason="the [quantization] extra is not installed")
     from omegaconf import OmegaConf
 
-    from rlhf.lineage import TrainedRun
+    from rlhf.lineage import Lineage, TrainedRun
 
     run_dir = tmp_path / "qlora"
     train(run_dir, "stage=sft", "quantization=4bit", "sft.max_steps=5", f"model.init_from={dpo_chain / 'sft'}")
@@ -134,7 +134,13 @@ def test_4bit_run_exports_full_precision_weights_with_its_outputs(dpo_chain, tmp
     run = TrainedRun.of(run_dir, "run", ("sft",))
     float32 = OmegaConf.create({"dtype": "float32"})
     in_4bit = run.load(float32, run.cfg.quantization).eval()  # as the project trained it
-    dequantized = PeftModel.from_pretrained(run.start.load(float32, run.cfg.quantization).dequantize(), str(run_dir / "final")).eval()
+    # Built independently with peft: the dequantized bare base with the SFT adapter and the QLoRA
+    # adapter both active (the project stacks the SFT adapter beside the 4-bit base, unmerged).
+    bare_base = Lineage(run.start.base).load(float32, run.cfg.quantization).dequantize()
+    dequantized = PeftModel.from_pretrained(bare_base, str(dpo_chain / "sft" / "final"), adapter_name="sft")
+    dequantized.load_adapter(str(run_dir / "final"), adapter_name="qlora")
+    dequantized.base_model.set_adapter(["sft", "qlora"])
+    dequantized.eval()
     batch = sample_batch(run_dir)
     assert largest_gap(in_4bit, dequantized, batch) <= TOLERANCE  # bitsandbytes computes with the dequantized weights
     assert largest_gap(dequantized, exported, batch, torch.float64) <= TOLERANCE
