@@ -12,7 +12,9 @@ positions the adapter touches:
   and the share of ΔW's entries it drops entirely;
 - logits on --prompts held-out texts (HH-RLHF chosen answers from ../shared/data, cut to
   --max-length tokens): the shift each bfloat16 form makes over the bfloat16 base, projected on
-  the float32 shift (SFT minus base): share kept and relative error, for merged and stacked.
+  the float32 shift (SFT minus base): share kept and relative error, for merged and stacked; and
+  each form's largest logit difference from the model a bfloat16 run trains (peft's adapter over
+  the bfloat16 base), which a downstream run on a GPU preset should see.
 Also the memory stacking costs (its float32 LoRA buffers) and one forward's time in each form.
 Writes bench/results/<date>-merge-precision.json and .md.
 """
@@ -40,6 +42,7 @@ def main(argv=None) -> None:
 
     import torch
     from omegaconf import OmegaConf
+    from peft import PeftModel
 
     from rlhf.lineage import FULL_PRECISION, TrainedRun
     from rlhf.models import merge_adapter
@@ -54,11 +57,12 @@ def main(argv=None) -> None:
     base32 = run.start.load(FULL_PRECISION).eval()
     base16 = run.start.load(bf16).eval()
     merged16 = merge_adapter(run.start.load(bf16), run.adapter).eval()  # the bfloat16 merge of before
+    peft16 = PeftModel.from_pretrained(run.start.load(bf16), str(run.adapter)).eval()  # as a bfloat16 run trains it
     stacked16 = run.lineage.load(bf16).eval()  # today's bfloat16 load: the adapter stacked beside the base
 
     weights = weight_survival(reference, base16, merged16)
     batch = held_out_batch(run.start.tokenizer(), args.prompts, args.max_length)
-    models = {"reference": reference, "base32": base32, "base16": base16, "merged16": merged16, "stacked16": stacked16}
+    models = {"reference": reference, "base32": base32, "base16": base16, "merged16": merged16, "stacked16": stacked16, "peft16": peft16}
     logits = {name: forward(model, batch) for name, model in models.items()}
     mask = batch["attention_mask"].bool()
     shift = (logits["reference"][0] - logits["base32"][0])[mask]
@@ -86,6 +90,7 @@ def main(argv=None) -> None:
             "shift_share_kept": float((moved * shift).sum() / shift.pow(2).sum()),
             "shift_relative_error": float((moved - shift).norm() / shift.norm()),
             "error_vs_float32_rms": float(error.pow(2).mean().sqrt()),
+            "error_vs_peft_bfloat16_max": float((logits[name][0] - logits["peft16"][0])[mask].abs().max()),
             "forward_seconds": logits[name][1],
         }
     result["logits_base16_error_vs_float32_base_rms"] = float((logits["base16"][0] - logits["base32"][0])[mask].pow(2).mean().sqrt())
@@ -96,6 +101,7 @@ def weight_survival(reference, base16, merged16) -> dict:
     """Over every layer the adapter changes: what the bfloat16 merge kept of ΔW."""
     import torch
 
+    torch.set_grad_enabled(False)
     kept = total = error = dropped = entries = 0.0
     merged_modules = dict(merged16.named_modules())
     base_modules = dict(base16.named_modules())
@@ -156,8 +162,9 @@ def table(r: dict) -> str:
         f"## bfloat16 lineage: merged vs stacked ({r['date']}, {r['base']}, {r['stage']} adapter r={r['adapter']['r']}, "
         f"lr {r['learning_rate']})\n\n"
         f"Machine: {r['machine']}; CPU flags: {r['cpu_flags']}; bfloat16 weights. {r['tokens_compared']} held-out tokens.\n\n"
-        "| | share of the update kept | relative error | RMS logit error vs float32 | forward s |\n|---|---|---|---|---|\n"
-        f"| weights, bf16 merge | {w['share_kept']:.3f} | {w['relative_error']:.3f} | | |\n"
+        "| | share of the update kept | relative error | RMS logit error vs float32 | max logit error vs peft in bf16 | forward s |\n"
+        "|---|---|---|---|---|---|\n"
+        f"| weights, bf16 merge | {w['share_kept']:.3f} | {w['relative_error']:.3f} | | | |\n"
         f"{logit_row('logits, bf16 merge (before)', m)}{logit_row('logits, stacked (now)', s)}\n"
         f"ΔW entries the bf16 merge drops entirely: {w['entries_dropped']:.3f} (update RMS {w['update_rms']:.2e}). "
         f"Float32 logit shift of the adapter: RMS {r['logit_shift_rms_float32']:.4f}; bf16 base vs float32 base: RMS "
@@ -171,6 +178,7 @@ def logit_row(label: str, r: dict) -> str:
         f"{r['shift_share_kept']:.3f}",
         f"{r['shift_relative_error']:.3f}",
         f"{r['error_vs_float32_rms']:.4f}",
+        f"{r['error_vs_peft_bfloat16_max']:.4f}",
         f"{r['forward_seconds']:.2f}",
     ]
     return f"| {label} | {' | '.join(cells)} |\n"
