@@ -38,6 +38,15 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
 
 
+def cpu_flags() -> str:
+    """The CPU's vector and matrix extensions (avx*, amx*, fma, f16c): whether bfloat16 has units here."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if line.startswith("flags"):
+            return " ".join(sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx")) or f in ("fma", "f16c")))
+    return "unknown"
+
+
 def history(run_dir: Path) -> list:
     path = run_dir / "history.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

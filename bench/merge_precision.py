@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, machine, write_results  # noqa: E402  (bench/ is the script's own folder)
+from common import ROOT, cpu_flags, machine, write_results  # noqa: E402  (bench/ is the script's own folder)
 
 sys.path.insert(0, str(ROOT))
 HH = ROOT.parent / "shared" / "data" / "preference" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
@@ -142,18 +142,6 @@ def forward(model, batch) -> tuple:
         started = time.perf_counter()
         logits = model(**batch).logits
         return logits.float(), time.perf_counter() - started
-
-
-def cpu_flags() -> str:
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags.update(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        return "unknown"
-    return " ".join(sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c")))
 
 
 def table(r: dict) -> str:

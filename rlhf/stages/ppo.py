@@ -36,18 +36,7 @@ def train_ppo(cfg, run_dir: Path) -> dict:
     device = device_for(cfg)
     set_seed(cfg.seed)
     inputs = load_inputs(cfg, data_kind="prompt")
-    reward_model, reward_tokenizer = load_reward_model(settings.reward_model, cfg)
-
-    if inputs.peft_config is not None:
-        policy, reference = get_peft_model(inputs.model, inputs.peft_config), None  # reference = adapter disabled
-    else:
-        reference = copy.deepcopy(inputs.model).requires_grad_(False).eval()  # full fine-tuning: a frozen copy
-        policy = inputs.model
-    float32_adapter_sums(policy, cfg.hardware.training_args.bf16)
-    models = PPOModels(policy, reference, ValueHead(policy.config.hidden_size), inputs.tokenizer, reward_model, reward_tokenizer)
-    for module in (models.policy, models.reference, models.value_head, models.reward_model):
-        if module is not None:
-            module.to(device)
+    models = ppo_models(cfg, settings, inputs, device)
 
     start_tracking(cfg, run_dir)
     log = UpdateLog(cfg, run_dir)
@@ -66,9 +55,26 @@ def train_ppo(cfg, run_dir: Path) -> dict:
             metrics.update(paired_gain(kept["held_out_before"], trainer.score_held_out(held_out, cfg.seed)))
     metrics["data/skipped_rows"] = inputs.data.skipped_rows
 
-    final = save_final(run_dir, policy, inputs, cfg)
+    final = save_final(run_dir, models.policy, inputs, cfg)
     if is_main_process():
         save_file(models.value_head.state_dict(), str(final / "value_head.safetensors"))  # apart: final/ loads as a plain policy
     log.close()
     finish_tracking(metrics)
     return metrics
+
+
+def ppo_models(cfg, settings, inputs, device) -> PPOModels:
+    """The policy (the starting model with a fresh adapter, or the whole model), its reference,
+    a new value head and the frozen reward model, on `device`."""
+    reward_model, reward_tokenizer = load_reward_model(settings.reward_model, cfg)
+    if inputs.peft_config is not None:
+        policy, reference = get_peft_model(inputs.model, inputs.peft_config), None  # reference = adapter disabled
+    else:
+        reference = copy.deepcopy(inputs.model).requires_grad_(False).eval()  # full fine-tuning: a frozen copy
+        policy = inputs.model
+    float32_adapter_sums(policy, cfg.hardware.training_args.bf16)
+    models = PPOModels(policy, reference, ValueHead(policy.config.hidden_size), inputs.tokenizer, reward_model, reward_tokenizer)
+    for module in (models.policy, models.reference, models.value_head, models.reward_model):
+        if module is not None:
+            module.to(device)
+    return models
