@@ -204,17 +204,34 @@ def held_out_scores(
     **library_sampler,
 ) -> list:
     """The reward-model score of one sampled response per prompt (the held-out prompts before and
-    after training), sampled without dropout. Batch k is sampled under seed + k * batch_size, so
-    two calls on the same prompts and seed - before and after training - are paired draws."""
-    training, scores = policy.training, []
+    after training): `held_out_answers`, scored `batch_size` at a time."""
+    answers = held_out_answers(policy, tokenizer, prompts, settings, device, batch_size, seed, **library_sampler)
+    return batched_reward_scores(reward_model, reward_tokenizer, prompts, answers, device, batch_size)
+
+
+def batched_reward_scores(reward_model, reward_tokenizer, prompts: list, responses: list, device, batch_size: int) -> list:
+    """`reward_scores`, `batch_size` rows at a time, as a list."""
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        batch = slice(start, start + batch_size)
+        scores += reward_scores(reward_model, reward_tokenizer, prompts[batch], responses[batch], device).tolist()
+    return scores
+
+
+@torch.no_grad()
+def held_out_answers(
+    policy, tokenizer, prompts: list, settings: SamplingSettings, device, batch_size: int, seed: int, **library_sampler
+) -> list:
+    """One sampled response per prompt, without dropout. Batch k is sampled under seed + k *
+    batch_size, so two calls on the same prompts and seed - before and after training - are
+    paired draws."""
+    training, answers = policy.training, []
     policy.eval()
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
         with seeded(seed + start, device):
-            responses = sample(policy, tokenizer, batch, settings, device, **library_sampler).texts
-        scores += reward_scores(reward_model, reward_tokenizer, batch, responses, device).tolist()
+            answers += sample(policy, tokenizer, prompts[start : start + batch_size], settings, device, **library_sampler).texts
     policy.train(training)
-    return scores
+    return answers
 
 
 @contextlib.contextmanager

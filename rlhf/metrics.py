@@ -57,14 +57,15 @@ def wilson_lower_bound(successes: float, trials: int, z: float = 1.96) -> float:
     return wilson_interval(successes, trials, z)[0]
 
 
-def paired_gain(before: list, after: list) -> dict:
-    """How much a policy's held-out scores moved: the mean of before and after, and the mean
-    paired difference after - before (the same prompts, sampled under the same seeds) with its
-    95% Student t interval over prompts (from 2 prompts on). A gain whose interval includes 0 is
-    not a gain."""
+def paired_gain(before: list, after: list, prefix: str = "eval_") -> dict:
+    """How much a policy's held-out scores moved: the mean of before and after
+    (`<prefix>scores_before`, `<prefix>scores`), and the mean paired difference after - before
+    (the same prompts, sampled under the same seeds) with its 95% Student t interval over prompts
+    (from 2 prompts on), and how many pairs. A gain whose interval includes 0 is not a gain."""
     if len(before) != len(after) or not before:
         raise ValueError(f"need as many scores after as before, and some: got {len(before)} and {len(after)}")
-    return {"eval_scores_before": sum(before) / len(before), "eval_scores": sum(after) / len(after), **score_gain(before, after)}
+    means = {f"{prefix}scores_before": sum(before) / len(before), f"{prefix}scores": sum(after) / len(after)}
+    return {**means, **score_gain(before, after, prefix=prefix), f"{prefix}score_pairs": len(before)}
 
 
 def score_gain(before: list, after: list, prefix: str = "eval_") -> dict:

@@ -7,10 +7,11 @@ Rewards: `<stage>.reward_model=<rm run>` (the project's RM run, its lineage merg
 scored with its own tokenizer and chat template) and `<stage>.reward_functions` (rlhf.rewards,
 each with a weight); either or both. Under LoRA the reference of the KL term is the policy with
 its adapter disabled. TRL's log lines (reward, rewards/<function>/mean, kl, completions/*,
-clip_ratio/*) go to history.jsonl, and their last values to metrics.json; with a reward model,
-the held-out prompts' mean score before and after training is `eval_scores_before` and
-`eval_scores`, and their paired difference `eval_score_gain` with `eval_score_gain_ci95`, as
-PPO names them.
+clip_ratio/*) go to history.jsonl, and their last values to metrics.json. The held-out prompts'
+answers are scored before and after training by every reward, each on its own: the reward
+model's mean score is `eval_scores_before` and `eval_scores`, their paired difference
+`eval_score_gain` with `eval_score_gain_ci95`, as PPO names them; a reward function's the same
+under `eval_<function>_` (`eval_answer_match_scores`: held-out exact-match accuracy).
 """
 
 import importlib.util
@@ -25,7 +26,7 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, RLOOConfig
 
 from rlhf.errors import UserError
-from rlhf.generation import SamplingSettings, held_out_scores
+from rlhf.generation import SamplingSettings, batched_reward_scores, held_out_answers
 from rlhf.metrics import paired_gain
 from rlhf.tracking import finish_tracking, start_tracking
 from rlhf.training import autocast, device_for, fit, float32_adapter_sums, load_inputs, load_reward_model, trainer_kwargs
@@ -79,13 +80,15 @@ def run(cfg, run_dir: Path, trainer_class) -> dict:
     )
 
     float32_adapter_sums(trainer.model, trainer.args.bf16)  # before the first scoring, not only in fit()
-    score = held_out_scorer(cfg, settings, inputs, trainer, reward_model, reward_tokenizer)
+    score = held_out_scorer(cfg, settings, inputs, trainer, reward_model, reward_tokenizer, functions)
     before = score() if score else None  # the starting policy (a resumed run measures it again, to the same scores)
     timer = PhaseTimer(trainer, reward_model)  # after the held-out scoring: it times training only
     metrics = {**fit(trainer, run_dir, inputs, cfg, finish=False), **last_logged(trainer.state.log_history)}
     metrics.update(timer.per_update(metrics))
-    if score:
-        metrics.update(paired_gain(before, score()))  # the same prompts and seeds before and after
+    if score:  # the same prompts and seeds before and after
+        for prefix, after in score().items():
+            pairs = [(b, a) for b, a in zip(before[prefix], after) if b is not None and a is not None]  # a function may abstain
+            metrics.update(paired_gain([b for b, _ in pairs], [a for _, a in pairs], prefix=prefix) if pairs else {})
     finish_tracking(metrics)
     return metrics
 
@@ -133,25 +136,34 @@ class PhaseTimer(TrainerCallback):
         return phases
 
 
-def held_out_scorer(cfg, settings, inputs, trainer, reward_model, reward_tokenizer):
-    """A function giving the reward model's score of the policy's answer to each held-out prompt
-    (the split's first `eval_prompts`), or None without a reward model or held-out split. Answers
-    are sampled as TRL's trainer samples them (its temperature, top_p, top_k, min_p and
-    repetition penalty, nothing from the checkpoint), under seeds that repeat on every call."""
-    if reward_model is None or inputs.data.eval is None:
+def held_out_scorer(cfg, settings, inputs, trainer, reward_model, reward_tokenizer, functions):
+    """A function scoring the policy's answer to each held-out prompt (the split's first
+    `eval_prompts`) with every reward the stage trains on, each on its own: {"eval_": reward-model
+    scores, "eval_<function>_": that function's values (None where it abstains)}; None without a
+    held-out split. Answers are sampled as TRL's trainer samples them (its temperature, top_p,
+    top_k, min_p and repetition penalty, nothing from the checkpoint), under seeds that repeat on
+    every call."""
+    if inputs.data.eval is None:
         return None
-    held_out = [row["prompt"] for row in inputs.data.eval][: settings.eval_prompts]
+    rows = inputs.data.eval.select(range(min(settings.eval_prompts, len(inputs.data.eval))))
+    held_out = list(rows["prompt"])
+    columns = {name: list(rows[name]) for name in rows.column_names if name != "prompt"}  # what TRL hands reward functions
     args, device = trainer.args, device_for(cfg)
     sampling = SamplingSettings(settings.max_prompt_length, args.max_completion_length, args.temperature, args.top_p)
     trl_sampler = {"top_k": args.top_k, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty}
-    reward_model.to(device)
-    models = (inputs.tokenizer, reward_model, reward_tokenizer)
+    batch_size = args.per_device_eval_batch_size
+    if reward_model is not None:
+        reward_model.to(device)
 
-    def score():
+    def score() -> dict:
         with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it
-            return held_out_scores(
-                trainer.model, *models, held_out, sampling, device, args.per_device_eval_batch_size, cfg.seed, **trl_sampler
-            )
+            answers = held_out_answers(trainer.model, inputs.tokenizer, held_out, sampling, device, batch_size, cfg.seed, **trl_sampler)
+            scores = {}
+            if reward_model is not None:
+                scores["eval_"] = batched_reward_scores(reward_model, reward_tokenizer, held_out, answers, device, batch_size)
+        for function in functions:
+            scores[f"eval_{function.name}_"] = function(held_out, answers, **columns)
+        return scores
 
     return score
 

@@ -37,7 +37,17 @@ def test_verifiable_reward_alone_trains_and_is_logged(rlhf_chain, tmp_path):
     metrics = train(tmp_path, "experiment=grpo_arithmetic", f"model.init_from={chain_dir / 'sft'}", "grpo.max_steps=6")
     assert len(history(tmp_path, "rewards/answer_match/mean")) == 6
     assert len(history(tmp_path, "rewards/length_penalty/mean")) == 6
-    assert "eval_scores" not in metrics  # no reward model: no held-out score
+    assert "eval_scores" not in metrics  # no reward model: no held-out reward-model score
+    # ... but every reward function scores the held-out answers before and after, paired:
+    pairs = metrics["eval_answer_match_score_pairs"]
+    assert pairs == 30  # the 10% held out of the 300 built-in prompts, all with an answer
+    before, after = metrics["eval_answer_match_scores_before"], metrics["eval_answer_match_scores"]
+    for accuracy in (before, after):  # a share of the held-out prompts answered right
+        assert 0 <= accuracy <= 1 and abs(accuracy * pairs - round(accuracy * pairs)) < 1e-9
+    assert metrics["eval_answer_match_score_gain"] == pytest.approx(after - before)
+    low, high = metrics["eval_answer_match_score_gain_ci95"]
+    assert low <= metrics["eval_answer_match_score_gain"] <= high
+    assert metrics["eval_length_penalty_scores_before"] <= 0 and metrics["eval_length_penalty_scores"] <= 0
     assert (tmp_path / "final" / "adapter_config.json").is_file()
 
 
