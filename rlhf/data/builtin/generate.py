@@ -15,6 +15,9 @@ measures generalisation), in two files:
 - arithmetic/arithmetic_zh.jsonl: `prompt`, `answer`: sums, differences and products phrased as
   in the two files above, with the number a verifiable reward checks (`rlhf.rewards.AnswerMatch`).
   In a folder of its own: the tiny model's tokenizer is trained on the two files above only.
+- arithmetic/arithmetic_en.jsonl: the same kinds of sums, differences and products in English
+  ("What is 55 + 87?"), 1000 distinct prompts: for real English models (SmolLM2), which the
+  Chinese phrasing would test on the language instead of the arithmetic.
 """
 
 import json
@@ -121,6 +124,27 @@ def main() -> None:
                 continue
             seen.add(instruction)
             f.write(json.dumps({"prompt": instruction, "answer": number}, ensure_ascii=False) + "\n")
+    english = random.Random(20261205)
+    with open(HERE / "arithmetic" / "arithmetic_en.jsonl", "w", encoding="utf-8") as f:
+        seen = set()
+        while len(seen) < 1000:
+            prompt, answer = _english_arithmetic(english)
+            if prompt not in seen:
+                seen.add(prompt)
+                f.write(json.dumps({"prompt": prompt, "answer": str(answer)}) + "\n")
+
+
+def _english_arithmetic(rng: random.Random) -> tuple:
+    """(prompt, answer): a two-digit sum, a difference or a product within 12 x 12."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        return rng.choice([f"What is {a} + {b}?", f"Compute {a} plus {b}.", f"Add {a} and {b}."]), a + b
+    if kind == 1:
+        a, b = rng.randint(20, 99), rng.randint(1, 19)
+        return rng.choice([f"What is {a} - {b}?", f"Compute {a} minus {b}.", f"Subtract {b} from {a}."]), a - b
+    a, b = rng.randint(2, 12), rng.randint(2, 12)
+    return rng.choice([f"What is {a} x {b}?", f"Compute {a} times {b}.", f"Multiply {a} by {b}."]), a * b
 
 
 if __name__ == "__main__":
