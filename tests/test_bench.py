@@ -68,8 +68,9 @@ def test_gpu_benchmark_smoke_runs_its_code_on_the_cpu(tmp_path):
 
 
 def test_learning_benchmark_smoke_runs_every_step(tmp_path):
-    """SFT -> RM, DPO, PPO -> eval on SmolLM2 and real HH-RLHF pairs at the smallest sizes: keeps
-    the script working (the learning claims come from its full run, in the README)."""
+    """SFT -> proxy and judge RMs, DPO, PPO/GRPO/RLOO -> eval, arithmetic GRPO and PPO's phases on
+    SmolLM2 and real HH-RLHF pairs at the smallest sizes: keeps the script working (the learning
+    claims come from its full run, in the README)."""
     data = SHARED_DATA / "preference/hh-rlhf/helpful-base/test.jsonl.gz"
     if not data.is_file():
         pytest.skip(f"{data} is absent")
@@ -78,32 +79,21 @@ def test_learning_benchmark_smoke_runs_every_step(tmp_path):
     bench("bench/learning.py", "--smoke", "--out", str(tmp_path))
     [json_file] = tmp_path.glob("*-learning-smoke.json")
     result = json.loads(json_file.read_text())
-    keys = (
-        "rm_eval_accuracy",
-        "rm_eval_pairs",
-        "dpo_eval_accuracy",
-        "dpo_eval_pairs",
-        "ppo_eval_scores_before",
-        "ppo_eval_scores",
-        "ppo_eval_score_gain",
-        "ppo_eval_score_gain_ci95",
-        "grpo_eval_score_gain",
-        "grpo_eval_score_gain_ci95",
-        "win_rate_ppo_vs_sft_ci95",
-        "ppo_kl",
-        "ppo_kl_target",
-        "win_rate_ppo_vs_sft",
-        "win_rate_dpo_vs_sft",
-        "grpo_eval_scores_before",
-        "grpo_eval_scores",
-        "grpo_kl",
-        "win_rate_grpo_vs_sft",
-        "eval_prompts",
-    )
+    keys = ["rm_eval_accuracy", "rm_eval_pairs", "dpo_eval_accuracy", "dpo_eval_pairs", "ppo_kl_target", "precision"]
+    keys += [f"{a}_{key}" for a in ("ppo", "grpo", "rloo") for key in ("eval_score_gain", "eval_score_gain_ci95", "kl")]
+    keys += [f"{a}_judge_win_rate{ci}" for a in ("ppo", "grpo", "rloo") for ci in ("", "_ci95")]
+    keys += ["arith_accuracy_before", "arith_accuracy", "arith_prompts", "arith_gain_ci95", "ppo_phase_ratios", "grpo_peak_rss_mib"]
     assert all(key in result for key in keys), set(keys) - set(result)
-    assert result["rm_eval_pairs"] > 0 and result["dpo_eval_pairs"] > 0 and result["eval_prompts"] > 0
-    assert set(result["stages"]) == {"sft", "rm", "dpo", "ppo", "grpo", "eval_ppo", "eval_grpo", "eval_dpo"}
+    assert result["rm_eval_pairs"] > 0 and result["dpo_eval_pairs"] > 0 and result["arith_prompts"] > 0
+    assert 0 <= result["arith_accuracy_before"] <= 1 and 0 <= result["arith_accuracy"] <= 1
+    assert set(result["ppo_phase_ratios"]) == {"generation", "optimisation"} and all(v > 0 for v in result["ppo_phase_ratios"].values())
+    for a in ("ppo", "grpo", "rloo"):
+        low, high = result[f"{a}_judge_win_rate_ci95"]
+        assert 0 <= low <= result[f"{a}_judge_win_rate"] <= high <= 1, a
+    stages = {"sft", "rm", "judge_rm", "dpo", "ppo", "grpo", "rloo", "eval_ppo", "eval_grpo", "eval_rloo", "arith"}
+    assert set(result["stages"]) == stages
     assert all(cost["peak_rss_mib"] > 0 and cost["process_seconds"] > 0 for cost in result["stages"].values())
+    assert result["total_seconds"] > 0 and "| GRPO peak RSS |" in json_file.with_suffix(".md").read_text()
 
 
 def test_padding_benchmark_measures_the_trainers_own_batches(tmp_path):

@@ -5,10 +5,11 @@ RM, resume after a crash, and refuse what cannot work in one line."""
 import json
 
 import pytest
-from conftest import assert_same_metrics, compose_config, history, train, train_through_a_crash
+from conftest import ROOT, assert_same_metrics, compose_config, history, train, train_through_a_crash
 from omegaconf import OmegaConf
 
 from rlhf.errors import UserError
+from rlhf.lineage import Lineage
 from rlhf.online import check_vllm
 from rlhf.rewards import AnswerMatch, LengthPenalty
 from rlhf.validate import validate
@@ -34,7 +35,14 @@ def test_online_stage_raises_the_held_out_score_of_the_reward_model(stage, rlhf_
 
 def test_verifiable_reward_alone_trains_and_is_logged(rlhf_chain, tmp_path):
     chain_dir, _ = rlhf_chain
-    metrics = train(tmp_path, "experiment=grpo_arithmetic", f"model.init_from={chain_dir / 'sft'}", "grpo.max_steps=6")
+    cut_at = 23  # tokens: the built-in arithmetic prompts template to 21-24 tokens, so some are cut (counted below)
+    metrics = train(
+        tmp_path,
+        "experiment=grpo_arithmetic",
+        f"model.init_from={chain_dir / 'sft'}",
+        "grpo.max_steps=6",
+        f"grpo.max_prompt_length={cut_at}",
+    )
     assert len(history(tmp_path, "rewards/answer_match/mean")) == 6
     assert len(history(tmp_path, "rewards/length_penalty/mean")) == 6
     assert "eval_scores" not in metrics  # no reward model: no held-out reward-model score
@@ -49,6 +57,39 @@ def test_verifiable_reward_alone_trains_and_is_logged(rlhf_chain, tmp_path):
     assert low <= metrics["eval_answer_match_score_gain"] <= high
     assert metrics["eval_length_penalty_scores_before"] <= 0 and metrics["eval_length_penalty_scores"] <= 0
     assert (tmp_path / "final" / "adapter_config.json").is_file()
+    # Every prompt longer than grpo.max_prompt_length was cut (TRL would have sampled from it whole):
+    tokenizer = Lineage.of(compose_config().model).tokenizer()
+    rows = [json.loads(line) for line in (ROOT / "rlhf/data/builtin/arithmetic/arithmetic_zh.jsonl").read_text().splitlines()]
+    longer = [row for row in rows if templated_length(tokenizer, [{"role": "user", "content": row["prompt"]}]) > cut_at]
+    assert 0 < len(longer) < len(rows) and metrics["data/cut_prompts"] == len(longer)
+
+
+def templated_length(tokenizer, messages: list) -> int:
+    return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def test_a_long_conversation_is_cut_to_the_prompt_length_from_its_start():
+    from rlhf.generation import fit_prompt
+
+    tokenizer = Lineage.of(compose_config().model).tokenizer()
+    system = {"role": "system", "content": "你是助手。"}
+    turns = [
+        {"role": "user", "content": "第一个问题：" + "天气" * 30},
+        {"role": "assistant", "content": "回答" * 30},
+        {"role": "user", "content": "最后的问题：" + "请计算一加一等于几" * 6},
+    ]
+    conversation = [system, *turns]
+    assert fit_prompt(conversation, tokenizer, 10_000) is conversation  # a prompt that fits is left alone
+    without_first = fit_prompt(conversation, tokenizer, templated_length(tokenizer, [system, turns[2]]))
+    assert without_first == [system, turns[2]]  # the oldest turns went (not the system message); it starts at a user turn
+    with_system = templated_length(tokenizer, [system, {"role": "user", "content": ""}])  # the least a kept system message costs
+    for limit in (with_system + 8, with_system - 1):
+        cut = fit_prompt(conversation, tokenizer, limit)
+        assert templated_length(tokenizer, cut) <= limit
+        assert cut[:-1] == ([system] if limit >= with_system else [])  # the system message stays while it leaves room
+        assert turns[2]["content"].endswith(cut[-1]["content"]) and cut[-1]["content"]  # the end of the last question stays
+    with pytest.raises(UserError, match="leaves no room"):
+        fit_prompt(conversation, tokenizer, 2)
 
 
 def test_grpo_chain_leaves_complete_step_directories(tmp_path):
