@@ -12,10 +12,11 @@ nor transformers.
 """
 
 import csv
-import json
 from pathlib import Path
 
 import yaml
+
+from rlhf.runs import read_json
 
 CSV_NAME = "compare_aligners.csv"
 PNG_NAME = "frontier.png"
@@ -81,13 +82,6 @@ def read_yaml(path: Path):
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
-        return None
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
         return None
 
 

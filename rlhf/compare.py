@@ -27,7 +27,8 @@ What it writes, into the FIRST directory given:
   curves side by side (loss, reward, KL, win rate over steps); for an aligner comparison
   (`experiment=compare_aligners`, or a sweep of them) also compare_aligners.csv, the aligner
   table and frontier.png (judge and proxy score against KL), written beside it.
-A chain run stands for its steps.
+A chain run stands for its steps; a step reused from another run (a sweep's shared SFT and
+reward model) is shown once.
 
 Sorting: by `--sort` (default: eval_loss when any run has it, else train_loss). Metrics whose
 name says lower is better (contains "loss", "runtime" or "perplexity") sort ascending, all
@@ -52,6 +53,7 @@ import yaml
 
 from rlhf import aligners, report
 from rlhf.errors import UserError
+from rlhf.runs import read_json
 
 CSV_NAME = "compare.csv"
 PNG_NAME = "compare.png"
@@ -124,12 +126,14 @@ def parse_args(argv):
 
 
 def load_runs(paths) -> list:
-    """The runs the arguments name, in order, each once."""
+    """The runs the arguments name, in order, each once: a run reused from another (status.json
+    `reused_from`, rlhf.reuse) is that run, so an upstream step shared by a sweep's jobs is one row."""
     base = name_base(Path(paths[0]))
     runs, seen = [], set()
     for path in run_dirs(paths):
-        if path.resolve() not in seen:
-            seen.add(path.resolve())
+        trained_in = Path((read_json(path / "status.json") or {}).get("reused_from") or path).resolve()
+        if trained_in not in seen:
+            seen.add(trained_in)
             runs.append(load_run(path, display_name(path, base)))
     return runs
 
@@ -190,14 +194,6 @@ def run_status(status_file: dict, metrics) -> str:
     if status_file.get("status"):
         return str(status_file["status"])
     return "done" if metrics is not None else "incomplete"
-
-
-def read_json(path: Path):
-    """The file's JSON value, or None when it is missing or unreadable (a run cut off mid-write)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def read_overrides(run_dir: Path) -> list:

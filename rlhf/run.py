@@ -25,6 +25,7 @@ from hydra.types import RunMode
 
 from rlhf import PROJECT_ROOT, chain, precision
 from rlhf.errors import UserError
+from rlhf.reuse import reuse_or_train
 from rlhf.runs import finished_with, is_main_process, prepare_run_dir, write_json, write_status
 from rlhf.stages import get_stage
 from rlhf.validate import validate
@@ -75,22 +76,32 @@ def adopt_slurm_ranks() -> None:
 
 def run_stage(cfg, run_dir: Path, overrides=()) -> dict:
     """env.json, the stage's training, metrics.json, and status.json throughout: one complete
-    run directory (or one that says why it is not). Under torchrun only rank 0 writes them."""
+    run directory (or one that says why it is not). Under torchrun only rank 0 writes them. A run
+    identical to one that finished elsewhere is filled from it instead (`rlhf.reuse`)."""
     main_process = is_main_process()
     try:
         validate(cfg, list(overrides))  # before the stage's heavy imports and before any model or dataset loads
-        if main_process and cfg.stage != "chain":  # each chain step says its own
-            print(f"precision: {precision(cfg)}", flush=True)
-        stage = functools.partial(chain.run, run_stage=run_stage) if cfg.stage == "chain" else get_stage(cfg.stage)
-        if main_process:
-            write_json(run_dir / "env.json", environment(cfg))
-            write_status(run_dir, "running")
-        start = time.perf_counter()
-        metrics = stage(cfg, run_dir)
+        if cfg.stage == "chain":  # each step is a run of its own, reused or trained
+            return train_stage(cfg, run_dir, functools.partial(chain.run, run_stage=run_stage))
+        with reuse_or_train(cfg, run_dir) as reused:
+            if reused is not None:
+                return reused
+            return train_stage(cfg, run_dir, get_stage(cfg.stage))
     except BaseException as err:
         if main_process:
             write_status(run_dir, "failed", str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}")
         raise
+
+
+def train_stage(cfg, run_dir: Path, stage) -> dict:
+    main_process = is_main_process()
+    if main_process and cfg.stage != "chain":  # each chain step says its own
+        print(f"precision: {precision(cfg)}", flush=True)
+    if main_process:
+        write_json(run_dir / "env.json", environment(cfg))
+        write_status(run_dir, "running")
+    start = time.perf_counter()
+    metrics = stage(cfg, run_dir)
     metrics["stage_runtime"] = time.perf_counter() - start  # seconds from model loading to the saved result
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():

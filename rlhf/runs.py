@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -79,16 +80,36 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+UMASK = os.umask(0o022)  # read (and put back at once): mkstemp creates private files, run directories are shared
+os.umask(UMASK)
+
+
 def write_json(path: Path, data) -> None:
-    """Write whole or not at all: a temporary file renamed over the target."""
+    """Write whole or not at all: a temporary file of its own (two writers of one file - parallel
+    sweep jobs, two ranks - never share one) renamed over the target."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~UMASK)  # as open() would create it: readable by whoever reads the run directory
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
-def write_status(run_dir: Path, status: str, error: str | None = None) -> None:
-    write_json(run_dir / "status.json", {"status": status, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+def read_json(path: Path, default=None):
+    """The file's JSON value, or `default` when it is missing or unreadable (a run cut off mid-write)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return default
+
+
+def write_status(run_dir: Path, status: str, error: str | None = None, **details) -> None:
+    """status.json: running, done or failed (with the error), and what else a reader needs (`reused_from`)."""
+    write_json(run_dir / "status.json", {"status": status, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **details})
 
 
 def read_status(run_dir: Path) -> str | None:

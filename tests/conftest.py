@@ -41,9 +41,12 @@ def compose_config(*overrides: str):
 
 
 def train(run_dir: Path, *overrides: str) -> dict:
-    """Run a stage in this process into `run_dir`; return its metrics.json."""
+    """Run a stage in this process into `run_dir`; return its metrics.json. It trains, even when
+    another test trained the same config (`reuse=false`), unless the overrides set `reuse`."""
     from rlhf.run import main
 
+    if not any(override.startswith("reuse=") for override in overrides):
+        overrides = ("reuse=false", *overrides)
     main(compose_config(*overrides), run_dir=run_dir)
     return json.loads((run_dir / "metrics.json").read_text())
 

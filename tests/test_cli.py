@@ -74,7 +74,7 @@ def test_dpo_beta_sweep_then_reproduce_a_job(tmp_path):
 
     # The README's reproduce command: re-run job 1 from its saved config alone.
     rerun = tmp_path / "R"
-    done = cli("--config-path", str(sweep / "1" / ".hydra"), "--config-name", "config", f"hydra.run.dir={rerun}")
+    done = cli("--config-path", str(sweep / "1" / ".hydra"), "--config-name", "config", f"hydra.run.dir={rerun}", "reuse=false")
     assert done.returncode == 0, done.stderr[-3000:]
     again = json.loads((rerun / "metrics.json").read_text())
     for key, value in metrics["1"].items():
