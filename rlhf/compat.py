@@ -85,6 +85,12 @@ class ReferenceLogpsHook:
     def trl_reference_logps(self, dataset, name, batch_size):
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
+    extra_columns = ()  # dataset columns to keep although the model takes no such argument
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = [*self._signature_columns, *(c for c in self.extra_columns if c not in self._signature_columns)]
+
 
 def score_labelled_positions_on_cpu() -> None:
     """Make TRL's fused LM head score only the labelled positions on the CPU too (see above)."""

@@ -7,6 +7,7 @@
 - DPO's reference log-probs are cached on disk across runs (`dpo.ref_cache`).
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from trl import DPOConfig, DPOTrainer, RewardTrainer
 
 from rlhf import distributed
-from rlhf.cache import cache_dir
+from rlhf.cache import cache_dir, exclusive_lock
 from rlhf.compat import ReferenceLogpsHook, log_metric, prepare_inputs
 from rlhf.generation import as_reference
 from rlhf.metrics import preference_metrics
@@ -103,20 +104,42 @@ class KLDPOConfig(DPOConfig):
 
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+REF_ROW = "rlhf_row"  # a training row's index in its split: where the reference log-probs a batch computes belong
 
 
-def read_ref_cache(path, rows: int):
-    """The cached reference log-probs at `path`, or None (said in one line) when the file is
-    unreadable or does not hold one value per row: the run computes them anew and replaces it."""
+def read_ref_cache(path, rows: int, complete: bool = True, say: bool = True):
+    """The cached reference log-probs at `path` (NaN for rows not computed yet), or None (said in
+    one line) when the file is unreadable, does not hold one value per row, or - `complete` -
+    lacks some: the run computes them anew and replaces it."""
     try:
         cached = load_file(str(path))
-        if all(column in cached and cached[column].shape == (rows,) for column in REF_COLUMNS):
+        if not all(column in cached and cached[column].shape == (rows,) for column in REF_COLUMNS):
+            problem = f"it does not hold {rows} values per column"
+        elif complete and (missing := int(sum(cached[c].isnan() for c in REF_COLUMNS).gt(0).sum())):
+            problem = f"it lacks {missing} of {rows} rows"
+        else:
             return cached
-        problem = f"it does not hold {rows} values per column"
     except Exception as err:  # a truncated or foreign file: safetensors raises its own error types
         problem = f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-    print(f"reference log-probs cache {path}: {problem}; computing them anew", flush=True)
+    if say:
+        print(f"reference log-probs cache {path}: {problem}; computing them anew", flush=True)
     return None
+
+
+def write_ref_cache(path, columns: dict) -> None:
+    """Merge `columns` into the cache file at `path` (NaN = not computed): values another run
+    wrote meanwhile are kept, so parallel sweep jobs that reach different rows add up."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(path.with_name(path.name + ".lock")):
+        rows = len(columns[REF_COLUMNS[0]])
+        current = read_ref_cache(path, rows, complete=False, say=False) if path.is_file() else None
+        if current is not None:
+            columns = {c: torch.where(columns[c].isnan(), current[c], columns[c]) for c in REF_COLUMNS}
+        # A name of its own per writer, renamed whole into place.
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(handle)
+        save_file({c: columns[c].contiguous() for c in REF_COLUMNS}, tmp)
+        os.replace(tmp, path)
 
 
 class KLDPOTrainer(PreferenceEvaluation, ReferenceLogpsHook, DPOTrainer):
@@ -131,28 +154,42 @@ class KLDPOTrainer(PreferenceEvaluation, ReferenceLogpsHook, DPOTrainer):
 
     def __init__(self, *args, reference_identity: str = "", **kwargs):
         self.reference_identity = reference_identity  # what the reference model is, for the cache key
-        self.timings = {}  # seconds computing or loading the reference log-probs, when precomputed (fit() reports it)
+        self.run_metrics = {}  # what fit() adds to metrics.json: the reference log-probs' seconds and rows
+        self.lazy_reference = None  # (cache path, the train split's values, NaN where not computed yet)
         super().__init__(*args, **kwargs)
 
     def reference_logps(self, dataset, name, batch_size):
         """TRL's precomputation of reference log-probs, kept on disk across runs: a beta sweep
         computes them once. The key covers the reference model (base, merged adapters, dtype,
         quantization), the tokenizer, the tokenized rows, and the truncation settings, so any
-        change there computes them anew."""
+        change there computes them anew. A run whose steps reach fewer training rows than the
+        split holds computes them as training reaches each row, and adds them to the cache."""
         start = time.perf_counter()
         float32_adapter_sums(self.model, self.args.bf16)  # TRL runs this pass while the trainer is built, before fit()
         dataset = self._cached_ref_logps(dataset, name, batch_size)
-        self.timings["time/reference_logps"] = self.timings.get("time/reference_logps", 0.0) + time.perf_counter() - start
+        self.run_metrics["time/reference_logps"] = self.run_metrics.get("time/reference_logps", 0.0) + time.perf_counter() - start
         return dataset
+
+    def rows_reached(self, name: str, rows: int) -> int:
+        """How many rows of the split the run reads: training stops after max_steps batches."""
+        per_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.accelerator.num_processes
+        if name != "train" or self.args.max_steps <= 0:
+            return rows
+        return min(rows, self.args.max_steps * per_step)
 
     def _cached_ref_logps(self, dataset, name, batch_size):
         path = self.ref_cache_path(dataset) if self.args.ref_cache and self.reference_identity else None
+        reached = self.rows_reached(name, len(dataset))
+        if path is not None and reached < len(dataset) and self.accelerator.num_processes == 1:
+            return self.reference_as_reached(dataset, path, reached)
         main = self.accelerator.is_main_process
         cached = read_ref_cache(path, len(dataset)) if main and path is not None and path.is_file() else None
         # Rank 0 decides, and hands every rank its values: TRL's precompute below is collective, so
         # ranks that decided alone (a file written between their checks, a node-local cache) would
         # enter it alone and wait forever.
         cached = distributed.from_main_process(cached)
+        if name == "train":
+            self.run_metrics.update(ref_logps_rows=0 if cached is not None else len(dataset), ref_logps_cached_rows=len(dataset))
         if cached is not None:
             print(f"reference log-probs of the {name} split: loaded from {path}", flush=True)
             for column in REF_COLUMNS:
@@ -160,15 +197,45 @@ class KLDPOTrainer(PreferenceEvaluation, ReferenceLogpsHook, DPOTrainer):
             return dataset
         dataset = self.trl_reference_logps(dataset, name, batch_size)
         if path is not None and main:
-            columns = {c: torch.tensor(list(dataset[c]), dtype=torch.float32) for c in REF_COLUMNS}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # A name of its own per writer: concurrent sweep jobs writing the same key each rename
-            # a whole file into place, and the last one wins.
-            handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-            os.close(handle)
-            save_file(columns, tmp)
-            os.replace(tmp, path)  # whole or not at all
+            write_ref_cache(path, {c: torch.tensor(list(dataset[c]), dtype=torch.float32) for c in REF_COLUMNS})
         return dataset
+
+    def reference_as_reached(self, dataset, path, reached: int):
+        """The train split with the cached reference log-probs and NaN where none is cached yet;
+        `compute_loss` fills those in for the rows each batch holds (one process only: the
+        computed rows are gathered nowhere else)."""
+        cached = read_ref_cache(path, len(dataset), complete=False) if path.is_file() else None
+        values = cached or {c: torch.full((len(dataset),), float("nan")) for c in REF_COLUMNS}
+        known = int((~values[REF_COLUMNS[0]].isnan()).sum())
+        print(f"reference log-probs of the train split: {known} of {len(dataset)} rows cached; the run reaches {reached}", flush=True)
+        self.lazy_reference = (path, values)
+        self.run_metrics.update(ref_logps_rows=0, ref_logps_cached_rows=known)
+        for column in REF_COLUMNS:
+            dataset = dataset.add_column(column, values[column].tolist())
+        self.data_collator = functools.partial(collate_with_rows, self.data_collator)
+        self.extra_columns = (REF_ROW,)  # kept by the Trainer, which drops columns the model does not take
+        return dataset.add_column(REF_ROW, list(range(len(dataset))))
+
+    def fill_reference(self, inputs) -> None:
+        """Compute the reference log-probs of the batch's rows that have none yet, in place, and
+        keep them for the cache."""
+        rows = inputs.pop(REF_ROW)
+        missing = inputs[REF_COLUMNS[0]].isnan() | inputs[REF_COLUMNS[1]].isnan()
+        if not missing.any():
+            return
+        computed = self.compute_ref_log_probs(self.model, {k: v for k, v in inputs.items() if k not in REF_COLUMNS})
+        _, values = self.lazy_reference
+        for column, fresh in zip(REF_COLUMNS, computed):
+            fresh = fresh.detach().to(inputs[column].dtype)
+            inputs[column] = torch.where(missing, fresh, inputs[column])
+            values[column][rows[missing].cpu()] = fresh[missing].float().cpu()
+        self.run_metrics["ref_logps_rows"] += int(missing.sum())
+
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        if self.lazy_reference is not None and self.run_metrics["ref_logps_rows"]:
+            write_ref_cache(*self.lazy_reference)
+        return result
 
     def ref_cache_path(self, dataset):
         rows = hashlib.sha256()
@@ -190,6 +257,8 @@ class KLDPOTrainer(PreferenceEvaluation, ReferenceLogpsHook, DPOTrainer):
         return cache_dir() / "ref_logps" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if REF_ROW in inputs:
+            self.fill_reference(inputs)
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if return_outputs or self.args.kl_coef == 0:
             return loss
@@ -232,3 +301,11 @@ class KLDPOTrainer(PreferenceEvaluation, ReferenceLogpsHook, DPOTrainer):
         rows = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
         output = model(**rows, labels=labels, fused_lm_head=True)
         return output.log_probs.sum(dim=1)
+
+
+def collate_with_rows(collate, examples: list) -> dict:
+    """TRL's preference collator, plus each example's row index when the examples carry one."""
+    batch = collate(examples)
+    if REF_ROW in examples[0]:
+        batch[REF_ROW] = torch.tensor([example[REF_ROW] for example in examples])
+    return batch

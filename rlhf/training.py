@@ -251,8 +251,8 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg, finish: bool = True) -
         **result.metrics,
         "data/skipped_rows": inputs.data.skipped_rows,
         "data/dropped_rows": dropped,
-        **getattr(trainer, "timings", {}),
-    }  # phases outside train(), e.g. DPO's reference log-probs
+        **getattr(trainer, "run_metrics", {}),
+    }  # what happened outside train(), e.g. DPO's reference log-probs
     if checkpoint is not None:  # the mean loss over all steps, not only those since the resume
         metrics["train_loss"] = (mark["loss_total"] + logged_loss_total(trainer)) / trainer.state.global_step
     if trainer.eval_dataset is not None:

@@ -20,7 +20,9 @@ def test_cached_and_uncached_runs_train_identically(tmp_path, capsys):
     capsys.readouterr()
 
     second = train(tmp_path / "second", *short, "dpo.beta=0.3")  # another job of a beta sweep
-    assert capsys.readouterr().out.count("loaded from") == 2
+    assert capsys.readouterr().out.count("loaded from") == 1  # the eval split; the train split's rows below
+    assert 0 < first["ref_logps_rows"] < 72 and second["ref_logps_cached_rows"] == first["ref_logps_rows"]  # 4 steps reach fewer rows
+    assert second["ref_logps_rows"] == 0  # the same 4 steps reach the same rows: nothing computed
     assert set(cached_files()) - before == written  # nothing recomputed
 
     again = train(tmp_path / "again", *short, "dpo.beta=0.1")
@@ -59,3 +61,21 @@ def test_a_damaged_cache_file_is_reported_recomputed_and_replaced(tmp_path, caps
     assert len(lines) == 1 and "unreadable" in lines[0] and "computing them anew" in lines[0]
     assert written.read_bytes() == whole  # rewritten whole
     assert not list(written.parent.glob(f".{written.name}.*"))  # no temporary file left behind
+
+
+def test_a_short_run_computes_only_the_rows_it_reaches_and_a_longer_one_adds_to_them(tmp_path):
+    short = (
+        "stage=dpo",
+        "dataset.max_samples=2000",
+        "dpo.per_device_train_batch_size=4",
+        "dpo.gradient_accumulation_steps=1",
+        "dpo.logging_steps=1",
+        "dataset.test_size=0",
+    )
+    two = train(tmp_path / "two", *short, "dpo.max_steps=2")
+    assert two["ref_logps_rows"] <= 16 and two["ref_logps_cached_rows"] == 0  # 2 steps of 4 pairs, not the whole split
+    three = train(tmp_path / "three", *short, "dpo.max_steps=3")
+    assert three["ref_logps_cached_rows"] == two["ref_logps_rows"] and three["ref_logps_rows"] == 4  # the third step's rows only
+    # The values filled in as training went are the reference's: the same losses as computing the reference every step.
+    train(tmp_path / "uncached", *short, "dpo.max_steps=3", "dpo.ref_cache=false")
+    assert history(tmp_path / "three", "loss") == pytest.approx(history(tmp_path / "uncached", "loss"), abs=1e-5)
