@@ -181,6 +181,7 @@ def measure(args, work: Path) -> None:
             sys.executable,
             "train.py",
             "-m",
+            "reuse=false",  # timings of training, never of a copy
             f"model={args.model}",
             "stage=dpo",
             "dpo.beta=0.1,0.2,0.3",
@@ -207,6 +208,7 @@ def measure(args, work: Path) -> None:
         [
             sys.executable,
             "train.py",
+            "reuse=false",
             f"model={args.model}",
             "experiment=rlhf_chain",
             f"hydra.run.dir={chain_dir}",
