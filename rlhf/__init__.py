@@ -2,6 +2,7 @@
 
 import os
 import time
+from importlib import metadata
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -66,3 +67,14 @@ OmegaConf.register_new_resolver("cpu_bf16", cpu_bf16, replace=True)
 OmegaConf.register_new_resolver("mul", lambda a, b: a * b, replace=True)  # `${mul:16,4}`: a budget's answers per update
 OmegaConf.register_new_resolver("ddp_backend", ddp_backend, replace=True)
 OmegaConf.register_new_resolver("if_cuda", if_cuda, replace=True)
+
+
+def package_versions(names) -> dict:
+    """Installed version of each package (None when it is not installed)."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions

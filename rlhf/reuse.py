@@ -24,12 +24,11 @@ import hashlib
 import json
 import os
 import shutil
-from importlib import metadata
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from rlhf import PROJECT_ROOT
+from rlhf import PROJECT_ROOT, package_versions
 from rlhf.cache import cache_dir, exclusive_lock, sha256_file
 from rlhf.runs import RUN_INPUTS, is_main_process, read_json, write_json, write_status
 
@@ -155,10 +154,4 @@ def code_identity() -> list:
     digest = hashlib.sha256()
     for path in files:
         digest.update(f"{path.relative_to(package)}:{sha256_of(path)}\n".encode())
-    versions = {}
-    for name in CODE_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return [digest.hexdigest(), versions]
+    return [digest.hexdigest(), package_versions(CODE_PACKAGES)]

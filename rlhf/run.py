@@ -17,13 +17,12 @@ import subprocess
 import sys
 import time
 import traceback
-from importlib import metadata
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from rlhf import PROJECT_ROOT, chain, precision
+from rlhf import PROJECT_ROOT, chain, package_versions, precision
 from rlhf.errors import UserError
 from rlhf.reuse import reuse_or_train
 from rlhf.runs import finished_with, is_main_process, prepare_run_dir, write_json, write_status
@@ -124,12 +123,6 @@ def objective(cfg, metrics: dict):
 
 def environment(cfg) -> dict:
     """What it takes to reproduce the run besides its config: versions, commit, seed, command."""
-    versions = {}
-    for package in RECORDED_PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
     return {
         "command": " ".join(shlex.quote(redact(arg)) for arg in [sys.executable, *sys.argv]),
         "cwd": os.getcwd(),
@@ -138,7 +131,7 @@ def environment(cfg) -> dict:
         "precision": precision(cfg) if cfg.stage != "chain" else None,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "packages": versions,
+        "packages": package_versions(RECORDED_PACKAGES),
         "git": git_state(),
     }
 

@@ -84,19 +84,24 @@ UMASK = os.umask(0o022)  # read (and put back at once): mkstemp creates private 
 os.umask(UMASK)
 
 
-def write_json(path: Path, data) -> None:
-    """Write whole or not at all: a temporary file of its own (two writers of one file - parallel
-    sweep jobs, two ranks - never share one) renamed over the target."""
+def write_atomically(path: Path, write) -> None:
+    """Whole or not at all: `write(temporary path)` into a file of its own beside `path` (two
+    writers of one file - parallel sweep jobs, two ranks - never share one), renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
     try:
         os.chmod(tmp, 0o666 & ~UMASK)  # as open() would create it: readable by whoever reads the run directory
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, data) -> None:
+    text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def read_json(path: Path, default=None):
@@ -171,9 +176,7 @@ def finished_with(run_dir: Path, cfg) -> bool:
 
 
 def save_yaml(node, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    OmegaConf.save(node, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: OmegaConf.save(node, tmp))
 
 
 def last_complete_checkpoint(run_dir: Path) -> Path | None:

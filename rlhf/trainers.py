@@ -10,8 +10,6 @@
 import functools
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -25,6 +23,7 @@ from rlhf.cache import cache_dir, exclusive_lock
 from rlhf.compat import ReferenceLogpsHook, log_metric, prepare_inputs
 from rlhf.generation import as_reference
 from rlhf.metrics import preference_metrics
+from rlhf.runs import write_atomically
 from rlhf.training import float32_adapter_sums
 
 
@@ -135,11 +134,7 @@ def write_ref_cache(path, columns: dict) -> None:
         current = read_ref_cache(path, rows, complete=False, say=False) if path.is_file() else None
         if current is not None:
             columns = {c: torch.where(columns[c].isnan(), current[c], columns[c]) for c in REF_COLUMNS}
-        # A name of its own per writer, renamed whole into place.
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(handle)
-        save_file({c: columns[c].contiguous() for c in REF_COLUMNS}, tmp)
-        os.replace(tmp, path)
+        write_atomically(path, functools.partial(save_file, {c: columns[c].contiguous() for c in REF_COLUMNS}))
 
 
 class KLDPOTrainer(PreferenceEvaluation, ReferenceLogpsHook, DPOTrainer):
