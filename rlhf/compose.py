@@ -13,7 +13,9 @@ Composing imports no torch: `--cfg job` and a typo answer in well under a second
 """
 
 import difflib
+import os
 import re
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -35,6 +37,22 @@ def check_command_line(argv) -> None:
         return  # Hydra says what is missing
     cfg = compose(first_job(args.overrides), config_dir=str(config_dir), config_name=args.config_name or "config")
     check_targets(cfg)
+    key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
+    check_output_dir(OmegaConf.select(cfg, key), key)
+
+
+def check_output_dir(path, key: str) -> None:
+    """Refuse, in one line, a run directory that cannot be created: Hydra would create it with
+    a traceback (a path under a regular file, a read-only mount)."""
+    if not path:
+        return
+    existing = Path(str(path)).expanduser().absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{key}={path}: the run directory cannot be created: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{key}={path}: the run directory cannot be created: {existing} is not writable")
 
 
 def first_job(overrides: list) -> list:

@@ -15,12 +15,10 @@ under `eval_<function>_` (`eval_answer_match_scores`: held-out exact-match accur
 """
 
 import dataclasses
-import importlib.util
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
@@ -60,7 +58,6 @@ class RLOOSettings(RLOOConfig, OnlineRewards):
 def run(cfg, run_dir: Path, trainer_class) -> dict:
     stage = cfg.stage
     settings = cfg[stage]
-    check_vllm(settings, stage)
     if not settings.reward_model and not settings.reward_functions:
         raise UserError(f"stage={stage} needs a reward: {stage}.reward_model=<rm run> and/or {stage}.reward_functions (rlhf/rewards.py)")
     inputs = load_inputs(cfg, data_kind="prompt")
@@ -193,22 +190,6 @@ def held_out_scorer(cfg, settings, inputs, trainer, reward_model, reward_tokeniz
         return scores
 
     return score
-
-
-def check_vllm(settings, stage: str) -> None:
-    """`use_vllm=true` reaches TRL only where vLLM can run: a CUDA GPU and the vllm package."""
-    if not settings.get("use_vllm"):
-        return
-    missing = [
-        need
-        for need, present in (
-            ("a CUDA GPU", torch.cuda.is_available()),
-            ('the vllm package (pip install -e ".[vllm]")', importlib.util.find_spec("vllm") is not None),
-        )
-        if not present
-    ]
-    if missing:
-        raise UserError(f"{stage}.use_vllm=true needs {' and '.join(missing)}; set {stage}.use_vllm=false to sample with transformers")
 
 
 def reward_functions(settings, columns: list, stage: str) -> list:

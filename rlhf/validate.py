@@ -36,9 +36,31 @@ def validate(cfg, overrides=None) -> None:
     if overrides is None:
         overrides = OmegaConf.select(cfg, "hydra.overrides.task", default=None) or []
     check_targets(cfg)  # first: nothing below imports or builds anything a config names
+    check_vllm(cfg)  # needs no model and no trainer: said before the heavy imports below
     check_values(cfg)  # before the keys: binding to a settings class imports it
     check_keys(cfg, overrides)
     check_combinations(cfg)
+
+
+def check_vllm(cfg) -> None:
+    """`use_vllm=true` reaches TRL only where vLLM can run: a CUDA GPU and the vllm package."""
+    import importlib.util
+
+    stage = cfg.get("stage")
+    if not OmegaConf.select(cfg, f"{stage}.use_vllm", default=False):
+        return
+    import torch  # ~2 s, against TRL's ~10
+
+    missing = [
+        need
+        for need, present in (
+            ("a CUDA GPU", torch.cuda.is_available()),
+            ('the vllm package (pip install -e ".[vllm]")', importlib.util.find_spec("vllm") is not None),
+        )
+        if not present
+    ]
+    if missing:
+        raise UserError(f"{stage}.use_vllm=true needs {' and '.join(missing)}; set {stage}.use_vllm=false to sample with transformers")
 
 
 # ---- 1. the _target_ allowlist ------------------------------------------------------------

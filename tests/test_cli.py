@@ -30,6 +30,29 @@ def test_config_only_commands_do_not_import_torch(flag):
     assert not {"torch", "transformers", "trl", "peft", "datasets"} & imported
 
 
+@pytest.mark.parametrize("key, flags", [("hydra.run.dir", []), ("hydra.sweep.dir", ["-m", "peft.r=4,8"])], ids=["run", "sweep"])
+def test_a_run_directory_under_a_file_fails_with_one_line(tmp_path, key, flags):
+    file = tmp_path / "a_file"
+    file.write_text("not a directory")
+    done = cli(*flags, f"{key}={file}/out")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    expected = f"error: {key}={file}/out: the run directory cannot be created: {file} is a file, not a directory"
+    assert done.stderr.strip().splitlines() == [expected]
+
+
+def test_vllm_without_cuda_is_refused_before_trl_loads(tmp_path):
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM can run here")
+    done = cli("stage=grpo", "grpo.use_vllm=true", f"hydra.run.dir={tmp_path}", python_flags=("-X", "importtime"))
+    assert done.returncode == 2 and "grpo.use_vllm=true needs a CUDA GPU" in done.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" in imported and not {"trl", "transformers", "peft"} & imported  # TRL alone takes ~10 s to import
+
+
 def test_default_run_leaves_a_complete_run_directory(tmp_path):
     done = cli(f"hydra.run.dir={tmp_path}", "sft.max_steps=10")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -10,9 +10,8 @@ from omegaconf import OmegaConf
 
 from rlhf.errors import UserError
 from rlhf.lineage import Lineage
-from rlhf.online import check_vllm
 from rlhf.rewards import AnswerMatch, LengthPenalty
-from rlhf.validate import validate
+from rlhf.validate import check_vllm, validate
 
 ONLINE_LOG_KEYS = ("reward", "kl", "completions/mean_length", "clip_ratio/region_mean", "rewards/reward_model/mean")
 
@@ -155,4 +154,4 @@ def test_vllm_is_refused_where_it_cannot_run():
     if torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None:
         pytest.skip("this machine can run vLLM")
     with pytest.raises(UserError, match=r"^grpo\.use_vllm=true needs .*set grpo\.use_vllm=false"):
-        check_vllm(OmegaConf.create({"use_vllm": True}), "grpo")
+        check_vllm(OmegaConf.create({"stage": "grpo", "grpo": {"use_vllm": True}}))
