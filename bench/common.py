@@ -59,7 +59,7 @@ def trained_tokens(run_dir: Path) -> int | None:
 
 
 def matmul_peak_gflops(dtype: str = "float32", size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
-    """This machine's matrix-multiply rate in the dtype (and, on the CPU, the thread count)
+    """The machine's matrix-multiply rate in the dtype (and, on the CPU, the thread count)
     training uses: the best of `repeats` square products, 2 n^3 floating-point operations each."""
     import torch
 
@@ -105,7 +105,7 @@ def mfu(model_dir, tokens: int, sequences: int, seconds: float, peak_gflops: flo
 
 
 def write_results(out_dir, name: str, result: dict, table: str) -> None:
-    """<out_dir>/<name>.json (every number) and .md (the table the README shows), and the table on stdout."""
+    """<out_dir>/<name>.json (every number) and .md (the table docs/benchmarks.md shows), and the table on stdout."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")

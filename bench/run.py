@@ -1,4 +1,4 @@
-"""Measure the framework on this machine; writes bench/results/<date>-<model>.json and .md.
+"""Measure the framework on the machine it runs on; writes bench/results/<date>-<model>.json and .md.
 
     python bench/run.py                                  # the tiny default model, 5 min 20 s on 2 CPU cores
     python bench/run.py --model smollm2-135m --steps 8 --sweep-pairs 128 --ppo-updates 2 --repeats 1   # a real 135M model, 27 minutes
@@ -150,7 +150,7 @@ def measure(args, work: Path) -> None:
             "peak_rss_mib_framework": ours["peak_rss_mib"],
             "peak_rss_mib_plain_trl": plain["peak_rss_mib"],
         }
-        # f. model-FLOP utilisation of the framework's training phase against this machine's matmul peak
+        # f. model-FLOP utilisation of the framework's training phase against the machine's matmul peak
         sequences = args.steps * batch * (2 if stage == "dpo" else 1)  # a DPO pair is two sequences
         tokens = trained_tokens(runs / f"{stage}-0")
         precision = json.loads((runs / f"{stage}-0" / "env.json").read_text())["precision"]

@@ -10,7 +10,7 @@ Usage:
     python -m rlhf.compare SWEEP --columns eval_loss,eval_rewards/accuracies
     python -m rlhf.compare SWEEP --metric rewards/margins            # right panel of compare.png
 
-What it reads (see README "What a run leaves"): a run directory is one that holds `.hydra/`,
+What it reads (see docs/configuration.md, "What a run leaves"): a run directory is one that holds `.hydra/`,
 `metrics.json` or `status.json`; any other directory given stands for its immediate
 subdirectories that are runs (a sweep: S/0, S/1, ... in numeric order). From each run:
 `.hydra/overrides.yaml` (Hydra's own `hydra.*` overrides hidden), `metrics.json` (final

@@ -12,8 +12,8 @@ Two rules keep the numbers computed from samples honest:
   explicit configuration and hides the checkpoint's (`explicit_generation`).
 - Score where the text ends. A sequence classifier reads its score at the last token that is
   not `config.pad_token_id`; when that id is not the one the tokenizer pads with, a shorter row
-  of a right-padded batch is scored on padding. `reward_scores` takes each row's last attended
-  token from the attention mask instead.
+  of a right-padded batch is scored on padding. `RewardModel.scores` takes each row's last
+  attended token from the attention mask instead.
 """
 
 import contextlib
@@ -187,16 +187,37 @@ def response_logprobs(model, samples: Samples, temperature: float) -> torch.Tens
     return core.logprobs_from_logits(logits, samples.responses)
 
 
-@torch.no_grad()
-def reward_scores(reward_model, reward_tokenizer, prompts: list, responses: list, device) -> torch.Tensor:
-    """The reward model's score of each (prompt, response), templated with its own tokenizer and
-    read at each row's last attended token, whatever the model's config says the pad id is."""
-    texts = [
-        reward_tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
-        for messages, response in zip(prompts, responses)
-    ]
-    batch = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    return scores_at_last_token(reward_model, batch["input_ids"], batch["attention_mask"])
+@dataclass
+class RewardModel:
+    """A frozen reward model, its own tokenizer (and chat template), and the longest input it
+    was trained on: longer (prompt, response) rows are cut to it from the left - the oldest
+    prompt tokens go first, the response is kept - as the RM never saw longer ones."""
+
+    model: object
+    tokenizer: object
+    max_length: int
+    cut_inputs: int = 0  # rows cut to max_length so far (metrics report it)
+
+    @torch.no_grad()
+    def scores(self, prompts: list, responses: list, device) -> torch.Tensor:
+        """The score of each (prompt, response), templated with the RM's tokenizer and read at
+        each row's last attended token, whatever the model's config says the pad id is."""
+        texts = [
+            self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+            for messages, response in zip(prompts, responses)
+        ]
+        rows = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # verbose: cut below, not warned about
+        self.cut_inputs += sum(len(row) > self.max_length for row in rows)
+        batch = self.tokenizer.pad({"input_ids": [row[-self.max_length :] for row in rows]}, return_tensors="pt").to(device)
+        return scores_at_last_token(self.model, batch["input_ids"], batch["attention_mask"])
+
+    def batched_scores(self, prompts: list, responses: list, device, batch_size: int) -> list:
+        """`scores`, `batch_size` rows at a time, as a list."""
+        scores = []
+        for start in range(0, len(prompts), batch_size):
+            batch = slice(start, start + batch_size)
+            scores += self.scores(prompts[batch], responses[batch], device).tolist()
+        return scores
 
 
 def scores_at_last_token(reward_model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -218,30 +239,12 @@ def scores_at_last_token(reward_model, input_ids: torch.Tensor, attention_mask: 
 
 @torch.no_grad()
 def held_out_scores(
-    policy,
-    tokenizer,
-    reward_model,
-    reward_tokenizer,
-    prompts: list,
-    settings: SamplingSettings,
-    device,
-    batch_size: int,
-    seed: int,
-    **library_sampler,
+    policy, tokenizer, reward: RewardModel, prompts: list, settings: SamplingSettings, device, batch_size: int, seed: int, **library_sampler
 ) -> list:
     """The reward-model score of one sampled response per prompt (the held-out prompts before and
     after training): `held_out_answers`, scored `batch_size` at a time."""
     answers = held_out_answers(policy, tokenizer, prompts, settings, device, batch_size, seed, **library_sampler)
-    return batched_reward_scores(reward_model, reward_tokenizer, prompts, answers, device, batch_size)
-
-
-def batched_reward_scores(reward_model, reward_tokenizer, prompts: list, responses: list, device, batch_size: int) -> list:
-    """`reward_scores`, `batch_size` rows at a time, as a list."""
-    scores = []
-    for start in range(0, len(prompts), batch_size):
-        batch = slice(start, start + batch_size)
-        scores += reward_scores(reward_model, reward_tokenizer, prompts[batch], responses[batch], device).tolist()
-    return scores
+    return reward.batched_scores(prompts, answers, device, batch_size)
 
 
 @torch.no_grad()

@@ -216,7 +216,7 @@ def write_final_lineage(final: Path, lineage: Lineage, cfg, head: str) -> None:
         "trained_on": lineage.record(dtype, stacked=not merging_is_exact(cfg.hardware, cfg.quantization)),
         "quantization": OmegaConf.to_container(cfg.quantization, resolve=True) if cfg.quantization is not None else None,
         "how_to_load": (
-            "on this machine: peft.AutoPeftModelFor{CausalLM|SequenceClassification}.from_pretrained(<final>) "
+            "on the machine that trained it: peft.AutoPeftModelFor{CausalLM|SequenceClassification}.from_pretrained(<final>) "
             "(with the quantization above, if any); anywhere: python -m rlhf.export <run dir> <out dir>"
         ),
     }

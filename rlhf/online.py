@@ -26,7 +26,7 @@ from trl import GRPOConfig, RLOOConfig
 
 from rlhf.data import Splits
 from rlhf.errors import UserError
-from rlhf.generation import SamplingSettings, batched_reward_scores, fit_prompt, held_out_answers
+from rlhf.generation import SamplingSettings, fit_prompt, held_out_answers
 from rlhf.metrics import paired_gain
 from rlhf.tracking import finish_tracking, start_tracking
 from rlhf.training import autocast, device_for, fit, float32_adapter_sums, load_inputs, load_reward_model, trainer_kwargs
@@ -63,29 +63,30 @@ def run(cfg, run_dir: Path, trainer_class) -> dict:
     inputs = load_inputs(cfg, data_kind="prompt")
     inputs.data, cut_prompts = fitted_prompts(inputs.data, inputs.tokenizer, settings.max_prompt_length, f"{stage}.max_prompt_length")
     functions = reward_functions(settings, inputs.data.train.column_names, stage)
-    reward_model = reward_tokenizer = None
-    if settings.reward_model:
-        reward_model, reward_tokenizer = load_reward_model(settings.reward_model, cfg, key=f"{stage}.reward_model")
-        reward_model.config.name_or_path = "reward_model"  # TRL logs its score as rewards/reward_model/mean
+    reward = load_reward_model(settings.reward_model, cfg, key=f"{stage}.reward_model") if settings.reward_model else None
+    if reward is not None:
+        reward.model.config.name_or_path = "reward_model"  # TRL logs its score as rewards/reward_model/mean
 
     start_tracking(cfg, run_dir)
     # TRL's settings get TRL's keys; the reward functions are built above, not by the settings object.
     trl_keys = OmegaConf.masked_copy(settings, [key for key in settings if key != "reward_functions"])
     kwargs = trainer_kwargs(cfg, trl_keys, inputs, run_dir, evaluate=False)  # held-out scoring below, not TRL's eval loop
-    kwargs["args"].reward_weights = ([settings.reward_model_weight] if reward_model is not None else []) + [f.weight for f in functions]
+    kwargs["args"].reward_weights = ([settings.reward_model_weight] if reward is not None else []) + [f.weight for f in functions]
     trainer = trainer_class(
-        reward_funcs=([reward_model] if reward_model is not None else []) + functions,
-        reward_processing_classes=([reward_tokenizer] if reward_model is not None else []) + [None] * len(functions),
+        reward_funcs=([reward.model] if reward is not None else []) + functions,
+        reward_processing_classes=([reward.tokenizer] if reward is not None else []) + [None] * len(functions),
         **kwargs,
     )
 
     float32_adapter_sums(trainer.model, trainer.args.bf16)  # before the first scoring, not only in fit()
-    score = held_out_scorer(cfg, settings, inputs, trainer, reward_model, reward_tokenizer, functions)
+    score = held_out_scorer(cfg, settings, inputs, trainer, reward, functions)
     before = score() if score else None  # the starting policy (a resumed run measures it again, to the same scores)
-    timer = PhaseTimer(trainer, reward_model)  # after the held-out scoring: it times training only
+    timer = PhaseTimer(trainer, reward.model if reward is not None else None)  # after the held-out scoring: it times training only
     metrics = {**fit(trainer, run_dir, inputs, cfg, finish=False), **last_logged(trainer.state.log_history)}
     metrics.update(timer.per_update(metrics))
     metrics["data/cut_prompts"] = cut_prompts
+    if reward is not None:  # held-out rows longer than the reward model was trained on, cut to its rm.max_length
+        metrics["data/reward_cut_inputs"] = reward.cut_inputs
     if score:  # the same prompts and seeds before and after
         for prefix, after in score().items():
             pairs = [(b, a) for b, a in zip(before[prefix], after) if b is not None and a is not None]  # a function may abstain
@@ -160,7 +161,7 @@ class PhaseTimer(TrainerCallback):
         return phases
 
 
-def held_out_scorer(cfg, settings, inputs, trainer, reward_model, reward_tokenizer, functions):
+def held_out_scorer(cfg, settings, inputs, trainer, reward, functions):
     """A function scoring the policy's answer to each held-out prompt (the split's first
     `eval_prompts`) with every reward the stage trains on, each on its own: {"eval_": reward-model
     scores, "eval_<function>_": that function's values (None where it abstains)}; None without a
@@ -176,15 +177,15 @@ def held_out_scorer(cfg, settings, inputs, trainer, reward_model, reward_tokeniz
     sampling = SamplingSettings(settings.max_prompt_length, args.max_completion_length, args.temperature, args.top_p)
     trl_sampler = {"top_k": args.top_k, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty}
     batch_size = args.per_device_eval_batch_size
-    if reward_model is not None:
-        reward_model.to(device)
+    if reward is not None:
+        reward.model.to(device)
 
     def score() -> dict:
         with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it
             answers = held_out_answers(trainer.model, inputs.tokenizer, held_out, sampling, device, batch_size, cfg.seed, **trl_sampler)
             scores = {}
-            if reward_model is not None:
-                scores["eval_"] = batched_reward_scores(reward_model, reward_tokenizer, held_out, answers, device, batch_size)
+            if reward is not None:
+                scores["eval_"] = reward.batched_scores(held_out, answers, device, batch_size)
         for function in functions:
             scores[f"eval_{function.name}_"] = function(held_out, answers, **columns)
         return scores

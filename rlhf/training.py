@@ -21,6 +21,7 @@ from rlhf.compat import (
 )
 from rlhf.data import Splits, load_splits
 from rlhf.errors import NonFiniteLoss
+from rlhf.generation import RewardModel
 from rlhf.lineage import Lineage, TrainedRun, write_final_lineage
 from rlhf.models import fold_stacked_updates
 from rlhf.runs import (
@@ -59,14 +60,15 @@ def load_inputs(cfg, data_kind: str, head: str = "causal_lm") -> StageInputs:
     return StageInputs(tokenizer, model, data, peft_config, lineage, head)
 
 
-def load_reward_model(rm_run, cfg, key: str = "ppo.reward_model"):
-    """(reward model, its tokenizer) from a finished `stage=rm` run named by the setting `key`:
-    its lineage with its own adapter (score head included) on top - merged where that is exact,
-    as the RM computed when its accuracy was measured - frozen."""
+def load_reward_model(rm_run, cfg, key: str = "ppo.reward_model") -> RewardModel:
+    """The reward model of a finished `stage=rm` run named by the setting `key`: its lineage with
+    its own adapter (score head included) on top - merged where that is exact, as the RM computed
+    when its accuracy was measured - frozen, with its tokenizer and the run's rm.max_length."""
     run = TrainedRun.of(rm_run, key, stages=("rm",))
     model = run.load(cfg.hardware, head="reward", merge=True)
     model.requires_grad_(False)
-    return model.eval(), run.start.tokenizer()
+    tokenizer = run.start.tokenizer()
+    return RewardModel(model.eval(), tokenizer, max_length=int(run.cfg.rm.get("max_length") or tokenizer.model_max_length))
 
 
 def save_final(run_dir: Path, model, inputs: StageInputs, cfg) -> Path:

@@ -1,4 +1,4 @@
-"""The benchmark command of the README runs end to end and writes its JSON and table (a short
+"""The benchmark command of docs/benchmarks.md runs end to end and writes its JSON and table (a short
 run: the numbers of a real measurement need more steps than a test can afford)."""
 
 import importlib.metadata
@@ -23,7 +23,7 @@ def test_benchmark_writes_its_json_and_markdown_table(tmp_path):
     result = json.loads(json_file.read_text())
     for stage in ("sft", "dpo"):
         overhead = result[f"overhead_{stage}"]
-        # Loose bounds: 2-step training phases are too short to measure closely (the README's
+        # Loose bounds: 2-step training phases are too short to measure closely (docs/benchmarks.md's
         # figures use 150 steps); these catch gross regressions, e.g. a second process start-up.
         assert overhead["training_ratio"] < 4 and overhead["process_ratio"] < 1.5, stage
     assert result["startup_cfg_job_seconds"] < 3
@@ -70,7 +70,7 @@ def test_gpu_benchmark_smoke_runs_its_code_on_the_cpu(tmp_path):
 def test_learning_benchmark_smoke_runs_every_step(tmp_path):
     """SFT -> proxy and judge RMs, DPO, PPO/GRPO/RLOO -> eval, arithmetic GRPO and PPO's phases on
     SmolLM2 and real HH-RLHF pairs at the smallest sizes: keeps the script working (the learning
-    claims come from its full run, in the README)."""
+    claims come from its full run, in docs/benchmarks.md)."""
     data = SHARED_DATA / "preference/hh-rlhf/helpful-base/test.jsonl.gz"
     if not data.is_file():
         pytest.skip(f"{data} is absent")

@@ -95,7 +95,7 @@ def test_dpo_beta_sweep_then_reproduce_a_job(tmp_path):
     assert csv_text.count("\n") == 3 and "eval_kendall_tau" in csv_text.splitlines()[0]
     assert (sweep / "compare.png").read_bytes().startswith(b"\x89PNG")
 
-    # The README's reproduce command: re-run job 1 from its saved config alone.
+    # The reproduce command of docs/reliability.md: re-run job 1 from its saved config alone.
     rerun = tmp_path / "R"
     done = cli("--config-path", str(sweep / "1" / ".hydra"), "--config-name", "config", f"hydra.run.dir={rerun}", "reuse=false")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -199,7 +199,8 @@ def test_in_bfloat16_ppo_and_eval_score_with_the_reward_model_that_was_measured(
     run_dir = tmp_path / "rm"
     train(run_dir, "stage=rm", "hardware.dtype=bfloat16", "rm.max_steps=10", "rm.learning_rate=1e-3")
     cfg = compose_config("stage=ppo", "hardware.dtype=bfloat16", f"ppo.reward_model={run_dir}")
-    loaded, tokenizer = load_reward_model(run_dir, cfg)
+    reward = load_reward_model(run_dir, cfg)
+    loaded, tokenizer = reward.model, reward.tokenizer
     expected, _ = as_trained_by_peft(run_dir, cfg.hardware, head="reward", pad_token_id=tokenizer.pad_token_id)
     pairs = load_splits(cfg.dataset, kind="preference").eval
     texts = [

@@ -152,6 +152,6 @@ def test_vllm_is_refused_where_it_cannot_run():
     import torch
 
     if torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None:
-        pytest.skip("this machine can run vLLM")
+        pytest.skip("vLLM can run here")
     with pytest.raises(UserError, match=r"^grpo\.use_vllm=true needs .*set grpo\.use_vllm=false"):
         check_vllm(OmegaConf.create({"stage": "grpo", "grpo": {"use_vllm": True}}))

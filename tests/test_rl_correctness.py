@@ -47,19 +47,16 @@ def alone_and_batched(score) -> tuple:
 def test_reward_model_scores_a_row_alike_alone_and_padded_through_ppos_scoring(qwen_like):
     from conftest import compose_config
 
-    from rlhf.generation import reward_scores
     from rlhf.training import load_reward_model
 
     cfg = compose_config("model=custom", f"model.name_or_path={qwen_like / 'model'}")
-    reward_model, tokenizer = load_reward_model(str(qwen_like / "rm"), cfg)
-    assert reward_model.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
-    alone, batched = alone_and_batched(lambda p, r: reward_scores(reward_model, tokenizer, p, r, torch.device("cpu")))
+    reward = load_reward_model(str(qwen_like / "rm"), cfg)
+    assert reward.model.config.pad_token_id == reward.tokenizer.pad_token_id != reward.tokenizer.eos_token_id
+    alone, batched = alone_and_batched(lambda p, r: reward.scores(p, r, torch.device("cpu")))
     assert batched == pytest.approx(alone, abs=1e-4)
     # whatever the config says: the score is read from the attention mask
-    reward_model.config.pad_token_id = tokenizer.eos_token_id
-    assert alone_and_batched(lambda p, r: reward_scores(reward_model, tokenizer, p, r, torch.device("cpu")))[1] == pytest.approx(
-        alone, abs=1e-4
-    )
+    reward.model.config.pad_token_id = reward.tokenizer.eos_token_id
+    assert alone_and_batched(lambda p, r: reward.scores(p, r, torch.device("cpu")))[1] == pytest.approx(alone, abs=1e-4)
 
 
 def test_reward_model_scores_a_row_alike_alone_and_padded_after_export(qwen_like, tmp_path):
@@ -153,14 +150,14 @@ def test_held_out_scores_are_paired_draws(qwen_like):
     from rlhf.training import load_reward_model
 
     cfg = compose_config("model=custom", f"model.name_or_path={qwen_like / 'model'}")
-    reward_model, reward_tokenizer = load_reward_model(str(qwen_like / "rm"), cfg)
+    reward = load_reward_model(str(qwen_like / "rm"), cfg)
     policy = AutoModelForCausalLM.from_pretrained(qwen_like / "model")
     tokenizer = AutoTokenizer.from_pretrained(qwen_like / "model")
     prompts = [[{"role": "user", "content": f"第{i}个问题：今天做什么？"}] for i in range(6)]
 
     def scores():
         settings = SamplingSettings(64, 12, 1.0, 1.0)
-        return held_out_scores(policy, tokenizer, reward_model, reward_tokenizer, prompts, settings, torch.device("cpu"), 4, seed=7)
+        return held_out_scores(policy, tokenizer, reward, prompts, settings, torch.device("cpu"), 4, seed=7)
 
     state = torch.get_rng_state()
     before, after = scores(), scores()
@@ -203,3 +200,43 @@ def test_rlhf_chain_reports_a_paired_held_out_gain(rlhf_chain):
     assert low <= metrics["eval_score_gain"] <= high
     assert metrics["eval_score_gain"] == pytest.approx(metrics["eval_scores"] - metrics["eval_scores_before"])
     assert low > 0  # the tiny model's PPO gain is a gain
+
+
+def test_reward_inputs_longer_than_the_rm_was_trained_on_are_cut_from_the_left(tmp_path, capfd):
+    """PPO over prompts of ~1600 tokens scores with a reward model trained at max_length 256: every
+    (prompt, response) row is cut to its last 256 tokens (the response kept), counted, unwarned."""
+    from conftest import compose_config, train
+
+    from rlhf.training import load_reward_model
+
+    long_prompt = "今天天气很好，我们去公园散步吧。" * 110  # ~1600 tokens of the tiny model's tokenizer
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"{i}. {long_prompt}", "input": "", "output": "好的。"}) + "\n" for i in range(16)))
+    train(tmp_path / "rm", "stage=rm", "rm.max_steps=2", "rm.max_length=256")
+    reward = load_reward_model(tmp_path / "rm", compose_config("stage=ppo", f"ppo.reward_model={tmp_path / 'rm'}"))
+    prompt, response = [{"role": "user", "content": long_prompt}], "好的，我们走吧。"
+    text = reward.tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
+    ids = reward.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1500 and reward.max_length == 256
+    with torch.no_grad():  # by hand: the row's last 256 tokens, alone (no padding), through the classifier
+        expected = reward.model(input_ids=torch.tensor([ids[-256:]])).logits[0, 0].item()
+    assert reward.scores([prompt], [response], torch.device("cpu")).item() == pytest.approx(expected, abs=1e-5)
+    capfd.readouterr()
+
+    metrics = train(
+        tmp_path / "ppo",
+        "stage=ppo",
+        f"ppo.reward_model={tmp_path / 'rm'}",
+        "dataset=builtin_sft",
+        f"dataset.path={data}",
+        "dataset.test_size=0.25",
+        "ppo.total_updates=1",
+        "ppo.batch_size=8",
+        "ppo.mini_batch_size=8",
+        "ppo.ppo_epochs=1",
+        "ppo.max_new_tokens=8",
+        "ppo.eval_prompts=4",
+    )
+    output = "".join(capfd.readouterr())
+    assert "longer than the specified maximum sequence length" not in output
+    assert metrics["data/reward_cut_inputs"] == 8 + 4 + 4  # one update's 8 answers, the 4 held-out answers before and after

@@ -1,5 +1,6 @@
 """The layout rules of `rlhf/`: no import cycle among its modules (imports inside functions
-count: they only defer one), and private library attributes only in `rlhf/compat.py`."""
+count: they only defer one), and private library attributes only in `rlhf/compat.py`; and of the
+documentation: README.md a first screen, the rest in docs/, every relative link resolving."""
 
 import ast
 import re
@@ -73,3 +74,93 @@ def test_private_trainer_counters_only_in_the_compatibility_module():
         if pattern.search(line)
     ]
     assert not offenders, f"private library attributes outside rlhf/compat.py: {offenders}"
+
+
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+README_MAX_LINES = 200
+DATED_PHRASES = ("this machine", "not rerun", "not re-run")  # the history of a measurement, not the project
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")  # [text](target "title"), text may wrap
+REFERENCE = re.compile(r"^[ ]{0,3}\[[^\]]+\]:\s*<?([^\s>]+)>?", re.MULTILINE)  # [label]: target
+CODE_SPAN = re.compile(r"(`+)(?:(?!\n\s*\n).)+?\1", re.DOTALL)  # may run over a line break, not over a blank line
+
+
+def markdown_pages() -> list:
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def prose(text: str, code_spans: bool = False) -> str:
+    """The text with its code blanked out (fenced and indented blocks, and inline spans unless
+    `code_spans`), line breaks kept so that positions keep their line numbers: a command's
+    `[0,1]` or `(...)` is no link."""
+    lines, fence, previous_blank = [], None, True
+    for line in text.splitlines():
+        stripped = line.lstrip()
+        if fence or stripped.startswith(("```", "~~~")):
+            fence = None if fence and stripped.startswith(fence) else (fence or stripped[:3])
+            lines.append("")
+        elif line.startswith(("    ", "\t")) and previous_blank:
+            lines.append("")  # an indented code block: it starts after a blank line and goes on while indented
+        else:
+            previous_blank = not stripped
+            lines.append(line)
+    text = "\n".join(lines)
+    return text if code_spans else CODE_SPAN.sub(lambda span: re.sub(r"[^\n]", " ", span.group(0)), text)
+
+
+def heading_anchors(path: Path) -> set:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#{1,6}[ \t]+(.*?)[ \t#]*$", prose(path.read_text(encoding="utf-8"), code_spans=True), re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+def broken_links(page: Path, root: Path = ROOT) -> list:
+    """Every relative link of the page whose file (or, with #anchor, heading) does not exist."""
+    text = prose(page.read_text(encoding="utf-8"))
+    broken = []
+    for match in [*LINK.finditer(text), *REFERENCE.finditer(text)]:
+        target = match.group(1)
+        if re.match(r"[a-z][a-z0-9+.-]*:|//", target, re.IGNORECASE):
+            continue  # https:, mailto: ...: not a file of this repository
+        path_part, _, anchor = target.partition("#")
+        resolved = (page.parent / path_part).resolve() if path_part else page
+        where = f"{page.relative_to(root)}:{text.count(chr(10), 0, match.start()) + 1}: {target}"
+        if not resolved.exists():
+            broken.append(where)
+        elif anchor and resolved.suffix == ".md" and anchor.lower() not in heading_anchors(resolved):
+            broken.append(where + " (no such heading)")
+    return broken
+
+
+def test_readme_is_a_first_screen_and_every_doc_link_resolves():
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines, at most {README_MAX_LINES}: move the rest to docs/"
+    pages = sorted(DOCS.glob("*.md"))
+    assert len(pages) >= 4, f"docs/ holds {len(pages)} Markdown pages, expected at least 4"
+    broken = [link for page in markdown_pages() for link in broken_links(page)]
+    assert not broken, f"relative links to nothing: {broken}"
+    dated = [
+        f"{page.relative_to(ROOT)}:{number}: {phrase!r}"
+        for page in markdown_pages()
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1)
+        for phrase in DATED_PHRASES
+        if phrase in line.lower()
+    ]
+    assert not dated, f"notes on where or when something was (not) measured; say what was measured, on what: {dated}"
+
+
+def test_the_link_checker_finds_broken_links_and_only_those(tmp_path):
+    (tmp_path / "there.md").write_text("# A heading, with `code`\n", encoding="utf-8")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "[ok](there.md) [ok](there.md#a-heading-with-code) [web](https://example.org/x) `[code](missing.md)`\n"
+        "[gone](missing.md) [no heading](there.md#nowhere) [wrapped\ntext](gone/too.md)\n\n"
+        "    [in a code block](missing.md)\n\n```\n[fenced](missing.md)\n```\n\n[label]: missing-too.md\n",
+        encoding="utf-8",
+    )
+    assert broken_links(page, root=tmp_path) == [
+        "page.md:2: missing.md",
+        "page.md:2: there.md#nowhere (no such heading)",
+        "page.md:2: gone/too.md",
+        "page.md:11: missing-too.md",
+    ]

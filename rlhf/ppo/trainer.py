@@ -25,13 +25,13 @@ from torch import nn
 from rlhf import distributed
 from rlhf.errors import NonFiniteLoss, UserError
 from rlhf.generation import (
+    RewardModel,
     Samples,
     SamplingSettings,
     as_reference,
     held_out_scores,
     response_logprobs,
     response_outputs,
-    reward_scores,
     sample,
 )
 from rlhf.ppo import core
@@ -88,8 +88,7 @@ class PPOModels:
     reference: nn.Module | None  # the frozen starting policy; None: the policy with its adapter disabled
     value_head: ValueHead  # V(state), read from the policy's last hidden state
     tokenizer: object  # the policy's
-    reward_model: nn.Module  # a frozen sequence classifier: one score per (prompt, response)
-    reward_tokenizer: object  # the reward model's own, with its own chat template
+    reward: RewardModel  # a frozen sequence classifier with its own tokenizer: one score per (prompt, response)
 
 
 @dataclass
@@ -108,7 +107,7 @@ class PPOTrainer:
     def __init__(self, models: PPOModels, settings: PPOConfig, device, log):
         """`log(record)` receives one dict of metrics per logged update."""
         self.policy, self.ref_policy, self.value_head = models.policy, models.reference, models.value_head
-        self.tokenizer, self.reward_model, self.reward_tokenizer = models.tokenizer, models.reward_model, models.reward_tokenizer
+        self.tokenizer, self.reward = models.tokenizer, models.reward
         self.settings, self.device, self.log = settings, device, log
         trainable = [p for p in self.policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
         self.optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate)
@@ -260,7 +259,7 @@ class PPOTrainer:
         with self.timed("reference_forward"), as_reference(self.policy, self.ref_policy) as reference:
             ref_logprobs = response_logprobs(reference, samples, self.settings.temperature)
         with self.timed("scoring"):
-            scores = reward_scores(self.reward_model, self.reward_tokenizer, prompts, samples.texts, self.device)
+            scores = self.reward.scores(prompts, samples.texts, self.device)
         self.generated_tokens += int(samples.response_mask.sum())
         return Rollout(
             samples=samples,
@@ -338,6 +337,6 @@ class PPOTrainer:
         block = -(-len(prompts) // distributed.world_size())
         first = distributed.rank() * block
         mine = prompts[first : first + block]
-        models = (self.policy, self.tokenizer, self.reward_model, self.reward_tokenizer)
+        models = (self.policy, self.tokenizer, self.reward)
         scores = held_out_scores(*models, mine, self.settings, self.device, self.settings.batch_size, seed + first) if mine else []
         return distributed.all_gather_list(scores)

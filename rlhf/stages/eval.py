@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from rlhf.data import load_splits
 from rlhf.errors import UserError
-from rlhf.generation import SamplingSettings, as_reference, response_logprobs, reward_scores, sample, seeded
+from rlhf.generation import SamplingSettings, as_reference, response_logprobs, sample, seeded
 from rlhf.lineage import POLICY_STAGES, TrainedRun
 from rlhf.metrics import agreement, score_gain, wilson_interval
 from rlhf.training import autocast, device_for, float32_adapter_sums, load_reward_model
@@ -44,14 +44,14 @@ def run(cfg, run_dir: Path) -> dict:
     splits = load_splits(cfg.dataset, kind="prompt")
     prompts = [row["prompt"] for row in (splits.eval if splits.eval is not None else splits.train)][: settings.num_prompts]
     policy, reference, tokenizer = load_policy_and_reference(settings.policy, cfg)
-    reward_model, reward_tokenizer = load_reward_model(settings.reward_model, cfg, key="eval.reward_model")
-    judge, judge_tokenizer = load_reward_model(settings.judge_model, cfg, key="eval.judge_model") if settings.judge_model else (None, None)
-    for model in (policy, reference, reward_model, judge):
+    reward = load_reward_model(settings.reward_model, cfg, key="eval.reward_model")
+    judge = load_reward_model(settings.judge_model, cfg, key="eval.judge_model") if settings.judge_model else None
+    for model in (policy, reference, reward.model, judge.model if judge else None):
         if model is not None:
             model.to(device).eval()
             float32_adapter_sums(model, cfg.hardware.training_args.bf16)
 
-    judges = {"": (reward_model, reward_tokenizer), **({"judge_": (judge, judge_tokenizer)} if judge is not None else {})}
+    judges = {"": reward, **({"judge_": judge} if judge is not None else {})}
     with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it (hardware.training_args.bf16)
         rows = answer_and_score(prompts, settings, device, (policy, reference, tokenizer), judges, cfg.seed)
     with open(run_dir / "samples.jsonl", "w", encoding="utf-8") as f:
@@ -61,7 +61,8 @@ def run(cfg, run_dir: Path) -> dict:
         metrics.update(judged(rows, prefix))
     keys = ("score_policy", "score_reference", "score_judge_policy", "score_judge_reference", "kl", "length_policy", "length_reference")
     metrics.update({f"eval_{key}": sum(row[key] for row in rows) / len(rows) for key in keys if key in rows[0]})
-    return {**metrics, "eval_prompts": len(rows)}
+    cut = {f"data/{prefix}reward_cut_inputs": judge.cut_inputs for prefix, judge in judges.items()}  # rows cut to the RM's max_length
+    return {**metrics, **cut, "eval_prompts": len(rows)}
 
 
 def judged(rows: list, prefix: str) -> dict:
@@ -96,9 +97,9 @@ def answer_and_score(prompts: list, settings, device, models: tuple, judges: dic
             ref_logprobs = response_logprobs(ref, from_policy, kl_temperature)
         kl = ((response_logprobs(policy, from_policy, kl_temperature) - ref_logprobs) * from_policy.response_mask).sum(dim=1)
         scores = {}
-        for prefix, (model, model_tokenizer) in judges.items():
-            scores[f"score_{prefix}policy"] = reward_scores(model, model_tokenizer, batch, from_policy.texts, device).tolist()
-            scores[f"score_{prefix}reference"] = reward_scores(model, model_tokenizer, batch, from_reference.texts, device).tolist()
+        for prefix, judge in judges.items():
+            scores[f"score_{prefix}policy"] = judge.scores(batch, from_policy.texts, device).tolist()
+            scores[f"score_{prefix}reference"] = judge.scores(batch, from_reference.texts, device).tolist()
         for i, prompt in enumerate(batch):
             rows.append(
                 {

@@ -12,6 +12,7 @@ an uninterrupted one would (weights, optimizer, KL coefficient, random state).
 import copy
 from pathlib import Path
 
+import torch
 from hydra.utils import instantiate
 from peft import get_peft_model
 from safetensors.torch import save_file
@@ -54,6 +55,8 @@ def train_ppo(cfg, run_dir: Path) -> dict:
         if held_out:
             metrics.update(paired_gain(kept["held_out_before"], trainer.score_held_out(held_out, cfg.seed)))
     metrics["data/skipped_rows"] = inputs.data.skipped_rows
+    # (prompt, response) rows longer than the reward model was trained on, cut to its rm.max_length, over every process
+    metrics["data/reward_cut_inputs"] = int(distributed.all_sum(torch.tensor(float(models.reward.cut_inputs))).item())
 
     final = save_final(run_dir, models.policy, inputs, cfg)
     if is_main_process():
@@ -66,15 +69,15 @@ def train_ppo(cfg, run_dir: Path) -> dict:
 def ppo_models(cfg, settings, inputs, device) -> PPOModels:
     """The policy (the starting model with a fresh adapter, or the whole model), its reference,
     a new value head and the frozen reward model, on `device`."""
-    reward_model, reward_tokenizer = load_reward_model(settings.reward_model, cfg)
+    reward = load_reward_model(settings.reward_model, cfg)
     if inputs.peft_config is not None:
         policy, reference = get_peft_model(inputs.model, inputs.peft_config), None  # reference = adapter disabled
     else:
         reference = copy.deepcopy(inputs.model).requires_grad_(False).eval()  # full fine-tuning: a frozen copy
         policy = inputs.model
     float32_adapter_sums(policy, cfg.hardware.training_args.bf16)
-    models = PPOModels(policy, reference, ValueHead(policy.config.hidden_size), inputs.tokenizer, reward_model, reward_tokenizer)
-    for module in (models.policy, models.reference, models.value_head, models.reward_model):
+    models = PPOModels(policy, reference, ValueHead(policy.config.hidden_size), inputs.tokenizer, reward)
+    for module in (models.policy, models.reference, models.value_head, models.reward.model):
         if module is not None:
             module.to(device)
     return models
