@@ -6,13 +6,12 @@ import math
 import pytest
 import torch
 
+from rlhf.generation import entropy_from_logits, logprobs_from_logits
 from rlhf.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
-    entropy_from_logits,
     gae,
     kl_penalized_rewards,
-    logprobs_from_logits,
     masked_mean,
     masked_whiten,
     missing_eos_penalty,

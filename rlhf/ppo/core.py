@@ -202,37 +202,6 @@ def value_loss(
     return loss, stats
 
 
-# --- from logits -----------------------------------------------------------------------------
-
-
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """Upcast half/bf16 to float32; leave float32 and float64 as they are."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] for each position: [..., vocab] and [...] -> [...].
-
-    Computed as logit[token] - logsumexp(logits), which never materialises the full
-    log-softmax. At least float32: a bf16 logsumexp over a large vocabulary is off in the second
-    or third digit, which biases the PPO ratio.
-    """
-    logits = _at_least_float32(logits)
-    chosen = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return chosen - torch.logsumexp(logits, dim=-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) per position: [..., vocab] -> [...].
-
-    H = -sum p log p, and log p = z - logsumexp(z), so H = logsumexp(z) - sum p z: no log of a
-    tiny probability is taken, and logsumexp and softmax are both stable for large logits.
-    """
-    logits = _at_least_float32(logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
-
-
 # --- KL coefficient controllers ----------------------------------------------------------------
 
 

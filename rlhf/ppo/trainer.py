@@ -29,7 +29,9 @@ from rlhf.generation import (
     Samples,
     SamplingSettings,
     as_reference,
+    entropy_from_logits,
     held_out_scores,
+    logprobs_from_logits,
     response_logprobs,
     response_outputs,
     sample,
@@ -263,10 +265,10 @@ class PPOTrainer:
         self.generated_tokens += int(samples.response_mask.sum())
         return Rollout(
             samples=samples,
-            logprobs=core.logprobs_from_logits(logits, samples.responses),
+            logprobs=logprobs_from_logits(logits, samples.responses),
             ref_logprobs=ref_logprobs,
             values=values,
-            entropy=core.entropy_from_logits(logits),
+            entropy=entropy_from_logits(logits),
             scores=scores,
         )
 
@@ -299,7 +301,7 @@ class PPOTrainer:
                 mask = part.response_mask
                 tokens = distributed.all_sum(mask.sum())  # real tokens in the global mini-batch
                 logits, hidden = response_outputs(self.policy, part, self.settings.temperature, hidden=True)
-                logprobs = core.logprobs_from_logits(logits, part.responses)
+                logprobs = logprobs_from_logits(logits, part.responses)
                 pg_loss, pg_stats = core.policy_loss(
                     logprobs, rollout.logprobs[index], advantages[index], mask, self.settings.cliprange, count=tokens
                 )
