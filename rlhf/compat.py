@@ -30,7 +30,12 @@ version, before any training test does.
   either way, in smaller products). No public setting chooses the path.
 - Hydra parses train.py's command line with `hydra._internal.utils.get_args_parser`; the
   project reads the same flags with the same parser instead of a copy of Hydra's flag table.
+- A full disk reaches a run as an OSError from Python's own writes, but safetensors (Rust) and
+  torch.save (C++) raise their own exception types whose only trace of it is the OS message in
+  their text; `out_of_space` reads those texts.
 """
+
+import errno
 
 # (object, attribute) pairs tests/test_compat.py checks on the installed versions.
 PRIVATE_ATTRIBUTES = {
@@ -112,3 +117,17 @@ def hydra_arguments(argv: list):
     from hydra._internal.utils import get_args_parser
 
     return get_args_parser().parse_args(argv)
+
+
+OUT_OF_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded", "StorageFull")  # the OS's words, in any wrapper's message
+
+
+def out_of_space(err: BaseException) -> bool:
+    """Whether `err` (or an error it was raised from) is a full disk or an exhausted quota."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(err) for text in OUT_OF_SPACE_TEXTS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False

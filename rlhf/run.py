@@ -7,6 +7,7 @@ In a multirun a failing job records its failure in status.json and the sweep goe
 (`rlhf.runs.SweepSummary` reports all jobs at the end).
 """
 
+import contextlib
 import functools
 import json
 import logging
@@ -22,10 +23,10 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from rlhf import PROJECT_ROOT, chain, package_versions, precision
+from rlhf import PROJECT_ROOT, chain, compat, package_versions, precision, preemption
 from rlhf.errors import UserError
 from rlhf.reuse import reuse_or_train
-from rlhf.runs import finished_with, is_main_process, prepare_run_dir, write_json, write_status
+from rlhf.runs import finished_with, is_main_process, last_complete_checkpoint, prepare_run_dir, write_json, write_status
 from rlhf.stages import get_stage
 from rlhf.validate import validate
 
@@ -42,15 +43,13 @@ def main(cfg, run_dir: Path | None = None):
     adopt_slurm_ranks()
     in_sweep = hydra is not None and hydra.mode == RunMode.MULTIRUN
     try:
-        if (in_sweep or cfg.stage == "chain") and cfg.get("resume", "auto") == "auto" and finished_with(run_dir, cfg):
-            # Re-running a sweep or a chain into its directory: what finished with this config stays as it is.
-            print(f"{run_dir}: already finished with this config; skipped", flush=True)
-            return objective(cfg, json.loads((run_dir / "metrics.json").read_text()))
-        prepare_run_dir(cfg, run_dir, hydra.overrides.task if hydra else [], hydra, write=is_main_process())
-        metrics = run_stage(cfg, run_dir, hydra.overrides.task if hydra else [])
-        if is_main_process():
-            print(f"final metrics ({run_dir}):\n" + json.dumps(metrics, indent=2, ensure_ascii=False))
-        return objective(cfg, metrics)
+        with preemption.handled():
+            try:
+                return run_or_skip(cfg, run_dir, hydra, in_sweep)
+            except preemption.Preempted as stop:  # before UserError, which it is: a sweep stops too, the allocation is ending
+                print(f"{run_dir}: {stop}", file=sys.stderr, flush=True)
+                preemption.hand_over()  # a launcher's own handler (submitit: requeue this job) now that the checkpoint is safe
+                raise SystemExit(preemption.EXIT_CODE) from None
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         if not in_sweep:
@@ -60,6 +59,20 @@ def main(cfg, run_dir: Path | None = None):
             raise
         traceback.print_exc()  # a bug, not a user error: the job's log keeps the traceback
     return float("nan") if cfg.get("objective") else None
+
+
+def run_or_skip(cfg, run_dir: Path, hydra, in_sweep: bool):
+    """The run's metrics' objective: a finished run of this config in a sweep or chain directory is
+    left as it is; otherwise claim the directory and run the stage."""
+    if (in_sweep or cfg.stage == "chain") and cfg.get("resume", "auto") == "auto" and finished_with(run_dir, cfg):
+        # Re-running a sweep or a chain into its directory: what finished with this config stays as it is.
+        print(f"{run_dir}: already finished with this config; skipped", flush=True)
+        return objective(cfg, json.loads((run_dir / "metrics.json").read_text()))
+    prepare_run_dir(cfg, run_dir, hydra.overrides.task if hydra else [], hydra, write=is_main_process())
+    metrics = run_stage(cfg, run_dir, hydra.overrides.task if hydra else [])
+    if is_main_process():
+        print(f"final metrics ({run_dir}):\n" + json.dumps(metrics, indent=2, ensure_ascii=False))
+    return objective(cfg, metrics)
 
 
 def adopt_slurm_ranks() -> None:
@@ -86,9 +99,20 @@ def run_stage(cfg, run_dir: Path, overrides=()) -> dict:
             if reused is not None:
                 return reused
             return train_stage(cfg, run_dir, get_stage(cfg.stage))
-    except BaseException as err:
+    except preemption.Preempted as stop:
         if main_process:
-            write_status(run_dir, "failed", str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}")
+            write_status(run_dir, "preempted", str(stop), step=stop.step)
+        raise
+    except BaseException as err:
+        if compat.out_of_space(err):  # one line; the checkpoint in progress never got its mark, the earlier ones stand
+            last = last_complete_checkpoint(run_dir)
+            resumes = f"it resumes from {last.name}" if last else "it starts over (no complete checkpoint yet)"
+            err = UserError(f"no space left on the device while writing {run_dir}: free some, then run the same command again; {resumes}")
+        if main_process:
+            with contextlib.suppress(OSError):  # a full disk may not take status.json either
+                write_status(run_dir, "failed", str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}")
+        if isinstance(err, UserError):
+            raise err from None
         raise
 
 

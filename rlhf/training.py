@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
+from rlhf import preemption
 from rlhf.compat import (
     logged_loss_total,
     restore_trained_tokens,
@@ -227,6 +228,18 @@ class RunGuard(TrainerCallback):
             write_json(checkpoint / CHECKPOINT_MARK, {"step": state.global_step, "loss_total": total, "num_tokens": tokens})
 
 
+class StopWhenAsked(TrainerCallback):
+    """A preemption signal (rlhf.preemption) ends training after the step in progress, with a
+    checkpoint at that step (whatever save_steps says); `fit` then raises Preempted."""
+
+    at_step = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step < state.max_steps and preemption.asked():  # every process asks at every step: it is collective
+            control.should_save = control.should_training_stop = True
+            self.at_step = state.global_step
+
+
 def fold_into_whole_model(model) -> None:
     """A whole-model final/ (peft=none) must hold every update the model computes with: earlier
     runs' stacked adapters are folded into its weights before it is saved, in the weights' dtype
@@ -243,12 +256,16 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg, finish: bool = True) -
     evaluate on the held-out split, save the adapter/model and tokenizer to final/, and return
     the final metrics as one flat dict."""
     dropped = dropped_by_trainer(trainer, inputs.data)
+    stop = StopWhenAsked()
+    trainer.add_callback(stop)  # before RunGuard: the checkpoint it asks for is checked for finite weights too
     trainer.add_callback(RunGuard(trainer))
     checkpoint, mark = resume_point(cfg, run_dir)
     if checkpoint is not None:
         restore_trained_tokens(trainer, mark["num_tokens"])
     float32_adapter_sums(trainer.model, trainer.args.bf16)  # the trainer has wrapped the model in its adapter by now
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if stop.at_step is not None:
+        raise preemption.Preempted(stop.at_step)
     metrics = {
         **result.metrics,
         "data/skipped_rows": inputs.data.skipped_rows,

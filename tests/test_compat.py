@@ -87,3 +87,20 @@ def test_trl_fused_head_scores_only_the_labelled_positions_on_cpu_with_the_same_
     assert scored_rows == [2 * 11, 2 * 5]
     torch.testing.assert_close(labelled_only, every_position)
     assert labelled_only[:, 6:].abs().min() > 0 and labelled_only[:, :6].abs().max() == 0
+
+
+def test_a_full_disk_is_recognised_in_every_form_a_save_reports_it():
+    import errno
+
+    from rlhf.compat import out_of_space
+
+    assert out_of_space(OSError(errno.ENOSPC, "No space left on device"))
+    assert out_of_space(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    try:  # a C++ or Rust writer's own exception, raised while Python's write failed
+        try:
+            raise OSError(errno.ENOSPC, "x")
+        except OSError as inner:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed") from inner
+    except RuntimeError as wrapped:
+        assert out_of_space(wrapped)
+    assert not out_of_space(OSError(errno.EACCES, "Permission denied")) and not out_of_space(RuntimeError("file write failed"))

@@ -116,3 +116,28 @@ def test_wandb_run_keeps_its_id_across_a_resume(tmp_path):
     train(tmp_path, *overrides)  # the same command again: it resumes
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(run.name.endswith(run_id) for run in runs)
+
+
+def test_a_full_disk_while_saving_stops_with_one_line_and_the_earlier_checkpoint_resumes(tmp_path, monkeypatch, capsys):
+    import torch
+
+    overrides = ("sft.max_steps=6", "sft.save_steps=2", "dataset.test_size=0")
+    real_save = torch.save
+
+    def filling_up(obj, path, *args, **kwargs):
+        if "checkpoint-4" in str(path):  # the disk fills while the second checkpoint is written (as safetensors words it)
+            raise RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+        return real_save(obj, path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", filling_up)
+        with pytest.raises(SystemExit) as stop:
+            train(tmp_path, *overrides)
+    assert stop.value.code == 2
+    error = re.search(r"error: no space left on the device while writing .*", capsys.readouterr().err)  # progress bars share the stream
+    assert error and error.group(0).endswith("it resumes from checkpoint-2")
+    from rlhf.runs import last_complete_checkpoint
+
+    assert status(tmp_path)["status"] == "failed" and last_complete_checkpoint(tmp_path).name == "checkpoint-2"  # 4 never counted
+    train(tmp_path, *overrides)
+    assert "resuming from" in capsys.readouterr().out and status(tmp_path)["status"] == "done"

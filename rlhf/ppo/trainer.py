@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf import distributed
+from rlhf import distributed, preemption
 from rlhf.errors import NonFiniteLoss, UserError
 from rlhf.generation import (
     RewardModel,
@@ -154,6 +154,9 @@ class PPOTrainer:
                 self.log(record)
             if self.settings.save_steps > 0 and update % self.settings.save_steps == 0 and update < self.settings.total_updates:
                 self.save_checkpoint(checkpoints / f"checkpoint-{update}", update, keep)
+            if update < self.settings.total_updates and preemption.asked():  # a scheduler's signal: stop here, resumable
+                self.save_checkpoint(checkpoints / f"checkpoint-{update}", update, keep)
+                raise preemption.Preempted(update)
             last = record
         ran = self.settings.total_updates - self.done_updates  # updates timed in this process (>= 1: see resume)
         timing = {f"time/{phase}_per_update": seconds / ran for phase, seconds in self.seconds.items()}
