@@ -68,6 +68,15 @@ def test_cluster_launchers_compose(launcher):
     assert "launcher:" in done.stdout and "_target_: hydra_plugins.hydra_" in done.stdout
     if launcher == "slurm_multi_gpu":
         assert "tasks_per_node: 8" in done.stdout and "gpus_per_node: 8" in done.stdout
+        # a job near its limit is signalled, checkpoints, and comes back: the signal submitit asks for is one the run handles
+        import signal
+
+        from submitit.core.job_environment import JobEnvironment
+
+        from rlhf.preemption import SIGNALS
+
+        assert getattr(signal, "SIG" + JobEnvironment.USR_SIG) in SIGNALS
+        assert "signal_delay_s: 300" in done.stdout and "max_num_timeout: 5" in done.stdout
 
 
 def test_joblib_sweep_runs_jobs_in_parallel_processes(tmp_path):
