@@ -59,13 +59,18 @@ class Samples:
         return self.sequences[:, self.prompt_length :]
 
 
+def prompt_ids(tokenizer, messages: list) -> list:
+    """The token ids of a chat-templated prompt (generation prompt included), however long: a
+    prompt longer than the model's limit is cut by the caller, so the tokenizer's warning that it
+    is too long would be noise."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
 def encode_prompts(tokenizer, prompts: list, max_prompt_length: int, device) -> dict:
     """Chat-templated prompts, left-padded (generation appends on the right), cut to
     max_prompt_length from the left (the end of a prompt matters most)."""
-    ids = [
-        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)[-max_prompt_length:]
-        for messages in prompts
-    ]
+    ids = [prompt_ids(tokenizer, messages)[-max_prompt_length:] for messages in prompts]
     width = max(len(row) for row in ids)
     input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -83,7 +88,7 @@ def fit_prompt(messages: list, tokenizer, max_tokens: int) -> list:
     from rlhf.errors import UserError
 
     def length(conversation: list) -> int:
-        return len(tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False))
+        return len(prompt_ids(tokenizer, conversation))
 
     if length(messages) <= max_tokens:
         return messages
@@ -92,7 +97,7 @@ def fit_prompt(messages: list, tokenizer, max_tokens: int) -> list:
         turns = list(messages[len(system) :])
         while len(turns) > 1 and (length(head + turns) > max_tokens or turns[0].get("role") != "user"):
             turns = turns[1:]
-        ids = tokenizer(turns[-1]["content"], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(turns[-1]["content"], add_special_tokens=False, verbose=False)["input_ids"]  # cut below
         while ids and length(head + turns) > max_tokens:  # decoding and encoding again may not meet exactly: until it fits
             ids = ids[min(len(ids), max(1, length(head + turns) - max_tokens)) :]
             turns[-1] = {**turns[-1], "content": tokenizer.decode(ids)}

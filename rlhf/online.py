@@ -26,8 +26,9 @@ from trl import GRPOConfig, RLOOConfig
 
 from rlhf.data import Splits
 from rlhf.errors import UserError
-from rlhf.generation import SamplingSettings, fit_prompt, held_out_answers
+from rlhf.generation import RewardModel, SamplingSettings, fit_prompt, held_out_answers
 from rlhf.metrics import paired_gain
+from rlhf.rewards import RewardFunction, completion_text
 from rlhf.tracking import finish_tracking, start_tracking
 from rlhf.training import autocast, device_for, fit, float32_adapter_sums, load_inputs, load_reward_model, trainer_kwargs
 
@@ -65,18 +66,17 @@ def run(cfg, run_dir: Path, trainer_class) -> dict:
     functions = reward_functions(settings, inputs.data.train.column_names, stage)
     reward = load_reward_model(settings.reward_model, cfg, key=f"{stage}.reward_model") if settings.reward_model else None
     if reward is not None:
-        reward.model.config.name_or_path = "reward_model"  # TRL logs its score as rewards/reward_model/mean
+        reward.model.to(device_for(cfg))
 
     start_tracking(cfg, run_dir)
     # TRL's settings get TRL's keys; the reward functions are built above, not by the settings object.
     trl_keys = OmegaConf.masked_copy(settings, [key for key in settings if key != "reward_functions"])
     kwargs = trainer_kwargs(cfg, trl_keys, inputs, run_dir, evaluate=False)  # held-out scoring below, not TRL's eval loop
     kwargs["args"].reward_weights = ([settings.reward_model_weight] if reward is not None else []) + [f.weight for f in functions]
-    trainer = trainer_class(
-        reward_funcs=([reward.model] if reward is not None else []) + functions,
-        reward_processing_classes=([reward.tokenizer] if reward is not None else []) + [None] * len(functions),
-        **kwargs,
-    )
+    # The reward model goes to TRL as a function, not as a model: TRL would score each row whole,
+    # beyond the length the RM was trained on; `RewardModel.scores` cuts it as PPO and eval do.
+    model_reward = [RewardModelFunction(reward, device_for(cfg), settings.reward_model_weight)] if reward is not None else []
+    trainer = trainer_class(reward_funcs=model_reward + functions, **kwargs)
 
     float32_adapter_sums(trainer.model, trainer.args.bf16)  # before the first scoring, not only in fit()
     score = held_out_scorer(cfg, settings, inputs, trainer, reward, functions)
@@ -85,14 +85,28 @@ def run(cfg, run_dir: Path, trainer_class) -> dict:
     metrics = {**fit(trainer, run_dir, inputs, cfg, finish=False), **last_logged(trainer.state.log_history)}
     metrics.update(timer.per_update(metrics))
     metrics["data/cut_prompts"] = cut_prompts
-    if reward is not None:  # held-out rows longer than the reward model was trained on, cut to its rm.max_length
-        metrics["data/reward_cut_inputs"] = reward.cut_inputs
     if score:  # the same prompts and seeds before and after
         for prefix, after in score().items():
             pairs = [(b, a) for b, a in zip(before[prefix], after) if b is not None and a is not None]  # a function may abstain
             metrics.update(paired_gain([b for b, _ in pairs], [a for _, a in pairs], prefix=prefix) if pairs else {})
+    if reward is not None:  # training and held-out rows longer than the reward model was trained on, cut to its rm.max_length
+        metrics["data/reward_cut_inputs"] = reward.cut_inputs
     finish_tracking(metrics)
     return metrics
+
+
+class RewardModelFunction(RewardFunction):
+    """The reward model as TRL calls a reward function: each (prompt, completion) templated with the
+    RM's tokenizer, cut from the left to its rm.max_length, scored at its last token."""
+
+    name = "reward_model"  # TRL logs rewards/reward_model/mean
+
+    def __init__(self, reward: RewardModel, device, weight: float):
+        super().__init__(weight)
+        self.reward, self.device = reward, device
+
+    def __call__(self, prompts, completions, **columns) -> list:
+        return self.reward.scores(prompts, [completion_text(completion) for completion in completions], self.device).tolist()
 
 
 def fitted_prompts(data: Splits, tokenizer, max_tokens: int, key: str) -> tuple:

@@ -240,3 +240,22 @@ def test_reward_inputs_longer_than_the_rm_was_trained_on_are_cut_from_the_left(t
     output = "".join(capfd.readouterr())
     assert "longer than the specified maximum sequence length" not in output
     assert metrics["data/reward_cut_inputs"] == 8 + 4 + 4  # one update's 8 answers, the 4 held-out answers before and after
+
+    metrics = train(  # GRPO scores its training answers through TRL: cut the same way
+        tmp_path / "grpo",
+        "stage=grpo",
+        f"grpo.reward_model={tmp_path / 'rm'}",
+        "dataset=builtin_sft",
+        f"dataset.path={data}",
+        "dataset.test_size=0.25",
+        "grpo.max_steps=1",
+        "grpo.per_device_train_batch_size=4",
+        "grpo.gradient_accumulation_steps=1",
+        "grpo.num_generations=2",
+        "grpo.max_prompt_length=500",  # within the policy's 512 tokens, beyond the reward model's 256
+        "grpo.max_completion_length=8",
+        "grpo.eval_prompts=4",
+    )
+    output = "".join(capfd.readouterr())
+    assert "longer than the specified maximum sequence length" not in output
+    assert metrics["data/reward_cut_inputs"] == 4 + 4 + 4  # one step's 4 answers, the 4 held-out answers before and after
