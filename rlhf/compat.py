@@ -30,12 +30,22 @@ version, before any training test does.
   either way, in smaller products). No public setting chooses the path.
 - Hydra parses train.py's command line with `hydra._internal.utils.get_args_parser`; the
   project reads the same flags with the same parser instead of a copy of Hydra's flag table.
+- Hydra's composition errors are exceptions whose only account of what failed is their text
+  ("Could not find 'stage/dpoo'", "Could not override 'dpo.betta'", ...);
+  `hydra_override_error` reads it into (kind, key, option) for the project's one-line errors.
+- TRL's GRPO and RLOO trainers sample through the policy's own `generate` (without vLLM) and
+  mark neither end of sampling: `time_generate` wraps the method to time it.
+- bitsandbytes' 4-bit layers take an AVX512-BF16 CPU path (`support_avx512bf16_for_cpu`) that
+  repacks their weights during an inference forward, which breaks the next training step;
+  `keep_4bit_cpu_training_working` turns the path off.
 - A full disk reaches a run as an OSError from Python's own writes, but safetensors (Rust) and
   torch.save (C++) raise their own exception types whose only trace of it is the OS message in
   their text; `out_of_space` reads those texts.
 """
 
 import errno
+import re
+import time
 
 # (object, attribute) pairs tests/test_compat.py checks on the installed versions.
 PRIVATE_ATTRIBUTES = {
@@ -119,6 +129,26 @@ def hydra_arguments(argv: list):
     return get_args_parser().parse_args(argv)
 
 
+HYDRA_OVERRIDE_ERRORS = (  # (kind, the text naming the key in Hydra 1.3's message)
+    ("not_in_config", r"delete from config\. '([^']+)'"),  # ~key of a key the config lacks
+    ("already_set", r"already at '([^']+)'"),  # +key of a key the config has
+    ("unknown_key", r"override '([^']+)'"),  # key=value of a key the config lacks
+)
+
+
+def hydra_override_error(message: str) -> tuple | None:
+    """What a Hydra composition error is about: ("no_option", group, option) for a config group
+    without that option, (kind, key, None) for the kinds in HYDRA_OVERRIDE_ERRORS, or None."""
+    found = re.search(r"Could not find '([^']+)/([^'/]+)'", message)
+    if found:
+        return "no_option", found.group(1), found.group(2)
+    for kind, pattern in HYDRA_OVERRIDE_ERRORS:
+        found = re.search(pattern, message)
+        if found:
+            return kind, found.group(1), None
+    return None
+
+
 OUT_OF_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded", "StorageFull")  # the OS's words, in any wrapper's message
 
 
@@ -131,3 +161,31 @@ def out_of_space(err: BaseException) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
+
+
+def time_generate(model, add_seconds) -> None:
+    """Call `add_seconds(seconds)` after every `model.generate` call, with its wall time."""
+    generate = model.generate
+
+    def timed_generate(*positional, **keywords):
+        start = time.perf_counter()
+        try:
+            return generate(*positional, **keywords)
+        finally:
+            add_seconds(time.perf_counter() - start)
+
+    model.generate = timed_generate
+
+
+def keep_4bit_cpu_training_working(model) -> None:
+    """bitsandbytes' AVX512-BF16 CPU path for 4-bit layers repacks the weights during an
+    inference forward (evaluation), after which the next training step fails ("a view of a
+    leaf Variable ... in-place operation"). Switching that path off on every 4-bit layer keeps
+    4-bit training with evaluation working on such CPUs; GPUs never take that path."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False

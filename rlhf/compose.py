@@ -20,6 +20,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from rlhf import PROJECT_ROOT
+from rlhf.compat import hydra_override_error
 from rlhf.errors import UserError
 from rlhf.stages import available_stages
 from rlhf.validate import INSTANTIATE_KEYS, TRAINING_ARGUMENTS, check_targets, init_keys
@@ -95,37 +96,34 @@ def compose(overrides: list, config_dir: str | None = None, config_name: str = "
     try:
         return attempt(overrides)[0]
     except Exception as err:
-        key, line = failing_override(err, overrides)
+        error = hydra_override_error(str(err))
+        line = failing_override(error, overrides)
         if line is None:
             raise UserError("; ".join(part.strip() for part in str(err).splitlines()[:2] if part.strip()) or type(err).__name__) from None
         try:
             cfg, options = attempt([o for o in overrides if o != line])
         except Exception:
             cfg, options = OmegaConf.create(), {}
-        raise UserError(f"{line}: {composition_message(str(err), key, cfg, options)}") from None
+        raise UserError(f"{line}: {composition_message(error, cfg, options)}") from None
 
 
-def failing_override(err, overrides: list):
-    """(key, command-line override) that Hydra's composition error is about, or (None, None)."""
-    match = re.search(r"(?:override|delete from config\.|already at|Could not find) '([^']+)'", str(err))
-    if not match:
-        return None, None
-    key = match.group(1).rpartition("/")[0] if "Could not find" in str(err) else match.group(1)
-    for line in overrides:
-        if re.fullmatch(r"[+~]*" + re.escape(key) + r"(@\S+)?(=.*)?", line):
-            return key, line
-    return None, None
+def failing_override(error: tuple | None, overrides: list) -> str | None:
+    """The command-line override that Hydra's composition error (`hydra_override_error`) is about."""
+    if error is None:
+        return None
+    key = error[1]
+    return next((line for line in overrides if re.fullmatch(r"[+~]*" + re.escape(key) + r"(@\S+)?(=.*)?", line)), None)
 
 
-def composition_message(error: str, key: str, cfg, groups: dict) -> str:
-    if "Could not find" in error:  # an option of a config group
-        option = re.search(r"Could not find '[^/']+/([^']+)'", error).group(1)
+def composition_message(error: tuple, cfg, groups: dict) -> str:
+    kind, key, option = error
+    if kind == "no_option":  # an option of a config group
         close = difflib.get_close_matches(option, groups.get(key, []), n=1, cutoff=0.6)
         hint = f"did you mean {key}={close[0]}? " if close else ""
         return f"no {key} config named {option}; {hint}options: {', '.join(groups.get(key, []))}"
-    if "delete" in error:
+    if kind == "not_in_config":
         return f"{key} is not in this config; nothing to delete"
-    if "already at" in error:
+    if kind == "already_set":
         return f"{key} is already in the config; set it without the +"
     return f"unknown key{nearest_key(key, cfg, groups)}"
 

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from rlhf import model_sources
+from rlhf.compat import keep_4bit_cpu_training_working
 from rlhf.errors import UserError
 from rlhf.tiny_model import ensure_tiny_model
 
@@ -95,20 +96,6 @@ def load_model(model_path: str, model_cfg, quantization_cfg, hardware_cfg, head:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         keep_4bit_cpu_training_working(model)
     return model
-
-
-def keep_4bit_cpu_training_working(model) -> None:
-    """bitsandbytes' AVX512-BF16 CPU path for 4-bit layers repacks the weights during an
-    inference forward (evaluation), after which the next training step fails ("a view of a
-    leaf Variable ... in-place operation"). Switching that path off on every 4-bit layer keeps
-    4-bit training with evaluation working on such CPUs; GPUs never take that path."""
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:
-        return
-    for module in model.modules():
-        if isinstance(module, Linear4bit):
-            module.support_avx512bf16_for_cpu = False
 
 
 def merge_adapter(model, adapter_dir):

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from transformers import TrainerCallback
 from trl import GRPOConfig, RLOOConfig
 
+from rlhf.compat import time_generate
 from rlhf.data import Splits
 from rlhf.errors import UserError
 from rlhf.generation import RewardModel, SamplingSettings, fit_prompt, held_out_answers
@@ -141,16 +142,7 @@ class PhaseTimer(TrainerCallback):
         self.seconds, self.updates, self.tokens = {"generation": 0.0, "scoring": 0.0}, 0, 0.0
         args = trainer.args
         self.answers_per_log = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size * args.logging_steps
-        generate = trainer.model.generate
-
-        def timed_generate(*positional, **keywords):
-            start = time.perf_counter()
-            try:
-                return generate(*positional, **keywords)
-            finally:
-                self.seconds["generation"] += time.perf_counter() - start
-
-        trainer.model.generate = timed_generate  # TRL samples through the model's own generate (without vLLM)
+        time_generate(trainer.model, lambda seconds: self.seconds.update(generation=self.seconds["generation"] + seconds))
         if reward_model is not None:
             reward_model.register_forward_pre_hook(lambda *_: setattr(self, "scoring_start", time.perf_counter()))
             reward_model.register_forward_hook(

@@ -104,3 +104,28 @@ def test_a_full_disk_is_recognised_in_every_form_a_save_reports_it():
     except RuntimeError as wrapped:
         assert out_of_space(wrapped)
     assert not out_of_space(OSError(errno.EACCES, "Permission denied")) and not out_of_space(RuntimeError("file write failed"))
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("stage=dpoo", ("no_option", "stage", "dpoo")),
+        ("dpo.betta=0.1", ("unknown_key", "dpo.betta", None)),
+        ("~dpo.betta", ("not_in_config", "dpo.betta", None)),
+        ("+dpo.beta=0.2", ("already_set", "dpo.beta", None)),
+    ],
+)
+def test_hydra_composition_errors_say_what_compat_reads(override, expected):
+    """Hydra's own exception for each kind of bad override, read by `hydra_override_error`: a
+    reworded message fails here, not as a traceback in a user's terminal."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from rlhf import PROJECT_ROOT
+    from rlhf.compat import hydra_override_error
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        with pytest.raises(Exception) as raised:
+            compose("config", overrides=["stage=dpo", override])
+    assert hydra_override_error(str(raised.value)) == expected, f"{moved('composition error text', 'hydra-core')}: {raised.value}"
