@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from rlhf import plots
 from rlhf.runs import read_json
 
 CSV_NAME = "compare_aligners.csv"
@@ -116,12 +117,9 @@ def format_table(table: list) -> str:
 def plot_frontier(table: list, path: Path) -> bool:
     """Judge score (filled) and proxy score (hollow) against KL to the SFT policy, one point per
     policy, the SFT policy itself at KL 0; False when matplotlib is missing."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
+    fig = plots.new_figure(7.5, 5)
+    if fig is None:
         return False
-    fig = Figure(figsize=(7.5, 5), layout="constrained")
     ax = fig.subplots()
     stages = sorted({row["stage"] for row in table})
     for index, stage in enumerate(stages):
@@ -147,6 +145,5 @@ def plot_frontier(table: list, path: Path) -> bool:
     ax.set_title("reward-KL frontier: judge (filled) and proxy (hollow) reward models")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100)
+    plots.save(fig, path)
     return True

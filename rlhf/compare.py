@@ -43,7 +43,6 @@ Imports neither torch nor transformers: a whole sweep takes about a second, plot
 
 import argparse
 import csv
-import io
 import json
 import sys
 from dataclasses import dataclass, field
@@ -51,8 +50,9 @@ from pathlib import Path
 
 import yaml
 
-from rlhf import aligners, report
+from rlhf import aligners, plots, report
 from rlhf.errors import UserError
+from rlhf.metrics import is_number
 from rlhf.runs import read_json
 
 CSV_NAME = "compare.csv"
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         out_dir = Path(args.paths[0])
         write_csv(runs, out_dir / CSV_NAME)
         print(f"wrote {out_dir / CSV_NAME}", file=sys.stderr)
-        if plot_curves(runs, args.metric or sort_metric, out_dir / PNG_NAME, explicit=args.metric is not None):
+        if plots.plot_curves(runs, args.metric or sort_metric, out_dir / PNG_NAME, explicit=args.metric is not None):
             print(f"wrote {out_dir / PNG_NAME}", file=sys.stderr)
         write_report(runs, columns, args.paths, out_dir)
     except UserError as err:
@@ -273,10 +273,6 @@ def sort_runs(runs, metric: str, ascending: bool) -> list:
     return sorted(scored, key=lambda run: run.metrics[metric], reverse=not ascending) + unscored
 
 
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
-
-
 # --- table and CSV ---------------------------------------------------------------------------
 
 
@@ -324,20 +320,13 @@ def write_csv(runs, path: Path) -> None:
 # --- the aligner comparison and the HTML report ----------------------------------------------
 
 REPORT_NAME = "report.html"
-# The curves of the report, each from the first of these history keys a run logged.
-PANELS = {
-    "loss": ("loss",),
-    "reward": ("reward", "objective/scores", "rewards/margins", "eval_margin"),
-    "KL": ("kl", "objective/kl", "kl_loss"),
-    "win rate": ("eval_win_rate", "eval_rewards/accuracies", "eval_accuracy"),
-}
 
 
 def write_report(runs, columns: list, paths: list, out_dir: Path) -> None:
     """report.html (and, when the runs hold an aligner comparison, compare_aligners.csv and
     frontier.png) in `out_dir`."""
     sections = [("runs", report.table(["run", "status", "overrides", *columns], table_rows(runs, columns)))]
-    curves = figure_png(lambda fig: draw_curves(fig, runs))
+    curves = plots.report_curves_png(runs)
     if curves:
         sections.append(("training curves", report.figure(curves, "each run's curves over its training steps")))
     comparison = aligners.rows([run.path for run in runs], name_base(Path(paths[0])))
@@ -361,127 +350,6 @@ def write_report(runs, columns: list, paths: list, out_dir: Path) -> None:
 
 def table_rows(runs, columns: list) -> list:
     return [[run.name, run.status, " ".join(run.overrides), *(format_value(run.metrics.get(c, MISSING)) for c in columns)] for run in runs]
-
-
-def figure_png(draw) -> bytes | None:
-    """A figure drawn by `draw(fig)` as PNG bytes; None without matplotlib or with nothing drawn."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    fig = Figure(figsize=(16, 4.2), layout="constrained")
-    if not draw(fig):
-        return None
-    FigureCanvasAgg(fig)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    return buffer.getvalue()
-
-
-def draw_curves(fig, runs) -> bool:
-    """One panel per entry of PANELS that any run logged, every run a line in it."""
-    present = {title: keys for title, keys in PANELS.items() if any(first_curve(run, keys) for run in runs)}
-    if not present:
-        return False
-    labels = legend_labels(runs)
-    for ax, (title, keys) in zip(fig.subplots(1, len(present), squeeze=False)[0], present.items()):
-        for index, (run, label) in enumerate(zip(runs, labels)):
-            steps, values = first_curve(run, keys) or ([], [])
-            ax.plot(steps, values, label=label, color=f"C{index % 10}", marker="o" if len(steps) <= 10 else None, markersize=3)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(4, max(1, len(runs))), fontsize="small")
-    return True
-
-
-def first_curve(run, keys) -> tuple:
-    return next((points for points in (curve(run, key) for key in keys) if points), ())
-
-
-# --- curves ----------------------------------------------------------------------------------
-
-
-def plot_curves(runs, metric: str, path: Path, explicit: bool = False) -> bool:
-    """Training loss (left) and `metric` (right) over step, one line per run; False if skipped."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        note(f"matplotlib is not installed: skipped {path.name} (pip install matplotlib)")
-        return False
-    key = history_key(runs, metric)
-    if key is None and explicit:
-        note(f"no run logged {metric!r} in history.jsonl: {path.name} shows the training loss only")
-    fig = Figure(figsize=(12 if key else 7, 4.8), layout="constrained")
-    panels = fig.subplots(1, 2 if key else 1, squeeze=False)[0]
-    labels = legend_labels(runs)
-    draw_panel(panels[0], runs, "loss", labels, title="training loss")
-    if key:
-        draw_panel(panels[1], runs, key, labels, title=key)
-    common = common_overrides(runs)
-    if common:
-        fig.suptitle(" ".join(common))
-    fig.legend(*panels[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(3, max(1, len(runs))), fontsize="small")
-    FigureCanvasAgg(fig)
-    try:
-        fig.savefig(path, dpi=100)
-    except OSError as err:
-        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
-    return True
-
-
-def history_key(runs, metric: str) -> str | None:
-    """`metric` as history.jsonl names it: itself, or with/without the eval_ prefix."""
-    alternative = metric.removeprefix("eval_") if metric.startswith("eval_") else "eval_" + metric
-    for key in (metric, alternative):
-        if any(curve(run, key) for run in runs):
-            return key
-    return None
-
-
-def curve(run: Run, key: str) -> tuple:
-    """(steps, values) of `key` over the run's log lines, the end-of-training summary excluded."""
-    points = [
-        (line["step"], line[key])
-        for line in run.history
-        if "train_runtime" not in line and is_number(line.get("step")) and is_number(line.get(key))
-    ]
-    return tuple(zip(*points))
-
-
-def draw_panel(ax, runs, key: str, labels: list, title: str) -> None:
-    for index, (run, label) in enumerate(zip(runs, labels)):
-        points = curve(run, key)
-        # every run gets a legend entry (from the left panel), even one with nothing to draw
-        steps, values = points if points else ([], [])
-        sparse = len(steps) <= 10  # evaluations: a few points, show them
-        ax.plot(steps, values, label=label, color=f"C{index % 10}", marker="o" if sparse else None, markersize=3)
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.set_ylabel(key)
-    ax.grid(alpha=0.3)
-
-
-def legend_labels(runs) -> list:
-    """Each run's name and the overrides that set it apart (those all runs share go in the title)."""
-    common = set(common_overrides(runs))
-    labels = []
-    for run in runs:
-        own = " ".join(item for item in run.overrides if item not in common)
-        labels.append(f"{run.name}: {own}" if own else run.name)
-    return labels
-
-
-def common_overrides(runs) -> list:
-    if len(runs) < 2:
-        return []
-    return [item for item in runs[0].overrides if all(item in run.overrides for run in runs[1:])]
-
-
-def note(message: str) -> None:
-    print(f"note: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -113,3 +113,8 @@ def student_t_cdf(x: float, df: int) -> float:
     steps, width = 2000, x / 2000
     inner = sum((4 if i % 2 else 2) * density(i * width) for i in range(1, steps))
     return 0.5 + width / 3 * (density(0.0) + inner + density(x))
+
+
+def is_number(value) -> bool:
+    """A real number a table or curve can show: not a bool, not NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
