@@ -43,6 +43,7 @@ class Lineage:
     base: object  # the base's model settings (name_or_path, hub, revision, trust_remote_code)
     adapters: list = field(default_factory=list)
     _digests: list | None = field(default=None, repr=False, compare=False)  # the adapters' sha256, read once
+    _base_path: str | None = field(default=None, repr=False, compare=False)  # the base's directory, resolved once
 
     @classmethod
     def of(cls, model_cfg) -> "Lineage":
@@ -56,10 +57,14 @@ class Lineage:
 
     def merged(self, adapter) -> "Lineage":
         """This lineage with `adapter` on top."""
-        return Lineage(self.base, [*self.adapters, Path(adapter)])
+        return Lineage(self.base, [*self.adapters, Path(adapter)], _base_path=self._base_path)
 
     def base_path(self) -> str:
-        return resolve_model_path(self.base)
+        """The base's local directory, resolved once per lineage: for a hub id that is a snapshot
+        lookup (or a download), for a built-in model a check of the cache."""
+        if self._base_path is None:
+            self._base_path = resolve_model_path(self.base)
+        return self._base_path
 
     def path(self) -> str:
         """A directory holding this lineage's weights in float32: the base itself, or the base

@@ -213,3 +213,19 @@ def test_in_bfloat16_ppo_and_eval_score_with_the_reward_model_that_was_measured(
     folded = expected.merge_and_unload()  # what PPO and eval scored with before: the adapter rounded into bfloat16 weights
     with torch.no_grad():
         assert not torch.equal(folded(**batch).logits.float(), want)
+
+
+def test_a_lineage_resolves_its_base_model_once(monkeypatch, tmp_path):
+    """Where the base lives (a hub snapshot lookup, a built-in model's cache check) is asked once
+    per lineage, however often loading, recording and identity read it."""
+    import rlhf.lineage
+
+    calls = []
+    resolve = rlhf.lineage.resolve_model_path
+    monkeypatch.setattr(rlhf.lineage, "resolve_model_path", lambda model_cfg: calls.append(1) or resolve(model_cfg))
+    lineage = Lineage.of(compose_config("stage=dpo").model)
+    lineage.tokenizer()
+    lineage.identity("float32", None)
+    lineage.record("float32", stacked=False)
+    stacked = lineage.merged(tmp_path / "adapter")  # the lineage one adapter up stands on the same base
+    assert stacked.base_path() == lineage.path() and len(calls) == 1
