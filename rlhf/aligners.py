@@ -18,11 +18,10 @@ import yaml
 
 from rlhf import plots
 from rlhf.runs import read_json
+from rlhf.stages import STAGES
 
 CSV_NAME = "compare_aligners.csv"
 PNG_NAME = "frontier.png"
-# The hyperparameter that sets each aligner's distance from its reference, for the row's label.
-STRENGTH = {"dpo": "beta", "ppo": "kl_coef", "grpo": "beta", "rloo": "beta"}
 COLUMNS = (
     "run",
     "policy",
@@ -50,7 +49,7 @@ def rows(eval_dirs: list, name_base: Path) -> list:
         policy_dir = Path(config["eval"]["policy"])
         policy_config, policy_metrics = read_yaml(policy_dir / ".hydra" / "config.yaml") or {}, read_json(policy_dir / "metrics.json") or {}
         stage = policy_config.get("stage", "?")
-        strength = STRENGTH.get(stage)
+        strength = STAGES[stage].strength if stage in STAGES else None  # the setting of its distance from the reference
         value = (policy_config.get(stage) or {}).get(strength) if strength else None
         found.append(
             {

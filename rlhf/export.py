@@ -31,9 +31,9 @@ from pathlib import Path
 
 from rlhf.errors import UserError
 from rlhf.lineage import FULL_PRECISION, Lineage, TrainedRun  # export and check in float32, on the CPU
-from rlhf.runs import POLICY_STAGES
+from rlhf.stages import POLICY, REWARD_MODEL, STAGES, making
 
-EXPORTABLE_STAGES = (*POLICY_STAGES, "rm")
+EXPORTABLE_STAGES = (*making(POLICY), *making(REWARD_MODEL))
 SAMPLE_CONVERSATIONS = [  # inputs of the check: a short and a longer chat, padded into one batch
     [{"role": "user", "content": "1+1等于几？"}],
     [
@@ -50,7 +50,7 @@ def export(run_dir, out_dir, adapter_only: bool = False, tolerance: float = 1e-5
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"OUT_DIR {out} exists and is not empty; choose a new directory")
-    head = "reward" if run.cfg.stage == "rm" else "causal_lm"
+    head = STAGES[run.cfg.stage].head
     tokenizer = run.start.tokenizer()
     trained, gap = full_precision_form(run, head, tokenizer)
     try:

@@ -27,7 +27,7 @@ from rlhf import PROJECT_ROOT, chain, compat, package_versions, precision, preem
 from rlhf.errors import UserError
 from rlhf.reuse import reuse_or_train
 from rlhf.runs import finished_with, is_main_process, last_complete_checkpoint, prepare_run_dir, write_json, write_status
-from rlhf.stages import get_stage
+from rlhf.stages import get_stage, runs_steps
 from rlhf.validate import validate
 
 # bitsandbytes warns on every import that an optional CPU kernel package is missing: noise before every one-line error.
@@ -64,7 +64,7 @@ def main(cfg, run_dir: Path | None = None):
 def run_or_skip(cfg, run_dir: Path, hydra, in_sweep: bool):
     """The run's metrics' objective: a finished run of this config in a sweep or chain directory is
     left as it is; otherwise claim the directory and run the stage."""
-    if (in_sweep or cfg.stage == "chain") and cfg.get("resume", "auto") == "auto" and finished_with(run_dir, cfg):
+    if (in_sweep or runs_steps(cfg.stage)) and cfg.get("resume", "auto") == "auto" and finished_with(run_dir, cfg):
         # Re-running a sweep or a chain into its directory: what finished with this config stays as it is.
         print(f"{run_dir}: already finished with this config; skipped", flush=True)
         return objective(cfg, json.loads((run_dir / "metrics.json").read_text()))
@@ -93,7 +93,7 @@ def run_stage(cfg, run_dir: Path, overrides=()) -> dict:
     main_process = is_main_process()
     try:
         validate(cfg, list(overrides))  # before the stage's heavy imports and before any model or dataset loads
-        if cfg.stage == "chain":  # each step is a run of its own, reused or trained
+        if runs_steps(cfg.stage):  # each step is a run of its own, reused or trained
             return train_stage(cfg, run_dir, functools.partial(chain.run, run_stage=run_stage))
         with reuse_or_train(cfg, run_dir) as reused:
             if reused is not None:
@@ -118,7 +118,7 @@ def run_stage(cfg, run_dir: Path, overrides=()) -> dict:
 
 def train_stage(cfg, run_dir: Path, stage) -> dict:
     main_process = is_main_process()
-    if main_process and cfg.stage != "chain":  # each chain step says its own
+    if main_process and not runs_steps(cfg.stage):  # each chain step says its own
         print(f"precision: {precision(cfg)}", flush=True)
     if main_process:
         write_json(run_dir / "env.json", environment(cfg))
@@ -152,7 +152,7 @@ def environment(cfg) -> dict:
         "cwd": os.getcwd(),
         "seed": cfg.seed,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),  # the device a gpu_pool job was given
-        "precision": precision(cfg) if cfg.stage != "chain" else None,
+        "precision": precision(cfg) if not runs_steps(cfg.stage) else None,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": package_versions(RECORDED_PACKAGES),

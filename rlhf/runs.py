@@ -14,6 +14,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from rlhf.errors import UserError
+from rlhf.stages import EVERY_STAGE_READS, POLICY, STAGES, making
 
 
 def finished_run(path, key: str, stages: tuple = ()):
@@ -31,16 +32,12 @@ def finished_run(path, key: str, stages: tuple = ()):
     return cfg
 
 
-POLICY_STAGES = ("sft", "dpo", "ppo", "grpo", "rloo")  # runs whose final/ is a policy (a run may start from these)
+POLICY_STAGES = making(POLICY)  # runs whose final/ is a policy (a run may start from these)
 # Settings that name an earlier run: key -> (the stage that cannot do without it, or None; the stages that run may be).
 RUN_INPUTS = {
-    "model.init_from": (None, POLICY_STAGES),
-    "ppo.reward_model": ("ppo", ("rm",)),
-    "grpo.reward_model": (None, ("rm",)),  # or reward functions alone
-    "rloo.reward_model": (None, ("rm",)),
-    "eval.policy": ("eval", POLICY_STAGES),
-    "eval.reward_model": ("eval", ("rm",)),
-    "eval.judge_model": (None, ("rm",)),
+    key: (name if needed else None, making(what))
+    for name, stage in [(None, None), *STAGES.items()]
+    for key, (what, needed) in (stage.reads if stage else EVERY_STAGE_READS).items()
 }
 
 

@@ -33,6 +33,7 @@ from rlhf.runs import (
     resume_point,
     write_json,
 )
+from rlhf.stages import REWARD_MODEL, making
 from rlhf.tracking import finish_tracking, run_name
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def load_reward_model(rm_run, cfg, key: str = "ppo.reward_model") -> RewardModel
     """The reward model of a finished `stage=rm` run named by the setting `key`: its lineage with
     its own adapter (score head included) on top - merged where that is exact, as the RM computed
     when its accuracy was measured - frozen, with its tokenizer and the run's rm.max_length."""
-    run = TrainedRun.of(rm_run, key, stages=("rm",))
+    run = TrainedRun.of(rm_run, key, stages=making(REWARD_MODEL))
     model = run.load(cfg.hardware, head="reward", merge=True)
     model.requires_grad_(False)
     tokenizer = run.start.tokenizer()

@@ -22,7 +22,7 @@ from rlhf import PROJECT_ROOT
 from rlhf.errors import UserError, first_line
 from rlhf.model_sources import check_hub
 from rlhf.runs import RUN_INPUTS, check_input_runs, finished_run
-from rlhf.stages import available_stages  # pkgutil only: no stage module is imported
+from rlhf.stages import STAGES, runs_steps  # the registry only: no stage module is imported
 
 ALLOWED_TARGETS = ("rlhf.", "trl.", "peft.", "transformers.", "torch.optim.", "hydra_plugins.")
 # Hydra's own settings (the `hydra` node) also name Hydra's core plugins and the Optuna sampler.
@@ -169,8 +169,8 @@ NODE_RULES = {
 
 def check_values(cfg) -> None:
     """Numbers in range: `dpo.beta=-1: must be > 0`."""
-    for name in available_stages():
-        if isinstance(cfg.get(name), DictConfig):
+    for name in STAGES:
+        if not runs_steps(name) and isinstance(cfg.get(name), DictConfig):
             _check_rules(cfg, name, {**STAGE_RULES, **NODE_RULES.get(name, {})})
     if isinstance(OmegaConf.select(cfg, "hardware.training_args"), DictConfig):
         _check_rules(cfg, "hardware.training_args", STAGE_RULES)
@@ -268,7 +268,7 @@ def check_combinations(cfg) -> None:
         bits = "4bit" if quantization.get("load_in_4bit") else "8bit" if quantization.get("load_in_8bit") else "<on>"
         fix = "use peft=lora (or quantization=none to train every weight)"
         raise UserError(f"quantization={bits} with peft=none: quantized weights cannot be trained directly; {fix}")
-    if stage == "chain":  # each step is validated when it runs, with its own overrides
+    if runs_steps(stage):  # each step is validated when it runs, with its own overrides
         return
     check_reference_bias(cfg)
     if isinstance(cfg.get("model"), DictConfig):
@@ -282,9 +282,10 @@ def check_reference_bias(cfg) -> None:
     adapter disabled; biases that peft trains in place stay on when it is, so the reference would
     no longer be the starting policy. Refused rather than kept as a second frozen copy."""
     stage, peft = cfg.get("stage"), cfg.get("peft")
-    if stage not in ("dpo", "ppo", "grpo", "rloo") or not isinstance(peft, DictConfig) or peft.get("bias", "none") == "none":
+    properties = STAGES.get(stage)
+    if properties is None or not properties.reference or not isinstance(peft, DictConfig) or peft.get("bias", "none") == "none":
         return
-    if stage in ("grpo", "rloo") and OmegaConf.select(cfg, f"{stage}.beta") == 0:  # no KL term: no reference
+    if properties.strength_zero_drops_reference and OmegaConf.select(cfg, f"{stage}.{properties.strength}") == 0:  # no KL term
         return
     raise UserError(
         f"peft.bias={peft.bias} with stage={stage}: the reference is the policy with its LoRA adapter disabled, and biases "

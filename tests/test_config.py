@@ -100,7 +100,7 @@ def test_unknown_stage_name_in_a_saved_config_lists_the_valid_ones():
     from rlhf.errors import UserError
     from rlhf.stages import get_stage
 
-    with pytest.raises(UserError, match="valid stages: dpo, eval, grpo, ppo, rloo, rm, sft"):
+    with pytest.raises(UserError, match="valid stages: chain, dpo, eval, grpo, ppo, rloo, rm, sft"):
         get_stage("ppo_typo")
 
 

@@ -164,3 +164,18 @@ def test_the_link_checker_finds_broken_links_and_only_those(tmp_path):
         "page.md:2: gone/too.md",
         "page.md:11: missing-too.md",
     ]
+
+
+def test_the_stage_registry_lists_every_stage_module_and_its_config():
+    """rlhf.stages.STAGES is the one list of stages: a stage module without an entry (or an entry
+    without its module and conf/stage/<name>.yaml) is a stage half added."""
+    import pkgutil
+
+    import rlhf.stages
+    from rlhf.runs import POLICY_STAGES
+    from rlhf.stages import STAGES
+
+    modules = {info.name for info in pkgutil.iter_modules(rlhf.stages.__path__) if not info.name.startswith("_")}
+    assert modules == {name for name, stage in STAGES.items() if not stage.steps}
+    assert all((ROOT / "conf" / "stage" / f"{name}.yaml").is_file() for name in STAGES)
+    assert POLICY_STAGES == ("sft", "dpo", "ppo", "grpo", "rloo")  # derived: the stages whose final/ a run may start from
