@@ -30,7 +30,6 @@ from rlhf.errors import UserError
 from rlhf.generation import RewardModel, SamplingSettings, fit_prompt, held_out_answers
 from rlhf.metrics import paired_gain
 from rlhf.rewards import RewardFunction, completion_text
-from rlhf.tracking import finish_tracking, start_tracking
 from rlhf.training import autocast, device_for, fit, float32_adapter_sums, load_inputs, load_reward_model, trainer_kwargs
 
 LOGGED = ("reward", "rewards/", "kl", "completions/", "clip_ratio", "entropy")  # TRL's log keys kept in metrics.json
@@ -69,7 +68,6 @@ def run(cfg, run_dir: Path, trainer_class) -> dict:
     if reward is not None:
         reward.model.to(device_for(cfg))
 
-    start_tracking(cfg, run_dir)
     # TRL's settings get TRL's keys; the reward functions are built above, not by the settings object.
     trl_keys = OmegaConf.masked_copy(settings, [key for key in settings if key != "reward_functions"])
     kwargs = trainer_kwargs(cfg, trl_keys, inputs, run_dir, evaluate=False)  # held-out scoring below, not TRL's eval loop
@@ -83,7 +81,7 @@ def run(cfg, run_dir: Path, trainer_class) -> dict:
     score = held_out_scorer(cfg, settings, inputs, trainer, reward, functions)
     before = score() if score else None  # the starting policy (a resumed run measures it again, to the same scores)
     timer = PhaseTimer(trainer, reward.model if reward is not None else None)  # after the held-out scoring: it times training only
-    metrics = {**fit(trainer, run_dir, inputs, cfg, finish=False), **last_logged(trainer.state.log_history)}
+    metrics = {**fit(trainer, run_dir, inputs, cfg), **last_logged(trainer.state.log_history)}
     metrics.update(timer.per_update(metrics))
     metrics["data/cut_prompts"] = cut_prompts
     if score:  # the same prompts and seeds before and after
@@ -92,7 +90,6 @@ def run(cfg, run_dir: Path, trainer_class) -> dict:
             metrics.update(paired_gain([b for b, _ in pairs], [a for _, a in pairs], prefix=prefix) if pairs else {})
     if reward is not None:  # training and held-out rows longer than the reward model was trained on, cut to its rm.max_length
         metrics["data/reward_cut_inputs"] = reward.cut_inputs
-    finish_tracking(metrics)
     return metrics
 
 

@@ -28,6 +28,7 @@ from rlhf.errors import UserError
 from rlhf.reuse import reuse_or_train
 from rlhf.runs import finished_with, is_main_process, last_complete_checkpoint, prepare_run_dir, write_json, write_status
 from rlhf.stages import get_stage, runs_steps
+from rlhf.tracking import finish_tracking, start_tracking
 from rlhf.validate import validate
 
 # bitsandbytes warns on every import that an optional CPU kernel package is missing: noise before every one-line error.
@@ -123,12 +124,17 @@ def train_stage(cfg, run_dir: Path, stage) -> dict:
     if main_process:
         write_json(run_dir / "env.json", environment(cfg))
         write_status(run_dir, "running")
+    tracked = not runs_steps(cfg.stage)  # a chain's steps are tracked as runs of their own
+    if tracked:  # the run's W&B run (or TensorBoard directory): the Trainer's integration and PPO's log write into it
+        start_tracking(cfg, run_dir)
     start = time.perf_counter()
     metrics = stage(cfg, run_dir)
     metrics["stage_runtime"] = time.perf_counter() - start  # seconds from model loading to the saved result
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         metrics["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20  # this process, this device
+    if tracked:
+        finish_tracking(metrics)  # the final metrics in the W&B summary, and the run closed
     if main_process:
         write_json(run_dir / "metrics.json", metrics)
         write_status(run_dir, "done")

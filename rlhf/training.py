@@ -34,7 +34,7 @@ from rlhf.runs import (
     write_json,
 )
 from rlhf.stages import REWARD_MODEL, making
-from rlhf.tracking import finish_tracking, run_name
+from rlhf.tracking import run_name
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ def fold_into_whole_model(model) -> None:
         fold_stacked_updates(model)
 
 
-def fit(trainer, run_dir: Path, inputs: StageInputs, cfg, finish: bool = True) -> dict:
+def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
     """Train (resuming from the last complete checkpoint when there is one and resume=auto),
     evaluate on the held-out split, save the adapter/model and tokenizer to final/, and return
     the final metrics as one flat dict."""
@@ -282,6 +282,4 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg, finish: bool = True) -
     if is_main_process():
         trainer.processing_class.save_pretrained(str(run_dir / "final"))
         write_final_lineage(run_dir / "final", inputs.lineage, cfg, inputs.head)
-    if finish:  # else the stage adds its own metrics first and closes the tracker itself
-        finish_tracking(metrics)
     return metrics

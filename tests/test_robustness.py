@@ -105,9 +105,16 @@ def test_a_failing_sweep_job_does_not_stop_the_others(tmp_path):
     assert "1 of 3 jobs failed" in done.stderr
 
 
-def test_wandb_run_keeps_its_id_across_a_resume(tmp_path):
+def test_wandb_run_keeps_its_id_across_a_resume(tmp_path, monkeypatch):
     """W&B (offline here) logs under the id kept in the run directory: a resumed run reuses it."""
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
+    summaries, finish = [], wandb.finish
+
+    def finishing(*args, **kwargs):  # what the W&B run's summary holds as it is closed
+        summaries.append({key: wandb.run.summary[key] for key in wandb.run.summary.keys()})
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "finish", finishing)
     overrides = ("logger=wandb", "sft.max_steps=2", "dataset.test_size=0")
     train(tmp_path, *overrides)
     run_id = (tmp_path / "wandb_id.txt").read_text().strip()
@@ -116,6 +123,10 @@ def test_wandb_run_keeps_its_id_across_a_resume(tmp_path):
     train(tmp_path, *overrides)  # the same command again: it resumes
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(run.name.endswith(run_id) for run in runs)
+    # the run's owner (rlhf.run) closes the W&B run once per run, with every final metric, its own included
+    final = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(summaries) == 2 and summaries[-1]["stage_runtime"] == final["stage_runtime"]
+    assert summaries[-1]["train_loss"] == pytest.approx(final["train_loss"])
 
 
 def test_a_full_disk_while_saving_stops_with_one_line_and_the_earlier_checkpoint_resumes(tmp_path, monkeypatch, capsys):

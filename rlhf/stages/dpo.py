@@ -11,14 +11,12 @@ starting weights. Evaluations add win_rate, kendall_tau and margin of the implic
 from pathlib import Path
 
 from rlhf import precision
-from rlhf.tracking import start_tracking
 from rlhf.trainers import KLDPOTrainer
 from rlhf.training import fit, load_inputs, trainer_kwargs
 
 
 def run(cfg, run_dir: Path) -> dict:
     inputs = load_inputs(cfg, data_kind="preference")
-    start_tracking(cfg, run_dir)
     trainer = KLDPOTrainer(
         ref_model=None,  # LoRA: the adapter-disabled policy; full fine-tuning: TRL copies the start model
         reference_identity=inputs.lineage.identity(precision(cfg), cfg.quantization),  # keys the reference log-prob cache

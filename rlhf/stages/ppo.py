@@ -22,7 +22,7 @@ from rlhf import ddp_backend, distributed
 from rlhf.metrics import paired_gain
 from rlhf.ppo.trainer import PPOModels, PPOTrainer, ValueHead
 from rlhf.runs import is_main_process, resume_point
-from rlhf.tracking import UpdateLog, finish_tracking, start_tracking
+from rlhf.tracking import UpdateLog
 from rlhf.training import autocast, device_for, float32_adapter_sums, load_inputs, load_reward_model, save_final
 
 
@@ -39,7 +39,6 @@ def train_ppo(cfg, run_dir: Path) -> dict:
     inputs = load_inputs(cfg, data_kind="prompt")
     models = ppo_models(cfg, settings, inputs, device)
 
-    start_tracking(cfg, run_dir)
     log = UpdateLog(cfg, run_dir)
     trainer = PPOTrainer(models, settings, device, log=log)  # rank 0's trainable weights on every process
     set_seed(cfg.seed + distributed.rank())  # each process samples its own responses
@@ -62,7 +61,6 @@ def train_ppo(cfg, run_dir: Path) -> dict:
     if is_main_process():
         save_file(models.value_head.state_dict(), str(final / "value_head.safetensors"))  # apart: final/ loads as a plain policy
     log.close()
-    finish_tracking(metrics)
     return metrics
 
 

@@ -8,13 +8,11 @@ eval_margin (mean r(x, y_w) - r(x, y_l)), and eval_win_rate / eval_kendall_tau (
 
 from pathlib import Path
 
-from rlhf.tracking import start_tracking
 from rlhf.trainers import RankingRewardTrainer
 from rlhf.training import fit, load_inputs, trainer_kwargs
 
 
 def run(cfg, run_dir: Path) -> dict:
     inputs = load_inputs(cfg, data_kind="preference", head="reward")
-    start_tracking(cfg, run_dir)
     trainer = RankingRewardTrainer(**trainer_kwargs(cfg, cfg.rm, inputs, run_dir))
     return fit(trainer, run_dir, inputs, cfg)

@@ -8,13 +8,11 @@ from pathlib import Path
 
 from trl import SFTTrainer
 
-from rlhf.tracking import start_tracking
 from rlhf.training import fit, load_inputs, trainer_kwargs
 
 
 def run(cfg, run_dir: Path) -> dict:
     inputs = load_inputs(cfg, data_kind="sft")
-    start_tracking(cfg, run_dir)
     trainer = SFTTrainer(
         **trainer_kwargs(cfg, cfg.sft, inputs, run_dir),
     )
