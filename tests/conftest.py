@@ -40,6 +40,17 @@ def compose_config(*overrides: str):
     return cfg
 
 
+# One PPO update of 8 short answers, scored before and after on 4 held-out prompts: the smallest PPO run.
+ONE_SMALL_PPO_UPDATE = (
+    "ppo.total_updates=1",
+    "ppo.batch_size=8",
+    "ppo.mini_batch_size=8",
+    "ppo.ppo_epochs=1",
+    "ppo.max_new_tokens=8",
+    "ppo.eval_prompts=4",
+)
+
+
 def train(run_dir: Path, *overrides: str) -> dict:
     """Run a stage in this process into `run_dir`; return its metrics.json. It trains, even when
     another test trained the same config (`reuse=false`), unless the overrides set `reuse`."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, compose_config, crash_in_call, train
+from conftest import ONE_SMALL_PPO_UPDATE, ROOT, compose_config, crash_in_call, train
 
 from rlhf import compare
 from rlhf.data import BUILTIN_DIR
@@ -54,12 +54,7 @@ def test_a_kl_coef_sweep_trains_sft_and_the_reward_model_once(tmp_path, launcher
             f"hydra.sweep.dir={sweep}",
             "sft.max_steps=2",
             "rm.max_steps=2",
-            "ppo.total_updates=1",
-            "ppo.batch_size=8",
-            "ppo.mini_batch_size=8",
-            "ppo.ppo_epochs=1",
-            "ppo.max_new_tokens=8",
-            "ppo.eval_prompts=4",
+            *ONE_SMALL_PPO_UPDATE,
             "-m",
         ],
         cwd=ROOT,

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import cli, train
+from conftest import ONE_SMALL_PPO_UPDATE, cli, train
 
 SHORT = [{"role": "user", "content": "你好"}]
 LONG = [{"role": "user", "content": "请用三句话介绍一下你最喜欢的季节，并说明为什么喜欢它。"}]
@@ -230,12 +230,7 @@ def test_reward_inputs_longer_than_the_rm_was_trained_on_are_cut_from_the_left(t
         "dataset=builtin_sft",
         f"dataset.path={data}",
         "dataset.test_size=0.25",
-        "ppo.total_updates=1",
-        "ppo.batch_size=8",
-        "ppo.mini_batch_size=8",
-        "ppo.ppo_epochs=1",
-        "ppo.max_new_tokens=8",
-        "ppo.eval_prompts=4",
+        *ONE_SMALL_PPO_UPDATE,
     )
     output = "".join(capfd.readouterr())
     assert "longer than the specified maximum sequence length" not in output
