@@ -183,10 +183,16 @@ class KLDPOTrainer(PreferenceEvaluation, ReferenceLogpsHook, DPOTrainer):
         # ranks that decided alone (a file written between their checks, a node-local cache) would
         # enter it alone and wait forever.
         cached = distributed.from_main_process(cached)
+        fresh = cached is None
+        if fresh and self.accelerator.num_processes > 1:
+            cached = self.whole_split_on_rank_zero(dataset, batch_size)
         if name == "train":
-            self.run_metrics.update(ref_logps_rows=0 if cached is not None else len(dataset), ref_logps_cached_rows=len(dataset))
+            self.run_metrics.update(ref_logps_rows=len(dataset) if fresh else 0, ref_logps_cached_rows=0 if fresh else len(dataset))
         if cached is not None:
-            print(f"reference log-probs of the {name} split: loaded from {path}", flush=True)
+            if not fresh:
+                print(f"reference log-probs of the {name} split: loaded from {path}", flush=True)
+            elif path is not None and main:
+                write_ref_cache(path, cached)
             for column in REF_COLUMNS:
                 dataset = dataset.add_column(column, cached[column].tolist())
             return dataset
@@ -194,6 +200,20 @@ class KLDPOTrainer(PreferenceEvaluation, ReferenceLogpsHook, DPOTrainer):
         if path is not None and main:
             write_ref_cache(path, {c: torch.tensor(list(dataset[c]), dtype=torch.float32) for c in REF_COLUMNS})
         return dataset
+
+    @torch.no_grad()
+    def whole_split_on_rank_zero(self, dataset, batch_size: int) -> dict:
+        """The reference log-probs of every row, computed by rank 0 alone and handed to every
+        process. TRL's own pass gathers each process's share through accelerate, which on CPU
+        processes returned one process's rows (540 rows -> 272 values: an IndexError); the model
+        is not wrapped for DDP yet, so one process's forward passes need no other."""
+        values = None
+        if self.accelerator.is_main_process:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+            model = self.ref_model or self.model
+            parts = [self.compute_ref_log_probs(model, prepare_inputs(self, batch)) for batch in loader]
+            values = {column: torch.cat([part[i] for part in parts]).float().cpu() for i, column in enumerate(REF_COLUMNS)}
+        return distributed.from_main_process(values)
 
     def reference_as_reached(self, dataset, path, reached: int):
         """The train split with the cached reference log-probs and NaN where none is cached yet;

@@ -4,6 +4,7 @@ seconds, training the tiny model does not)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,15 @@ ONE_SMALL_PPO_UPDATE = (
     "ppo.max_new_tokens=8",
     "ppo.eval_prompts=4",
 )
+
+
+def fresh_cache(tmp_path: Path) -> Path:
+    """A cache that holds the tiny model and no registered run."""
+    from rlhf.tiny_model import ensure_tiny_model
+
+    cache = tmp_path / "cache"
+    shutil.copytree(ensure_tiny_model(), cache / ensure_tiny_model().name)
+    return cache
 
 
 def train(run_dir: Path, *overrides: str) -> dict:

@@ -218,7 +218,7 @@ def ppo_update(rank: int, world: int, directory: str, model_path: str) -> None:
     try:
         torch.manual_seed(0)
         policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float64)
-        models = PPOModels(policy, None, ValueHead(policy.config.hidden_size), None, None, None)
+        models = PPOModels(policy, None, ValueHead(policy.config.hidden_size), None, None)
         settings = PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=2, max_grad_norm=1e9, vf_coef=0.5)
         trainer = PPOTrainer(models, settings, torch.device("cpu"), log=None)
         trainer.optimizer = torch.optim.SGD(trainer.trainable, lr=0.5)  # the update is the gradient itself
@@ -292,7 +292,9 @@ def ref_cache_decision(rank: int, directory: str) -> None:
         trainer = SimpleNamespace(
             args=SimpleNamespace(ref_cache=True),
             reference_identity="the reference",
-            accelerator=SimpleNamespace(is_main_process=rank == 0),
+            accelerator=SimpleNamespace(is_main_process=rank == 0, num_processes=2),
+            rows_reached=lambda name, rows: rows,
+            run_metrics={},
             ref_cache_path=lambda dataset: path,
             trl_reference_logps=trl_reference_logps,
         )

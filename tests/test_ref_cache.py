@@ -2,7 +2,7 @@
 reused by later runs with identical results, recomputed when any part of the key changes."""
 
 import pytest
-from conftest import history, train
+from conftest import fresh_cache, history, train
 
 
 def cached_files():
@@ -63,7 +63,8 @@ def test_a_damaged_cache_file_is_reported_recomputed_and_replaced(tmp_path, caps
     assert not list(written.parent.glob(f".{written.name}.*"))  # no temporary file left behind
 
 
-def test_a_short_run_computes_only_the_rows_it_reaches_and_a_longer_one_adds_to_them(tmp_path):
+def test_a_short_run_computes_only_the_rows_it_reaches_and_a_longer_one_adds_to_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_CACHE", str(fresh_cache(tmp_path)))  # no reference rows from earlier tests of the same data
     short = (
         "stage=dpo",
         "dataset.max_samples=2000",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ONE_SMALL_PPO_UPDATE, ROOT, compose_config, crash_in_call, train
+from conftest import ONE_SMALL_PPO_UPDATE, ROOT, compose_config, crash_in_call, fresh_cache, train
 
 from rlhf import compare
 from rlhf.data import BUILTIN_DIR
@@ -28,15 +28,6 @@ def status(run_dir: Path) -> dict:
 
 def trained_here(run_dir: Path) -> bool:
     return status(run_dir)["status"] == "done" and "reused_from" not in status(run_dir)
-
-
-def fresh_cache(tmp_path: Path) -> Path:
-    """A cache that holds the tiny model and no registered run."""
-    from rlhf.tiny_model import ensure_tiny_model
-
-    cache = tmp_path / "cache"
-    shutil.copytree(ensure_tiny_model(), cache / ensure_tiny_model().name)
-    return cache
 
 
 @pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]], ids=["in-turn", "two-at-once"])

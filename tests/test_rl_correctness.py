@@ -116,14 +116,22 @@ def test_samples_follow_the_tempered_softmax_whatever_the_checkpoint_says():
 
     path = ensure_tiny_model()
     tokenizer, policy = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
-    with torch.no_grad():
-        policy.model.norm.weight.mul_(5)  # sharper logits: 1500 samples then estimate the distribution to ~0.04
     policy.generation_config.top_k, policy.generation_config.repetition_penalty, policy.generation_config.min_p = 2, 1.5, 0.1
     prompt = [{"role": "user", "content": "请写一句关于天气的话。"}]
-    with torch.no_grad():
-        logits = policy(**encode_prompts(tokenizer, [prompt], 128, torch.device("cpu"))).logits[0, -1]
-    expected = torch.softmax(logits.double() / 3, dim=-1)
-    assert expected.topk(2).values.sum() < 0.9  # top_k=2 would be far off
+    norm = policy.model.norm.weight.detach().clone()
+    # Sharper logits, so that 1500 samples estimate the distribution closely, but not so sharp that
+    # two tokens hold it all: the sharpest scale (the tiny model's weights differ by build) at which
+    # the top two tokens hold < 0.88, so top_k=2 would be off by > 0.12 in total variation.
+    for sharpening in (5.0, 4.5, 4.0, 3.5):
+        with torch.no_grad():
+            policy.model.norm.weight.copy_(norm * sharpening)
+            logits = policy(**encode_prompts(tokenizer, [prompt], 128, torch.device("cpu"))).logits[0, -1]
+        expected = torch.softmax(logits.double() / 3, dim=-1)
+        if expected.topk(2).values.sum() < 0.88:
+            break
+    assert expected.topk(2).values.sum() < 0.88  # top_k=2 would be far off
+    noise = 0.5 * (2 * expected * (1 - expected) / (torch.pi * 1500)).sqrt().sum()  # the expected TV of 1500 honest draws
+    assert noise < 0.06
 
     torch.manual_seed(0)
     drawn = sample(policy, tokenizer, [prompt] * 1500, SamplingSettings(128, 1, 3.0, 1.0), torch.device("cpu")).responses[:, 0]
