@@ -71,10 +71,10 @@ def run(cfg, run_dir: Path, trainer_class) -> dict:
     # TRL's settings get TRL's keys; the reward functions are built above, not by the settings object.
     trl_keys = OmegaConf.masked_copy(settings, [key for key in settings if key != "reward_functions"])
     kwargs = trainer_kwargs(cfg, trl_keys, inputs, run_dir, evaluate=False)  # held-out scoring below, not TRL's eval loop
-    kwargs["args"].reward_weights = ([settings.reward_model_weight] if reward is not None else []) + [f.weight for f in functions]
     # The reward model goes to TRL as a function, not as a model: TRL would score each row whole,
     # beyond the length the RM was trained on; `RewardModel.scores` cuts it as PPO and eval do.
     model_reward = [RewardModelFunction(reward, device_for(cfg), settings.reward_model_weight)] if reward is not None else []
+    kwargs["args"].reward_weights = [function.weight for function in model_reward + functions]
     trainer = trainer_class(reward_funcs=model_reward + functions, **kwargs)
 
     float32_adapter_sums(trainer.model, trainer.args.bf16)  # before the first scoring, not only in fit()
@@ -180,8 +180,6 @@ def held_out_scorer(cfg, settings, inputs, trainer, reward, functions):
     sampling = SamplingSettings(settings.max_prompt_length, args.max_completion_length, args.temperature, args.top_p)
     trl_sampler = {"top_k": args.top_k, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty}
     batch_size = args.per_device_eval_batch_size
-    if reward is not None:
-        reward.model.to(device)
 
     def score() -> dict:
         with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it

@@ -38,7 +38,7 @@ class Preempted(UserError):
 
 @contextlib.contextmanager
 def handled():
-    """Catch SIGTERM and SIGUSR1 for the block (from the main thread only: Python delivers signals there)."""
+    """Catch SIGNALS for the block (from the main thread only: Python delivers signals there)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -204,9 +204,10 @@ class KLDPOTrainer(PreferenceEvaluation, ReferenceLogpsHook, DPOTrainer):
     @torch.no_grad()
     def whole_split_on_rank_zero(self, dataset, batch_size: int) -> dict:
         """The reference log-probs of every row, computed by rank 0 alone and handed to every
-        process. TRL's own pass gathers each process's share through accelerate, which on CPU
-        processes returned one process's rows (540 rows -> 272 values: an IndexError); the model
-        is not wrapped for DDP yet, so one process's forward passes need no other."""
+        process. TRL 1.16's own pass cannot serve several processes with the datasets built here
+        in memory: rank 0 writes the values to an Arrow file under its own temporary directory,
+        which the other ranks then open and do not find. The model is not wrapped for DDP yet, so
+        one process's forward passes need no other (a ZeRO-3-sharded model would: untested)."""
         values = None
         if self.accelerator.is_main_process:
             loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)

@@ -43,8 +43,9 @@ def test_torchrun_two_processes_leave_one_complete_run(tmp_path, stage):
     assert metrics["epoch"] == pytest.approx(4 / math.ceil(540 / (2 * 16)))
     lines = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "loss" in line] == [2, 4]  # written once, by rank 0 only
-    if stage == "dpo":  # preference metrics over the whole held-out split, gathered from both ranks
+    if stage == "dpo":  # preference metrics over the whole held-out split (60 of 600 pairs), gathered from both ranks
         assert 0 <= metrics["eval_win_rate"] <= 1 and "eval_kendall_tau" in metrics
+        assert metrics["eval_pairs"] == 60  # not one rank's padded half (32): accelerate must know the CPU processes
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "done"
 
 

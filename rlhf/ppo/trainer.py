@@ -152,10 +152,11 @@ class PPOTrainer:
             self.kl_controller.update(statistics["objective/kl"], self.settings.batch_size)  # the same on every process
             if update % self.settings.logging_steps == 0 or update == self.settings.total_updates:
                 self.log(record)
-            if self.settings.save_steps > 0 and update % self.settings.save_steps == 0 and update < self.settings.total_updates:
+            more = update < self.settings.total_updates
+            stop = more and preemption.asked()  # a scheduler's signal: a checkpoint here, then stop (collective: every update)
+            if stop or (more and self.settings.save_steps > 0 and update % self.settings.save_steps == 0):
                 self.save_checkpoint(checkpoints / f"checkpoint-{update}", update, keep)
-            if update < self.settings.total_updates and preemption.asked():  # a scheduler's signal: stop here, resumable
-                self.save_checkpoint(checkpoints / f"checkpoint-{update}", update, keep)
+            if stop:
                 raise preemption.Preempted(update)
             last = record
         ran = self.settings.total_updates - self.done_updates  # updates timed in this process (>= 1: see resume)
