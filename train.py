@@ -8,9 +8,9 @@ import sys
 
 import hydra
 
+from rlhf.command import main as run_main
 from rlhf.compose import check_command_line
-from rlhf.errors import UserError
-from rlhf.run import main as run_main
+from rlhf.errors import exit_on_user_error
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -22,9 +22,6 @@ if __name__ == "__main__":
     # Hydra's parser takes flags only before the overrides; let -m/--multirun stand anywhere.
     multirun = [arg for arg in sys.argv[1:] if arg in ("-m", "--multirun")]
     sys.argv = [sys.argv[0], *multirun, *(arg for arg in sys.argv[1:] if arg not in multirun)]
-    try:
+    with exit_on_user_error():
         check_command_line(sys.argv[1:])  # Hydra's composition errors in one line; no foreign _target_ reaches Hydra
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     main()

@@ -4,7 +4,7 @@ framework's trainers actually build, for SFT, RM and DPO, on real data.
     python bench/padding.py                                   # SmolLM2 on BELLE (SFT) and HH-RLHF (RM, DPO)
     python bench/padding.py --batches 4 --model tiny          # quick, on the built-in data
 
-Builds each stage's trainer exactly as `train.py` does (rlhf.training.trainer_kwargs on the
+Builds each stage's trainer exactly as `train.py` does (rlhf.lifecycle.trainer_kwargs on the
 composed config) and walks its first --batches training batches without training: pad share =
 1 - (real tokens) / (batch rows x padded length), per batch, then over all of them. A DPO batch
 holds the chosen and the rejected answers of its pairs, padded to one length. Writes
@@ -55,7 +55,7 @@ def pad_share(stage: str, args, data: list) -> dict:
     from hydra.utils import get_class
 
     from rlhf.compose import compose
-    from rlhf.training import load_inputs, trainer_kwargs
+    from rlhf.lifecycle import load_inputs, trainer_kwargs
 
     rows = 4 * args.batches * args.batch_size
     overrides = [f"model={args.model}", f"stage={stage}", *data, f"dataset.max_samples={rows}", "dataset.test_size=0"]

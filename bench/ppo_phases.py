@@ -64,10 +64,10 @@ def measure(overrides: list) -> dict:
     from transformers import set_seed
 
     from rlhf.compose import compose
+    from rlhf.lifecycle import autocast, device_for, load_inputs
     from rlhf.lineage import Lineage
     from rlhf.ppo.trainer import PPOTrainer
     from rlhf.stages.ppo import ppo_models
-    from rlhf.training import autocast, device_for, load_inputs
 
     cfg = compose(overrides)
     HydraConfig.instance().set_config(cfg)  # the run name reads Hydra's job settings

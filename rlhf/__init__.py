@@ -42,11 +42,11 @@ def ddp_backend():
     return "gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
 
 
-def cpu_bf16(model: str = "") -> bool:
-    """`${cpu_bf16:${model.name_or_path}}`: True on a CPU with bfloat16 matrix units (AVX512-BF16
-    or AMX, read from /proc/cpuinfo), where bfloat16 autocast trains real models faster; False
-    elsewhere and for the built-in tiny model, whose matrices are too small for it to pay."""
-    if model == "builtin:tiny":
+def cpu_bf16(pays: bool = True) -> bool:
+    """`${cpu_bf16:${model.cpu_bf16}}`: True on a CPU with bfloat16 matrix units (AVX512-BF16 or
+    AMX, read from /proc/cpuinfo), where bfloat16 autocast trains real models faster, if the
+    model's config says autocast pays for it (the tiny model's matrices are too small); else False."""
+    if pays is not True:
         return False
     try:
         flags = Path("/proc/cpuinfo").read_text(errors="ignore").split()
@@ -57,7 +57,7 @@ def cpu_bf16(model: str = "") -> bool:
 
 def precision(cfg) -> str:
     """How the run computes: the weights' dtype, and bfloat16 autocast when hardware.training_args.bf16
-    is on (on the CPU preset: where the CPU has bfloat16 matrix units, and not for the tiny model)."""
+    is on (on the CPU preset: where the CPU has bfloat16 matrix units and the model's `cpu_bf16` is true)."""
     autocast = bool(OmegaConf.select(cfg, "hardware.training_args.bf16", default=False))
     return f"{cfg.hardware.dtype} weights" + (", bfloat16 autocast" if autocast else "")
 

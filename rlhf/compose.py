@@ -23,7 +23,7 @@ from rlhf import PROJECT_ROOT
 from rlhf.compat import hydra_override_error
 from rlhf.errors import UserError
 from rlhf.stages import available_stages
-from rlhf.validate import INSTANTIATE_KEYS, TRAINING_ARGUMENTS, check_targets, init_keys
+from rlhf.validate import INSTANTIATE_KEYS, TRAINING_ARGUMENTS, check_targets, did_you_mean, init_keys
 
 
 def check_command_line(argv) -> None:
@@ -137,10 +137,9 @@ def nearest_key(key: str, cfg, groups: dict) -> str:
         if part not in node or index == len(parts) - 1 or not isinstance(node[part], dict):
             break
         node, found = node[part], [*found, part]
-    prefix, rest = ".".join([*found, ""]), parts[len(found) + 1 :]
-    close = difflib.get_close_matches(part, sorted(set(names)), n=1, cutoff=0.6)
-    if close and close[0] != part:
-        return f"; did you mean {prefix}{'.'.join([close[0], *rest])}?"
+    close = "" if part in names else did_you_mean(".".join(found), part, set(names), tail=parts[len(found) + 1 :])
+    if close:
+        return close
     if part in groups and part not in node:
         return (
             f"; this config has no {part} node (stage={part} brings it)"

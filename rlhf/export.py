@@ -26,10 +26,9 @@ import argparse
 import copy
 import json
 import shutil
-import sys
 from pathlib import Path
 
-from rlhf.errors import UserError
+from rlhf.errors import UserError, exit_on_user_error
 from rlhf.lineage import FULL_PRECISION, Lineage, TrainedRun  # export and check in float32, on the CPU
 from rlhf.stages import POLICY, REWARD_MODEL, STAGES, making
 
@@ -209,11 +208,8 @@ def main(argv=None) -> None:
         "--tolerance", type=float, default=1e-5, help="largest |logit difference| / (1 + largest |logit|) the check accepts (default 1e-5)"
     )
     args = parser.parse_args(argv)
-    try:
+    with exit_on_user_error():
         record = export(args.run_dir, args.out_dir, adapter_only=args.adapter, tolerance=args.tolerance)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(
         f"exported {args.run_dir} -> {args.out_dir} (checked: largest logit difference {record['max_abs_difference']:.3g}, "
         f"{record['max_difference_relative_to_1_plus_largest_abs_logit']:.3g} relative to 1 + the largest |logit|)"

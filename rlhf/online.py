@@ -28,9 +28,9 @@ from rlhf.compat import time_generate
 from rlhf.data import Splits
 from rlhf.errors import UserError
 from rlhf.generation import RewardModel, SamplingSettings, fit_prompt, held_out_answers
+from rlhf.lifecycle import autocast, device_for, fit, load_inputs, load_reward_model, trainer_kwargs
 from rlhf.metrics import paired_gain
 from rlhf.rewards import RewardFunction, completion_text
-from rlhf.training import autocast, device_for, fit, float32_adapter_sums, load_inputs, load_reward_model, trainer_kwargs
 
 LOGGED = ("reward", "rewards/", "kl", "completions/", "clip_ratio", "entropy")  # TRL's log keys kept in metrics.json
 
@@ -77,7 +77,6 @@ def run(cfg, run_dir: Path, trainer_class) -> dict:
     kwargs["args"].reward_weights = [function.weight for function in model_reward + functions]
     trainer = trainer_class(reward_funcs=model_reward + functions, **kwargs)
 
-    float32_adapter_sums(trainer.model, trainer.args.bf16)  # before the first scoring, not only in fit()
     score = held_out_scorer(cfg, settings, inputs, trainer, reward, functions)
     before = score() if score else None  # the starting policy (a resumed run measures it again, to the same scores)
     timer = PhaseTimer(trainer, reward.model if reward is not None else None)  # after the held-out scoring: it times training only
@@ -171,7 +170,7 @@ def held_out_scorer(cfg, settings, inputs, trainer, reward, functions):
     held-out split. Answers are sampled as TRL's trainer samples them (its temperature, top_p,
     top_k, min_p and repetition penalty, nothing from the checkpoint), under seeds that repeat on
     every call."""
-    if inputs.data.eval is None:
+    if inputs.data.eval is None or settings.eval_prompts == 0:
         return None
     rows = inputs.data.eval.select(range(min(settings.eval_prompts, len(inputs.data.eval))))
     held_out = list(rows["prompt"])

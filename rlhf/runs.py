@@ -222,7 +222,7 @@ def truncate_history(path: Path, after_step: int) -> None:
 class SweepSummary(Callback):
     """After a multirun: one line per job (done or failed, with the error), and a non-zero exit
     when any job failed. Jobs record their own status.json, so a failing job never stops the
-    others (see rlhf.run.main)."""
+    others (see rlhf.command.main)."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

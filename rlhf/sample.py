@@ -11,7 +11,7 @@ import sys
 
 from omegaconf import OmegaConf
 
-from rlhf.errors import UserError
+from rlhf.errors import exit_on_user_error
 
 
 def load_policy(run_dir):
@@ -46,11 +46,8 @@ def main(argv=None) -> None:
     from rlhf.generation import SamplingSettings
 
     settings = SamplingSettings(max_prompt_length=1024, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
-    try:
+    with exit_on_user_error():
         policy, tokenizer, device = load_policy(args.run_dir)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     if args.prompts:
         for prompt, text in zip(args.prompts, answer(policy, tokenizer, device, args.prompts, settings)):
             print(text if len(args.prompts) == 1 else f"> {prompt}\n{text}\n")

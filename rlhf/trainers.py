@@ -24,7 +24,6 @@ from rlhf.compat import ReferenceLogpsHook, log_metric, prepare_inputs
 from rlhf.generation import as_reference
 from rlhf.metrics import preference_metrics
 from rlhf.runs import write_atomically
-from rlhf.training import float32_adapter_sums
 
 
 class PreferenceEvaluation:
@@ -160,7 +159,6 @@ class KLDPOTrainer(PreferenceEvaluation, ReferenceLogpsHook, DPOTrainer):
         change there computes them anew. A run whose steps reach fewer training rows than the
         split holds computes them as training reaches each row, and adds them to the cache."""
         start = time.perf_counter()
-        float32_adapter_sums(self.model, self.args.bf16)  # TRL runs this pass while the trainer is built, before fit()
         dataset = self._cached_ref_logps(dataset, name, batch_size)
         self.run_metrics["time/reference_logps"] = self.run_metrics.get("time/reference_logps", 0.0) + time.perf_counter() - start
         return dataset
@@ -265,7 +263,7 @@ class KLDPOTrainer(PreferenceEvaluation, ReferenceLogpsHook, DPOTrainer):
                 "rows": rows.hexdigest(),
                 "truncation": [self.args.max_length, self.args.truncation_mode, self.args.pad_to_multiple_of],
                 "loss": [self.args.ld_alpha],  # LD-DPO weighs the reference's tail tokens differently
-                "adapter_sums": "float32",  # bfloat16 runs compute with rlhf.training.float32_adapter_sums since it came
+                "adapter_sums": "float32",  # bfloat16 runs compute with rlhf.models.float32_adapter_sums since it came
             },
             sort_keys=True,
             default=str,

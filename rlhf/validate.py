@@ -86,7 +86,7 @@ def check_target(target, path: str, resolve: bool = True) -> None:
         raise UserError(f"{refusal}: {rule}")
     if any(not part or part.startswith("__") for part in target.split(".")):  # __globals__, __builtins__, ...
         raise UserError(f"{refusal}: dunder attributes and empty names are not allowed; {rule}")
-    # `rlhf.run.subprocess.run` starts with an allowed prefix but is subprocess.run: look at
+    # `rlhf.command.subprocess.run` starts with an allowed prefix but is subprocess.run: look at
     # what the name resolves to (importing an allowed module is safe; it is imported to run anyway).
     origin = _runtime_origin(target) if resolve else None
     if origin is not None and not any(origin == prefix[:-1] or origin.startswith(prefix) for prefix in allowed):
@@ -138,13 +138,14 @@ STAGE_RULES = {
     **dict.fromkeys(("warmup_steps", "weight_decay", "max_grad_norm"), NON_NEGATIVE),
     "learning_rate": POSITIVE,
     "max_length": OPTIONAL_LENGTH,
+    "eval_prompts": Rule(lambda v: v >= 0, "an integer >= 0 (0 = no held-out scoring)", integer=True),  # PPO, GRPO, RLOO
 }
 # Keys of particular nodes (a stage's own rules add to STAGE_RULES).
 NODE_RULES = {
     "dpo": {"beta": POSITIVE, "label_smoothing": Rule(_between(0, 0.5, high_open=True), "in [0, 0.5)"), "kl_coef": NON_NEGATIVE},
     "ppo": {
         **dict.fromkeys(("batch_size", "mini_batch_size", "ppo_epochs", "total_updates", "max_new_tokens"), AT_LEAST_ONE),
-        **dict.fromkeys(("logging_steps", "eval_prompts", "save_total_limit"), AT_LEAST_ONE),
+        **dict.fromkeys(("logging_steps", "save_total_limit"), AT_LEAST_ONE),
         "max_prompt_length": AT_LEAST_ONE,  # prompts are cut to it: there is no "no limit"
         **dict.fromkeys(("cliprange", "cliprange_value", "temperature", "horizon", "target"), POSITIVE),
         **dict.fromkeys(("kl_coef", "vf_coef"), NON_NEGATIVE),
@@ -233,10 +234,10 @@ def check_keys(cfg, overrides) -> None:
             raise UserError(f"{key}={_show(node[leaf])}: unknown key{did_you_mean(parent, leaf, others)}")
 
 
-def did_you_mean(parent: str, key: str, names) -> str:
-    """'; did you mean <parent>.<the name nearest to key>?', or nothing when none is near."""
+def did_you_mean(parent: str, key: str, names, tail: list = ()) -> str:
+    """'; did you mean <parent>.<the name nearest to key>[.<tail>]?', or nothing when none is near."""
     nearest = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
-    return f"; did you mean {parent + '.' if parent else ''}{nearest[0]}?" if nearest else ""
+    return f"; did you mean {parent + '.' if parent else ''}{'.'.join([nearest[0], *tail])}?" if nearest else ""
 
 
 def _training_arguments(stage_target) -> str:
@@ -294,18 +295,20 @@ def check_reference_bias(cfg) -> None:
 
 
 def check_tuning(cfg) -> None:
-    """model=tiny brings the tiny model's stage values (learning rates 10-100x a real model's):
-    refused for any other model, named directly or reached through model.init_from."""
-    if cfg.get("tuned_for") != "tiny":
+    """A conf/tuning/ file brings one model's stage values (the tiny model's: learning rates 10-50x
+    a real model's) and names that model in `tuned_for`: refused for any other model, named
+    directly or reached through model.init_from."""
+    suited = cfg.get("tuned_for")
+    if suited is None:
         return
     model = cfg.model
     while model.get("init_from"):  # the model a run trains is the root of its lineage
         model = finished_run(model.init_from, "model.init_from", stages=RUN_INPUTS["model.init_from"][1]).model
-    if model.name_or_path != "builtin:tiny":
+    if model.name_or_path != suited:
         raise UserError(
-            f"model.name_or_path={model.name_or_path} with model=tiny: the stage defaults are then the tiny model's "
-            "(conf/tuning/tiny_*.yaml, learning rates 10-100x a real model's); choose the model's config "
-            f"(model=smollm2-135m | qwen2.5-1.5b-instruct | qwen3-0.6b) or model=custom model.name_or_path={model.name_or_path}"
+            f"model.name_or_path={model.name_or_path}: the stage defaults in use are tuned for {suited} "
+            f"(conf/tuning/, tuned_for={suited}); choose that model's own config (conf/model/) "
+            f"or model=custom model.name_or_path={model.name_or_path}"
         )
 
 

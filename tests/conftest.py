@@ -64,7 +64,7 @@ def fresh_cache(tmp_path: Path) -> Path:
 def train(run_dir: Path, *overrides: str) -> dict:
     """Run a stage in this process into `run_dir`; return its metrics.json. It trains, even when
     another test trained the same config (`reuse=false`), unless the overrides set `reuse`."""
-    from rlhf.run import main
+    from rlhf.command import main
 
     if not any(override.startswith("reuse=") for override in overrides):
         overrides = ("reuse=false", *overrides)

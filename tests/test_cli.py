@@ -143,6 +143,6 @@ def test_wrong_data_kind_fails_with_one_line(tmp_path):
     ],
 )
 def test_credentials_are_masked_in_the_recorded_command(argument, recorded):
-    from rlhf.run import redact
+    from rlhf.command import redact
 
     assert redact(argument) == recorded

@@ -103,7 +103,7 @@ def test_joblib_sweep_runs_jobs_in_parallel_processes(tmp_path):
 
 def test_slurm_tasks_become_torch_ranks(monkeypatch):
     pytest.importorskip("submitit", reason="the [cluster] extra is not installed")
-    from rlhf.run import adopt_slurm_ranks
+    from rlhf.command import adopt_slurm_ranks
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(key, "unset")  # recorded, so the test's exports are undone afterwards

@@ -47,7 +47,7 @@ def plain_trl_dpo_losses(tmp_path, steps: int) -> list:
     from transformers import set_seed
     from trl import DPOTrainer
 
-    from rlhf.training import load_inputs, trainer_kwargs
+    from rlhf.lifecycle import load_inputs, trainer_kwargs
 
     cfg = compose_config("stage=dpo", f"dpo.max_steps={steps}", "dpo.logging_steps=1")
     set_seed(cfg.seed)

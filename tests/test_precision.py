@@ -28,6 +28,7 @@ def test_cpu_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: original(cpuinfo if str(self) == "/proc/cpuinfo" else self, *a, **k))
     cpuinfo.write_text("flags : fpu sse avx512f avx512_bf16\n")
     assert cpu_bf16() is True
+    assert cpu_bf16(False) is False  # a model whose config says autocast does not pay (model.cpu_bf16)
     cpuinfo.write_text("flags : fpu sse avx2\n")
     assert cpu_bf16() is False
 
@@ -94,7 +95,7 @@ def test_lora_updates_below_a_bfloat16_step_survive_autocast():
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from rlhf.training import float32_adapter_sums
+    from rlhf.models import float32_adapter_sums
 
     class Layer(torch.nn.Module):
         def __init__(self):
@@ -104,28 +105,49 @@ def test_lora_updates_below_a_bfloat16_step_survive_autocast():
         def forward(self, x):
             return self.proj(x)
 
-    def adapted():
+    def adapted(hooked: bool):
         torch.manual_seed(0)
         layer = Layer()
         layer.proj.weight.data = torch.eye(4) * 4.0  # outputs of 4..16: a bfloat16 step there is 1/32 or more
+        if hooked:  # as load_model does for a bfloat16-autocast run, before anyone adds an adapter
+            layer.register_forward_pre_hook(float32_adapter_sums)
         model = get_peft_model(layer, LoraConfig(r=2, lora_alpha=2, target_modules=["proj"]))
         torch.nn.init.constant_(model.base_model.model.proj.lora_B["default"].weight, 1e-3)  # an update of ~4e-3
         return model
 
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
-    model = adapted()
     with torch.no_grad():
-        exact = model(x)
+        plain, hooked = adapted(False), adapted(True)
+        exact = plain(x)
         update = exact - 4.0 * x
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            rounded_away = model(x).float()
-            float32_adapter_sums(model, True)
-            kept = model(x).float()
+            rounded_away = plain(x).float()
+            kept = hooked(x).float()
+            hooked(x)  # a second pass adds no second hook
     assert update.abs().min() > 1e-3
     assert torch.equal(rounded_away, 4.0 * x)  # autocast alone: the adapter's update is lost entirely
     assert (kept - exact).abs().max() < 0.02 * update.abs().min()  # summed in float32: kept
-    float32_adapter_sums(model, True)  # a second call adds no second hook
-    assert len(model.base_model.model.proj.base_layer._forward_hooks) == 1
-    untouched = adapted()
-    float32_adapter_sums(untouched, False)  # no autocast: nothing to do
-    assert not untouched.base_model.model.proj.base_layer._forward_hooks
+    assert len(hooked.base_model.model.proj.base_layer._forward_hooks) == 1
+
+
+def test_every_model_loaded_for_a_bfloat16_run_sums_its_later_adapter_in_float32():
+    """load_model hooks the model: an adapter added afterwards (as TRL, PPO and eval add theirs)
+    gets its sums in float32 from the first forward pass on, with no call in any stage."""
+    import torch
+    from omegaconf import OmegaConf
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf.models import load_model
+    from rlhf.tiny_model import ensure_tiny_model
+
+    tiny_model_path = str(ensure_tiny_model())
+    model_cfg = OmegaConf.create({"trust_remote_code": False})
+    bases = {}
+    for bf16 in (True, False):
+        hardware = OmegaConf.create({"dtype": "float32", "training_args": {"bf16": bf16}})
+        model = get_peft_model(load_model(tiny_model_path, model_cfg, None, hardware), LoraConfig(r=2, target_modules=["q_proj"]))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=torch.tensor([[1, 2, 3]]))
+        bases[bf16] = [m.base_layer for name, m in model.named_modules() if name.endswith("q_proj") and hasattr(m, "base_layer")]
+    assert bases[True] and all(getattr(layer, "float32_output", False) for layer in bases[True])
+    assert not any(getattr(layer, "float32_output", False) for layer in bases[False])  # float32 runs: untouched

@@ -170,7 +170,7 @@ def test_reward_model_alone_reaches_high_accuracy(tmp_path):
 
 
 def test_stage_inputs_from_other_runs_are_checked(tmp_path):
-    from rlhf.run import run_stage
+    from rlhf.command import run_stage
 
     with pytest.raises(UserError, match="ppo.reward_model"):
         run_stage(compose_config("stage=ppo"), tmp_path / "a")

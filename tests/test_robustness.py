@@ -123,7 +123,7 @@ def test_wandb_run_keeps_its_id_across_a_resume(tmp_path, monkeypatch):
     train(tmp_path, *overrides)  # the same command again: it resumes
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(run.name.endswith(run_id) for run in runs)
-    # the run's owner (rlhf.run) closes the W&B run once per run, with every final metric, its own included
+    # the run's owner (rlhf.command) closes the W&B run once per run, with every final metric, its own included
     final = json.loads((tmp_path / "metrics.json").read_text())
     assert len(summaries) == 2 and summaries[-1]["stage_runtime"] == final["stage_runtime"]
     assert summaries[-1]["train_loss"] == pytest.approx(final["train_loss"])

@@ -3,7 +3,7 @@ valid one, values out of range, incompatible choices and missing input runs, and
 `_target_` allowlist. Each message is one line naming the key and its value.
 
 The command line is composed by Hydra (`rlhf.compose.check_command_line`, called by train.py
-before Hydra runs), which turns composition errors into one line; `rlhf.run.run_stage` calls
+before Hydra runs), which turns composition errors into one line; `rlhf.command.run_stage` calls
 `validate(cfg, overrides)`. The tests at the end (`test_cli_*`) run `python train.py`.
 """
 
@@ -303,11 +303,12 @@ def test_tiny_hyperparameters_are_refused_for_any_other_model(tmp_path):
     """model=tiny (the default) brings the tiny model's learning rates: a real model named by
     path, or reached through model.init_from, must come with its own model config."""
     message = refused(compose_config("stage=dpo", "model.name_or_path=/models/qwen"))
-    assert message.startswith("model.name_or_path=/models/qwen with model=tiny") and "model=custom" in message
+    assert message.startswith("model.name_or_path=/models/qwen: the stage defaults in use are tuned for builtin:tiny")
+    assert "model=custom" in message
     validate(compose_config("stage=dpo", "model=custom", "model.name_or_path=/models/qwen"))
     smollm2_sft = fake_run(tmp_path / "sft", "sft", model="builtin:smollm2-135m")
     assert refused(compose_config("stage=dpo", f"model.init_from={smollm2_sft}")).startswith(
-        "model.name_or_path=builtin:smollm2-135m with model=tiny"
+        "model.name_or_path=builtin:smollm2-135m: the stage defaults in use are tuned for builtin:tiny"
     )
     validate(compose_config("stage=dpo", "model=smollm2-135m", f"model.init_from={smollm2_sft}"))
 
@@ -332,9 +333,9 @@ def test_foreign_target_in_a_hand_made_config_is_refused():
         ("builtins.eval", REFUSAL),
         ("subprocess.run", REFUSAL),
         ("rlhfx.thing", REFUSAL),
-        ("rlhf.run.subprocess.run", "it resolves to an object of subprocess"),  # an allowed prefix, a foreign module
+        ("rlhf.command.subprocess.run", "it resolves to an object of subprocess"),  # an allowed prefix, a foreign module
         ("rlhf.trainers.torch.load", "it resolves to an object of torch"),
-        ("rlhf.run.main.__globals__", "dunder attributes"),
+        ("rlhf.command.main.__globals__", "dunder attributes"),
     ],
 )
 def test_foreign_targets_are_refused_wherever_they_sit(target, reason):
@@ -364,7 +365,7 @@ def test_allowed_targets_pass(target):
     check_target(target, "x._target_")
 
 
-# ---- the command line (needs the wiring in train.py and rlhf/run.py) ----------------------------
+# ---- the command line (needs the wiring in train.py and rlhf/command.py) ----------------------------
 
 
 def one_line_error(done) -> str:
@@ -386,7 +387,7 @@ def test_cli_mistakes_fail_fast_with_one_line(tmp_path, args, expected):
     try:
         done = cli(*args, f"hydra.run.dir={tmp_path}", timeout=30)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"train.py {' '.join(args)} ran on: is validate() wired into rlhf.run?")
+        pytest.fail(f"train.py {' '.join(args)} ran on: is validate() wired into rlhf.command?")
     seconds = time.perf_counter() - start
     assert one_line_error(done) == expected
     assert seconds < 5, f"{seconds:.1f} s"

@@ -78,7 +78,7 @@ def available_stages() -> list:
 
 def get_stage(name: str):
     """The `run` function of stage `name`; an unknown name lists the valid ones. (`chain` runs
-    through rlhf.chain, which needs the run machinery: rlhf.run dispatches it.)"""
+    through rlhf.chain, which needs the run machinery: rlhf.command dispatches it.)"""
     if name not in STAGES or STAGES[name].steps:
         raise UserError(f"stage={name} is not a stage; valid stages: {', '.join(available_stages())}")
     return importlib.import_module(f"{__name__}.{name}").run

@@ -11,8 +11,8 @@ starting weights. Evaluations add win_rate, kendall_tau and margin of the implic
 from pathlib import Path
 
 from rlhf import precision
+from rlhf.lifecycle import fit, load_inputs, trainer_kwargs
 from rlhf.trainers import KLDPOTrainer
-from rlhf.training import fit, load_inputs, trainer_kwargs
 
 
 def run(cfg, run_dir: Path) -> dict:

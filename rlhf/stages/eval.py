@@ -21,9 +21,9 @@ from omegaconf import OmegaConf
 from rlhf.data import load_splits
 from rlhf.errors import UserError
 from rlhf.generation import SamplingSettings, as_reference, response_logprobs, sample, seeded
+from rlhf.lifecycle import autocast, device_for, load_reward_model
 from rlhf.lineage import POLICY_STAGES, TrainedRun
 from rlhf.metrics import agreement, score_gain, wilson_interval
-from rlhf.training import autocast, device_for, float32_adapter_sums, load_reward_model
 
 
 @dataclass
@@ -49,7 +49,6 @@ def run(cfg, run_dir: Path) -> dict:
     for model in (policy, reference, reward.model, judge.model if judge else None):
         if model is not None:
             model.to(device).eval()
-            float32_adapter_sums(model, cfg.hardware.training_args.bf16)
 
     judges = {"": reward, **({"judge_": judge} if judge is not None else {})}
     with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it (hardware.training_args.bf16)

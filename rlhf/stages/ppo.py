@@ -19,11 +19,11 @@ from safetensors.torch import save_file
 from transformers import set_seed
 
 from rlhf import ddp_backend, distributed
+from rlhf.lifecycle import autocast, device_for, load_inputs, load_reward_model, save_final
 from rlhf.metrics import paired_gain
 from rlhf.ppo.trainer import PPOModels, PPOTrainer, ValueHead
 from rlhf.runs import is_main_process, resume_point
 from rlhf.tracking import UpdateLog
-from rlhf.training import autocast, device_for, float32_adapter_sums, load_inputs, load_reward_model, save_final
 
 
 def run(cfg, run_dir: Path) -> dict:
@@ -73,7 +73,6 @@ def ppo_models(cfg, settings, inputs, device) -> PPOModels:
     else:
         reference = copy.deepcopy(inputs.model).requires_grad_(False).eval()  # full fine-tuning: a frozen copy
         policy = inputs.model
-    float32_adapter_sums(policy, cfg.hardware.training_args.bf16)
     models = PPOModels(policy, reference, ValueHead(policy.config.hidden_size), inputs.tokenizer, reward)
     for module in (models.policy, models.reference, models.value_head, models.reward.model):
         if module is not None:

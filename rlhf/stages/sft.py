@@ -8,7 +8,7 @@ from pathlib import Path
 
 from trl import SFTTrainer
 
-from rlhf.training import fit, load_inputs, trainer_kwargs
+from rlhf.lifecycle import fit, load_inputs, trainer_kwargs
 
 
 def run(cfg, run_dir: Path) -> dict:

@@ -1,6 +1,9 @@
-"""What every stage's trainer shares: the model, tokenizer and data it starts from, its TRL
-settings object, the history log, the tracker, and the train -> evaluate -> save sequence
-that ends a run."""
+"""A stage's life, shared by every stage: the model, tokenizer and data it starts from
+(`load_inputs`), its TRL settings object and history log (`trainer_kwargs`), and the
+train -> evaluate -> save sequence that ends it (`fit`, `save_final`), so that a stage module
+holds only its recipe. Around it, `rlhf.command` opens and closes the tracker and writes the
+status and metrics; every model loaded for a bfloat16-autocast run sums its adapters in float32
+from the start (`rlhf.models.load_model`)."""
 
 import logging
 import os
@@ -73,13 +76,17 @@ def load_reward_model(rm_run, cfg, key: str = "ppo.reward_model") -> RewardModel
     return RewardModel(model.eval(), tokenizer, max_length=int(run.cfg.rm.get("max_length") or tokenizer.model_max_length))
 
 
-def save_final(run_dir: Path, model, inputs: StageInputs, cfg) -> Path:
+def save_final(run_dir: Path, model, inputs: StageInputs, cfg, trainer=None) -> Path:
     """final/: the trained adapter or model, the tokenizer, and what they stand on
-    (`rlhf.lineage`); written by the main process only."""
+    (`rlhf.lineage`); written by the main process only. A Trainer stage saves through its
+    trainer, which gathers weights sharded across processes (FSDP, ZeRO-3) first."""
     final = run_dir / "final"
-    if is_main_process():
-        fold_into_whole_model(model)
+    fold_into_whole_model(model)
+    if trainer is not None:
+        trainer.save_model(str(final))  # every process takes part; the main one writes
+    elif is_main_process():
         model.save_pretrained(str(final))
+    if is_main_process():
         inputs.tokenizer.save_pretrained(str(final))
         write_final_lineage(final, inputs.lineage, cfg, inputs.head)
     return final
@@ -136,39 +143,6 @@ def autocast(cfg, device):
     policy never moved (approxkl and KL exactly 0) while its saved weights did. The Trainer
     stages enter autocast once per step and never saw this."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.hardware.training_args.bf16), cache_enabled=False)
-
-
-def float32_adapter_sums(model, bf16_autocast: bool) -> None:
-    """Under bfloat16 autocast over float32 weights, have every LoRA layer add its adapter's output
-    to the frozen layer's output in float32.
-
-    Autocast rounds the frozen layer's output to bfloat16, and LoRA adds its (early in training,
-    tiny) update to that rounded value: an update under half a bfloat16 step of the output is
-    rounded back to the same value, every time, so the model computes with only part of its
-    adapter. On SmolLM2 after 8 SFT steps that read as a held-out loss 1.3% higher than the same
-    model in float32 (merged into the weights, whose float32 low bits dither the rounding, 0.2%).
-    Handed the frozen output in float32, LoRA's sum stays float32; where a later operation rounds
-    it to bfloat16 again (attention, the next matrix product), the rounding no longer drops the
-    update every time. The matrix products themselves stay in bfloat16.
-
-    Called before anything computes with the adapter in place: fit(), DPO's reference pass (which
-    TRL runs while the trainer is built), the online stages' first held-out scoring, PPO and eval."""
-    from peft.tuners.lora import LoraLayer
-
-    if not bf16_autocast:
-        return
-    for module in model.modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        frozen = module.base_layer
-        weight = getattr(frozen, "weight", None)  # float32 weights only: not bfloat16 presets, not 4-bit
-        if weight is not None and weight.dtype == torch.float32 and not getattr(frozen, "float32_output", False):
-            frozen.register_forward_hook(float32_output)
-            frozen.float32_output = True  # once per layer, however many stages call this
-
-
-def float32_output(layer, inputs, output):
-    return output.float() if torch.is_tensor(output) and output.is_floating_point() else output
 
 
 class HistoryWriter(TrainerCallback):
@@ -263,7 +237,6 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
     checkpoint, mark = resume_point(cfg, run_dir)
     if checkpoint is not None:
         restore_trained_tokens(trainer, mark["num_tokens"])
-    float32_adapter_sums(trainer.model, trainer.args.bf16)  # the trainer has wrapped the model in its adapter by now
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stop.at_step is not None:
         raise preemption.Preempted(stop.at_step)
@@ -277,9 +250,5 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
         metrics["train_loss"] = (mark["loss_total"] + logged_loss_total(trainer)) / trainer.state.global_step
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
-    fold_into_whole_model(trainer.model)
-    trainer.save_model(str(run_dir / "final"))  # on the main process only (the Trainer checks)
-    if is_main_process():
-        trainer.processing_class.save_pretrained(str(run_dir / "final"))
-        write_final_lineage(run_dir / "final", inputs.lineage, cfg, inputs.head)
+    save_final(run_dir, trainer.model, inputs, cfg, trainer=trainer)
     return metrics
