@@ -105,16 +105,23 @@ def run_stage(cfg, run_dir: Path, overrides=()) -> dict:
             write_status(run_dir, "preempted", str(stop), step=stop.step)
         raise
     except BaseException as err:
-        if compat.out_of_space(err):  # one line; the checkpoint in progress never got its mark, the earlier ones stand
-            last = last_complete_checkpoint(run_dir)
-            resumes = f"it resumes from {last.name}" if last else "it starts over (no complete checkpoint yet)"
-            err = UserError(f"no space left on the device while writing {run_dir}: free some, then run the same command again; {resumes}")
+        failure = user_facing(err, run_dir)
         if main_process:
             with contextlib.suppress(OSError):  # a full disk may not take status.json either
-                write_status(run_dir, "failed", str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}")
-        if isinstance(err, UserError):
-            raise err from None
+                write_status(run_dir, "failed", str(failure) if isinstance(failure, UserError) else f"{type(failure).__name__}: {failure}")
+        if isinstance(failure, UserError):
+            raise failure from None
         raise
+
+
+def user_facing(err: BaseException, run_dir: Path) -> BaseException:
+    """The error as the user should read it: a full disk becomes one line saying what to do (the
+    checkpoint in progress never got its mark, the earlier ones stand); anything else as it is."""
+    if not compat.out_of_space(err):
+        return err
+    last = last_complete_checkpoint(run_dir)
+    resumes = f"it resumes from {last.name}" if last else "it starts over (no complete checkpoint yet)"
+    return UserError(f"no space left on the device while writing {run_dir}: free some, then run the same command again; {resumes}")
 
 
 def train_stage(cfg, run_dir: Path, stage) -> dict:
@@ -128,6 +135,7 @@ def train_stage(cfg, run_dir: Path, stage) -> dict:
     if tracked:  # the run's W&B run (or TensorBoard directory): the Trainer's integration and PPO's log write into it
         start_tracking(cfg, run_dir)
     start = time.perf_counter()
+    seed_everything(cfg.seed)  # before any model loads: a new head (the RM's score, PPO's value head) starts the same every run
     metrics = stage(cfg, run_dir)
     metrics["stage_runtime"] = time.perf_counter() - start  # seconds from model loading to the saved result
     torch = sys.modules.get("torch")
@@ -139,6 +147,15 @@ def train_stage(cfg, run_dir: Path, stage) -> dict:
         write_json(run_dir / "metrics.json", metrics)
         write_status(run_dir, "done")
     return metrics
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's random state from the run's seed. Weights a checkpoint lacks
+    are drawn when the model loads, before any trainer seeds itself: unseeded, a reward model's
+    score head started differently in every run, and so did what it learned."""
+    from transformers import set_seed
+
+    set_seed(seed)
 
 
 def objective(cfg, metrics: dict):

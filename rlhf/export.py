@@ -30,7 +30,7 @@ from pathlib import Path
 
 from rlhf.errors import UserError, exit_on_user_error
 from rlhf.lineage import FULL_PRECISION, Lineage, TrainedRun  # export and check in float32, on the CPU
-from rlhf.stages import POLICY, REWARD_MODEL, STAGES, making
+from rlhf.stages import POLICY, REWARD_MODEL, making
 
 EXPORTABLE_STAGES = (*making(POLICY), *making(REWARD_MODEL))
 SAMPLE_CONVERSATIONS = [  # inputs of the check: a short and a longer chat, padded into one batch
@@ -49,7 +49,7 @@ def export(run_dir, out_dir, adapter_only: bool = False, tolerance: float = 1e-5
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"OUT_DIR {out} exists and is not empty; choose a new directory")
-    head = STAGES[run.cfg.stage].head
+    head = run.head
     tokenizer = run.start.tokenizer()
     trained, gap = full_precision_form(run, head, tokenizer)
     try:

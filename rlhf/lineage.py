@@ -169,6 +169,7 @@ class TrainedRun:
     start: Lineage  # the weights the run trained on
     adapter: Path | None  # final/ when it holds a LoRA adapter; None when final/ is a whole model
     final: Path
+    head: str  # what final/ holds, as lineage.json records it: "causal_lm" (a policy) or "reward"
 
     @classmethod
     def of(cls, run_dir, key: str, stages: tuple) -> "TrainedRun":
@@ -182,10 +183,13 @@ class TrainedRun:
             raise UserError(
                 f"{key}={run_dir}: final/{LINEAGE_FILE} is missing, so what the run was trained on cannot be checked; retrain it"
             )
+        recorded = json.loads(record.read_text())
+        if "head" not in recorded:
+            raise UserError(f"{key}={run_dir}: final/{LINEAGE_FILE} does not say whether it holds a policy or a reward model; retrain it")
         start = Lineage.of(cfg.model)
-        start.check_against(json.loads(record.read_text())["trained_on"], run_dir, key)
+        start.check_against(recorded["trained_on"], run_dir, key)
         adapter = final if (final / "adapter_config.json").is_file() else None
-        return cls(cfg, start, adapter, final)
+        return cls(cfg, start, adapter, final, recorded["head"])
 
     @property
     def lineage(self) -> Lineage:

@@ -19,6 +19,8 @@ from rlhf.errors import UserError
 from rlhf.tiny_model import ensure_tiny_model
 
 BUILTIN_PREFIX = "builtin:"
+# `builtin:<name>` models: name -> the function that builds it into the cache (once) and returns its directory
+BUILTIN_MODELS = {"tiny": ensure_tiny_model, "smollm2-135m": model_sources.ensure_smollm2}
 
 
 def resolve_model_path(model_cfg) -> str:
@@ -30,12 +32,11 @@ def resolve_model_path(model_cfg) -> str:
     hub = model_sources.check_hub(model_cfg.get("hub"))  # a typo fails even when no hub is asked
     name = str(model_cfg.name_or_path)
     if name.startswith(BUILTIN_PREFIX):
-        builders = {"tiny": ensure_tiny_model, "smollm2-135m": model_sources.ensure_smollm2}
         builtin = name[len(BUILTIN_PREFIX) :]
-        if builtin not in builders:
-            valid = ", ".join(BUILTIN_PREFIX + key for key in builders)
+        if builtin not in BUILTIN_MODELS:
+            valid = ", ".join(BUILTIN_PREFIX + key for key in BUILTIN_MODELS)
             raise UserError(f"model.name_or_path={name}: unknown built-in model; valid ones: {valid}")
-        return str(builders[builtin]())
+        return str(BUILTIN_MODELS[builtin]())
     local = Path(name).expanduser()
     if local.is_dir():
         return str(local)

@@ -63,6 +63,19 @@ def test_verifiable_reward_alone_trains_and_is_logged(rlhf_chain, tmp_path):
     assert 0 < len(longer) < len(rows) and metrics["data/cut_prompts"] == len(longer)
 
 
+def test_eval_prompts_0_trains_without_held_out_scoring(rlhf_chain, tmp_path):
+    """`eval_prompts=0`: no held-out answers sampled before or after (stage=eval can measure the
+    gain afterwards); a negative count is refused in one line, for PPO too."""
+    chain_dir, _ = rlhf_chain
+    sft = f"model.init_from={chain_dir / 'sft'}"
+    metrics = train(tmp_path, "experiment=grpo_arithmetic", sft, "grpo.max_steps=2", "grpo.eval_prompts=0")
+    assert len(history(tmp_path, "rewards/answer_match/mean")) == 2
+    assert not [key for key in metrics if key.startswith("eval_")]
+    validate(compose_config("stage=ppo", f"ppo.reward_model={chain_dir / 'rm'}", "ppo.eval_prompts=0"))
+    with pytest.raises(UserError, match=r"^ppo.eval_prompts=-1: must be an integer >= 0 \(0 = no held-out scoring\)$"):
+        validate(compose_config("stage=ppo", f"ppo.reward_model={chain_dir / 'rm'}", "ppo.eval_prompts=-1"))
+
+
 def templated_length(tokenizer, messages: list) -> int:
     return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 

@@ -29,6 +29,8 @@ def test_cpu_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):
     cpuinfo.write_text("flags : fpu sse avx512f avx512_bf16\n")
     assert cpu_bf16() is True
     assert cpu_bf16(False) is False  # a model whose config says autocast does not pay (model.cpu_bf16)
+    # configs saved before model.cpu_bf16 pass the model's name: they re-run in the precision they ran in
+    assert cpu_bf16("builtin:smollm2-135m") is True and cpu_bf16("builtin:tiny") is False
     cpuinfo.write_text("flags : fpu sse avx2\n")
     assert cpu_bf16() is False
 

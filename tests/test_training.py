@@ -70,3 +70,10 @@ def test_dpo_with_lora_keeps_no_reference_copy(tmp_path, monkeypatch):
     monkeypatch.setattr(trl.DPOTrainer, "__init__", spy)
     train(tmp_path, "stage=dpo", "dpo.max_steps=1", "dataset.test_size=0")
     assert seen["ref_model"] is None
+
+
+def test_a_run_repeats_exactly_in_the_same_process(tmp_path):
+    """Weights a checkpoint lacks (a reward model's score head) are drawn from the run's seed:
+    the same run twice, one after the other in one process, trains to the same numbers."""
+    runs = [train(tmp_path / str(i), "stage=rm", "rm.max_steps=3") for i in range(2)]
+    assert runs[0]["train_loss"] == runs[1]["train_loss"] and runs[0]["eval_loss"] == runs[1]["eval_loss"]
