@@ -314,7 +314,7 @@ def markdown(r: dict) -> str:
         f"{s['held_out']} held out; the judge RM on the next {s['rows']}; SFT on the chosen replies), {s['steps']} optimizer "
         f"steps per SFT/RM/DPO run at max_length {s['max_length']}, {s['online_updates']} online updates (PPO: 8 prompts x 1 answer; "
         f"GRPO/RLOO: 4 prompts x 4 answers) of {s['new_tokens']} new tokens at most, judged by stage=eval on {s['eval_prompts']} held-out "
-        "prompts (temperature 0.7, policy and SFT answers paired by seed); arithmetic GRPO {s['arith_steps']} "
+        f"prompts (temperature 0.7, policy and SFT answers paired by seed); arithmetic GRPO {s['arith_steps']} "
         f"updates, {s['arith_held_out']} held-out prompts; everything else the shipped real-model defaults"
         + (f" except {', '.join(f'`{c}`' for c in r.get('changed_defaults', []))}" if r.get("changed_defaults") else "")
         + f"{' (SMOKE sizes)' if r['smoke'] else ''}.",
