@@ -119,7 +119,7 @@ def float32_adapter_sums(model, inputs=None) -> None:
     `load_model` makes this a forward pre-hook of every model it loads for a bfloat16-autocast run,
     so it runs before each forward pass, after whoever wrapped the model in an adapter (TRL while
     building its trainer, PPO, a saved adapter loaded for evaluation): no stage has to remember it.
-    Layers already handled are skipped; a scan of the modules costs well under a millisecond."""
+    Layers already handled are skipped; sampling SmolLM2 showed no cost of the scan in its timing."""
     import torch
     from peft.tuners.lora import LoraLayer
 
@@ -239,7 +239,7 @@ def add_stacked_update(module, lora_a, lora_b) -> None:
 def stacked_update_output(module, inputs, output):
     """The layer's output plus its stacked update, added as peft added those adapters' outputs
     while their runs trained: in float32, kept in float32 where the layer's weights are float32
-    (LoRA's sum under autocast, `training.float32_adapter_sums`), else rounded back to the
+    (LoRA's sum under autocast, `float32_adapter_sums`), else rounded back to the
     output's dtype."""
     import torch
     import torch.nn.functional as F

@@ -28,11 +28,6 @@ class Stage:
     strength_zero_drops_reference: bool = False  # with strength 0 it computes no KL term and needs no reference
     steps: bool = False  # it runs other stages, each as a run of its own (chain): validated, reused and resumed step by step
 
-    @property
-    def head(self) -> str:
-        """The model head its final/ saves: what loading and export build."""
-        return "reward" if self.makes == REWARD_MODEL else "causal_lm"
-
 
 STAGES = {
     "sft": Stage(makes=POLICY),

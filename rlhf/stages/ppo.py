@@ -34,8 +34,7 @@ def run(cfg, run_dir: Path) -> dict:
 
 def train_ppo(cfg, run_dir: Path) -> dict:
     settings = instantiate(cfg.ppo)  # validate() has checked ppo.reward_model
-    device = device_for(cfg)
-    set_seed(cfg.seed)
+    device = device_for(cfg)  # rlhf.command has seeded the run: the value head starts the same every run
     inputs = load_inputs(cfg, data_kind="prompt")
     models = ppo_models(cfg, settings, inputs, device)
 
