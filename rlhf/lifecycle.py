@@ -5,6 +5,7 @@ holds only its recipe. Around it, `rlhf.command` opens and closes the tracker an
 status and metrics; every model loaded for a bfloat16-autocast run sums its adapters in float32
 from the start (`rlhf.models.load_model`)."""
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
-from rlhf import preemption
+from rlhf import precision, preemption
 from rlhf.compat import (
     logged_loss_total,
     restore_trained_tokens,
@@ -73,7 +74,9 @@ def load_reward_model(rm_run, cfg, key: str = "ppo.reward_model") -> RewardModel
     model = run.load(cfg.hardware, head="reward", merge=True)
     model.requires_grad_(False)
     tokenizer = run.start.tokenizer()
-    return RewardModel(model.eval(), tokenizer, max_length=int(run.cfg.rm.get("max_length") or tokenizer.model_max_length))
+    max_length = int(run.cfg.rm.get("max_length") or tokenizer.model_max_length)
+    identity = json.dumps([run.lineage.identity(precision(cfg), None), max_length])  # what its scores depend on
+    return RewardModel(model.eval(), tokenizer, max_length=max_length, identity=identity)
 
 
 def save_final(run_dir: Path, model, inputs: StageInputs, cfg, trainer=None) -> Path:

@@ -20,7 +20,7 @@ from trl import DPOConfig, DPOTrainer, RewardTrainer
 
 from rlhf import distributed
 from rlhf.cache import cache_dir, exclusive_lock
-from rlhf.compat import ReferenceLogpsHook, log_metric, prepare_inputs
+from rlhf.compat import ReferenceLogpsHook, float32_forward, log_metric, prepare_inputs
 from rlhf.generation import as_reference
 from rlhf.metrics import preference_metrics
 from rlhf.runs import write_atomically
@@ -298,12 +298,15 @@ class KLDPOTrainer(PreferenceEvaluation, ReferenceLogpsHook, DPOTrainer):
         return as_reference(self.accelerator.unwrap_model(self.model), self.ref_model)
 
     def pair_scores(self, model, batch):
-        """DPO's implicit rewards, beta * (log pi(y|x) - log ref(y|x)), of chosen and rejected."""
-        logps = self.completion_logps(model, batch)
-        if "ref_chosen_logps" in batch:  # precomputed by TRL
-            reference_logps = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
-        else:
-            with self.reference() as reference:
+        """DPO's implicit rewards, beta * (log pi(y|x) - log ref(y|x)), of chosen and rejected, in
+        float32 whatever the training precision. The log-ratio is the difference of two nearly
+        equal sums of log-probs, and bfloat16's rounding swamps it: on SmolLM2 after 25 DPO steps
+        the same adapter ranked 67 of 122 held-out pairs right under autocast and 75 in float32
+        (per-pair margins moved by 0.46 nats, sd, against a spread of 0.71). So the reference is
+        recomputed here rather than read from the training precision's precomputed values."""
+        with float32_forward(model):
+            logps = self.completion_logps(model, batch)
+            with self.reference() as reference, float32_forward(reference):
                 reference_logps = self.completion_logps(reference, batch)
         return (self.beta * (logps - reference_logps)).chunk(2)
 

@@ -153,3 +153,44 @@ def test_every_model_loaded_for_a_bfloat16_run_sums_its_later_adapter_in_float32
         bases[bf16] = [m.base_layer for name, m in model.named_modules() if name.endswith("q_proj") and hasattr(m, "base_layer")]
     assert bases[True] and all(getattr(layer, "float32_output", False) for layer in bases[True])
     assert not any(getattr(layer, "float32_output", False) for layer in bases[False])  # float32 runs: untouched
+
+
+def test_dpo_scores_held_out_pairs_in_float32_when_it_trains_in_bfloat16(tmp_path):
+    """A DPO implicit reward is beta times the difference of two nearly equal sums of log-probs,
+    which bfloat16 rounding swamps. After a bfloat16 DPO run the held-out pass must give the
+    margins a float32 copy of the trained policy gives, computed here by hand from full logits."""
+    import torch
+    from peft import PeftModel
+
+    from rlhf.compat import prepare_inputs
+    from rlhf.lifecycle import load_inputs, trainer_kwargs
+    from rlhf.trainers import KLDPOTrainer
+
+    cfg = compose_config(
+        "stage=dpo", "hardware.training_args.bf16=true", "dpo.max_steps=4", "dpo.learning_rate=1e-3", "dpo.ref_cache=false"
+    )
+    inputs = load_inputs(cfg, data_kind="preference")
+    trainer = KLDPOTrainer(ref_model=None, **trainer_kwargs(cfg, cfg.dpo, inputs, tmp_path))
+    trainer.train()
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    batch = prepare_inputs(trainer, next(iter(trainer.get_eval_dataloader())))
+    with torch.no_grad():
+        chosen, rejected = trainer.pair_scores(trained, batch)
+    trained.save_pretrained(str(tmp_path / "adapter"))
+
+    float32_cfg = compose_config("stage=dpo", "hardware.training_args.bf16=false")
+    copy = PeftModel.from_pretrained(inputs.lineage.load(float32_cfg.hardware), str(tmp_path / "adapter")).eval()
+
+    def completion_logps(model) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        token_logps = torch.log_softmax(logits.double(), dim=-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        return (token_logps * batch["completion_mask"][:, 1:]).sum(dim=1)
+
+    with torch.no_grad():
+        policy = completion_logps(copy)
+        with copy.disable_adapter():
+            reference = completion_logps(copy)
+    by_hand = (trainer.beta * (policy - reference)).chunk(2)
+    assert by_hand[0].abs().max() > 1e-3  # the policy moved: there is a margin to get right
+    for got, expected in zip((chosen, rejected), by_hand):
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-5)

@@ -192,3 +192,24 @@ def test_eval_stage_judges_the_ppo_policy_against_its_reference(rlhf_chain, tmp_
     assert metrics["eval_score_policy"] > metrics["eval_score_reference"]  # PPO's answers please the reward model more
     assert metrics["eval_win_rate"] > 0.5
     assert metrics["eval_kl"] == pytest.approx(sum(s["kl"] for s in samples) / 24)
+
+
+def test_evaluations_from_one_start_share_the_reference_answers_they_would_sample(rlhf_chain, tmp_path):
+    """PPO and DPO both start from the SFT run: the second evaluation reads the reference's answers
+    and scores the first one cached, and they are the ones it samples itself with the cache off."""
+    run_dir, _ = rlhf_chain
+    train(tmp_path / "dpo", "stage=dpo", f"model.init_from={run_dir / 'sft'}", "dpo.max_steps=2")
+    judged = ("stage=eval", f"eval.reward_model={run_dir / 'rm'}", "eval.num_prompts=12", "eval.batch_size=5")
+
+    def evaluate(name, policy, *overrides):
+        metrics = train(tmp_path / name, *judged, f"eval.policy={policy}", *overrides)
+        return metrics, [json.loads(line) for line in (tmp_path / name / "samples.jsonl").read_text().splitlines()]
+
+    evaluate("ppo", run_dir / "ppo")
+    cached, cached_rows = evaluate("dpo-cached", tmp_path / "dpo")
+    fresh, fresh_rows = evaluate("dpo-fresh", tmp_path / "dpo", "eval.ref_cache=false")
+    assert cached["eval_reference_from_cache"] == 1 and fresh["eval_reference_from_cache"] == 0
+    assert cached_rows == fresh_rows  # answers, scores, KL and lengths alike
+    assert cached["data/reward_cut_inputs"] == fresh["data/reward_cut_inputs"]
+    other, _ = evaluate("dpo-hotter", tmp_path / "dpo", "eval.temperature=0.9")  # other settings draw other answers
+    assert other["eval_reference_from_cache"] == 0

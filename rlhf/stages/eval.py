@@ -4,26 +4,38 @@ reference (the policy it started from), and let a reward model judge them.
 Reports the reward model's win rate of policy over reference (ties count half, with its 95%
 Wilson interval), both mean scores and their paired difference (with its 95% t interval), the
 mean KL(policy || reference) of the policy's own samples (sum over response tokens of
-log pi - log ref: unbiased, because the tokens are the policy's samples), and the mean response
+log pi - log ref: unbiased, because the tokens are the policy's samples; in float32 whatever the
+precision of the sampling), and the mean response
 lengths. With `eval.judge_model=<rm run>` a second reward model - one the policy
 was not optimised against, trained on other pairs - scores the same answers (`eval_judge_*`):
 a proxy reward that rises while the judge's falls is over-optimisation (Gao et al. 2022).
 Every generation goes to samples.jsonl in the run directory.
+
+Every evaluation of a policy that started from the same one draws the same reference answers
+(same prompts, seeds and settings): the project's cache keeps them with each reward model's
+scores (`eval.ref_cache`), so a comparison of several aligners from one SFT run, or a sweep's
+evaluations, samples and scores the reference once (`eval_reference_from_cache` says which).
 """
 
+import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from rlhf import package_versions, precision
+from rlhf.cache import cache_dir
+from rlhf.compat import float32_forward
 from rlhf.data import load_splits
 from rlhf.errors import UserError
 from rlhf.generation import SamplingSettings, as_reference, response_logprobs, sample, seeded
 from rlhf.lifecycle import autocast, device_for, load_reward_model
 from rlhf.lineage import POLICY_STAGES, TrainedRun
 from rlhf.metrics import agreement, score_gain, wilson_interval
+from rlhf.runs import read_json, write_json
 
 
 @dataclass
@@ -36,6 +48,7 @@ class EvalConfig(SamplingSettings):
     num_prompts: int = 64
     batch_size: int = 16
     temperature: float = 0.7
+    ref_cache: bool = True
 
 
 def run(cfg, run_dir: Path) -> dict:
@@ -43,7 +56,9 @@ def run(cfg, run_dir: Path) -> dict:
     device = device_for(cfg)
     splits = load_splits(cfg.dataset, kind="prompt")
     prompts = [row["prompt"] for row in (splits.eval if splits.eval is not None else splits.train)][: settings.num_prompts]
-    policy, reference, tokenizer = load_policy_and_reference(settings.policy, cfg)
+    trained = TrainedRun.of(settings.policy, "eval.policy", stages=POLICY_STAGES)
+    models = load_policy_and_reference(trained, cfg)  # (policy, reference, tokenizer)
+    policy, reference, _ = models
     reward = load_reward_model(settings.reward_model, cfg, key="eval.reward_model")
     judge = load_reward_model(settings.judge_model, cfg, key="eval.judge_model") if settings.judge_model else None
     for model in (policy, reference, reward.model, judge.model if judge else None):
@@ -51,8 +66,12 @@ def run(cfg, run_dir: Path) -> dict:
             model.to(device).eval()
 
     judges = {"": reward, **({"judge_": judge} if judge is not None else {})}
+    cache = reference_cache_path(trained, settings, prompts, cfg.seed, cfg, device) if settings.ref_cache else None
     with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it (hardware.training_args.bf16)
-        rows = answer_and_score(prompts, settings, device, (policy, reference, tokenizer), judges, cfg.seed)
+        started = time.perf_counter()
+        references = reference_answers(prompts, settings, device, models, judges, cfg.seed, cache)
+        reference_seconds = time.perf_counter() - started
+        rows = answer_and_score(prompts, settings, device, models, judges, cfg.seed, references)
     with open(run_dir / "samples.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     metrics = {}
@@ -61,7 +80,13 @@ def run(cfg, run_dir: Path) -> dict:
     keys = ("score_policy", "score_reference", "score_judge_policy", "score_judge_reference", "kl", "length_policy", "length_reference")
     metrics.update({f"eval_{key}": sum(row[key] for row in rows) / len(rows) for key in keys if key in rows[0]})
     cut = {f"data/{prefix}reward_cut_inputs": judge.cut_inputs for prefix, judge in judges.items()}  # rows cut to the RM's max_length
-    return {**metrics, **cut, "eval_prompts": len(rows)}
+    return {
+        **metrics,
+        **cut,
+        "eval_prompts": len(rows),
+        "eval_reference_from_cache": int(references["from_cache"]),
+        "time/reference_answers": reference_seconds,
+    }
 
 
 def judged(rows: list, prefix: str) -> dict:
@@ -74,13 +99,11 @@ def judged(rows: list, prefix: str) -> dict:
     return {**metrics, **score_gain(reference, policy, prefix=f"eval_{prefix}")}
 
 
-def answer_and_score(prompts: list, settings, device, models: tuple, judges: dict, seed: int) -> list:
-    """One row per prompt: the policy's and the reference's answers, each reward model's score of
-    both (`judges`: prefix -> (model, tokenizer)), the KL of the policy's answer and both lengths.
-
-    Both answers to a batch are sampled under the same seed (seed + the batch's first index):
-    paired draws, and the same reference answers in every evaluation of policies that started
-    from the same policy (an aligner comparison's SFT row)."""
+def answer_and_score(prompts: list, settings, device, models: tuple, judges: dict, seed: int, references: dict) -> list:
+    """One row per prompt: the policy's and the reference's answers (`references`), each reward
+    model's score of both (`judges`: prefix -> RewardModel), the KL of the policy's answer and both
+    lengths. Both answers to a batch are sampled under the same seed (seed + the batch's first
+    index): paired draws."""
     policy, reference, tokenizer = models
     # The KL of the distributions sampled from; greedy decoding (temperature 0) compares the
     # untempered ones rather than dividing the logits by ~0.
@@ -88,40 +111,100 @@ def answer_and_score(prompts: list, settings, device, models: tuple, judges: dic
     rows = []
     for start in range(0, len(prompts), settings.batch_size):
         batch = prompts[start : start + settings.batch_size]
-        with seeded(seed + start, device), as_reference(policy, reference) as ref:
-            from_reference = sample(ref, tokenizer, batch, settings, device)
         with seeded(seed + start, device):
             from_policy = sample(policy, tokenizer, batch, settings, device)
-        with as_reference(policy, reference) as ref:
-            ref_logprobs = response_logprobs(ref, from_policy, kl_temperature)
-        kl = ((response_logprobs(policy, from_policy, kl_temperature) - ref_logprobs) * from_policy.response_mask).sum(dim=1)
-        scores = {}
-        for prefix, judge in judges.items():
-            scores[f"score_{prefix}policy"] = judge.scores(batch, from_policy.texts, device).tolist()
-            scores[f"score_{prefix}reference"] = judge.scores(batch, from_reference.texts, device).tolist()
+        # In float32 even under bfloat16 autocast: the KL sums differences of nearly equal log-probs,
+        # which bfloat16's rounding swamps (see rlhf.trainers.KLDPOTrainer.pair_scores).
+        with float32_forward(policy):
+            with as_reference(policy, reference) as ref, float32_forward(ref):
+                ref_logprobs = response_logprobs(ref, from_policy, kl_temperature)
+            kl = ((response_logprobs(policy, from_policy, kl_temperature) - ref_logprobs) * from_policy.response_mask).sum(dim=1)
+        scores = {f"score_{prefix}policy": judge.scores(batch, from_policy.texts, device).tolist() for prefix, judge in judges.items()}
         for i, prompt in enumerate(batch):
+            row = start + i
             rows.append(
                 {
                     "prompt": prompt,
                     "policy": from_policy.texts[i],
-                    "reference": from_reference.texts[i],
+                    "reference": references["texts"][row],
                     **{key: values[i] for key, values in scores.items()},
+                    **{f"score_{prefix}reference": references["scores"][judge.identity]["scores"][row] for prefix, judge in judges.items()},
                     "kl": kl[i].item(),
                     "length_policy": int(from_policy.response_mask[i].sum()),
-                    "length_reference": int(from_reference.response_mask[i].sum()),
+                    "length_reference": references["lengths"][row],
                 }
             )
     return rows
 
 
-def load_policy_and_reference(policy_run, cfg):
+def reference_answers(prompts: list, settings, device, models: tuple, judges: dict, seed: int, cache: Path | None) -> dict:
+    """The reference's answers to `prompts` ("texts", "lengths"), sampled batch by batch under the
+    seeds the policy's answers use, and each judge's scores of them ("scores": judge identity ->
+    {"scores", "cut"}). Every evaluation of a policy that started from the same one (the aligners
+    of a comparison, a sweep's runs) draws the same reference answers: `cache`, where given, keeps
+    them and their scores, so that later evaluations read them instead of sampling them again."""
+    policy, reference, tokenizer = models
+    entry = read_json(cache, default=None) if cache is not None else None
+    fresh = not isinstance(entry, dict) or len(entry.get("texts", ())) != len(prompts)
+    if fresh:
+        entry = {"texts": [], "lengths": [], "scores": {}}
+        for start in range(0, len(prompts), settings.batch_size):
+            with seeded(seed + start, device), as_reference(policy, reference) as ref:
+                answers = sample(ref, tokenizer, prompts[start : start + settings.batch_size], settings, device)
+            entry["texts"] += answers.texts
+            entry["lengths"] += answers.response_mask.sum(dim=1).int().tolist()
+    else:
+        print(f"eval: the reference's answers to {len(prompts)} prompts read from {cache}", flush=True)
+    scored = False
+    for judge in judges.values():
+        known = entry["scores"].get(judge.identity)
+        if known is not None and len(known["scores"]) == len(prompts):
+            judge.cut_inputs += known["cut"]  # the rows its scores were computed from, as if scored now
+            continue
+        cut_before = judge.cut_inputs
+        scores = judge.batched_scores(prompts, entry["texts"], device, settings.batch_size)
+        entry["scores"][judge.identity] = {"scores": scores, "cut": judge.cut_inputs - cut_before}
+        scored = True
+    if cache is not None and (fresh or scored):
+        write_json(cache, entry)
+    entry["from_cache"] = not fresh
+    return entry
+
+
+def reference_cache_path(run: TrainedRun, settings, prompts: list, seed: int, cfg, device) -> Path:
+    """Where the reference answers of this evaluation are kept: keyed by everything they depend on
+    (the reference's weights and precision, its tokenizer, the prompts, the sampling settings and
+    seed, the device type and the libraries that sample)."""
+    tokenizer = run.start.tokenizer()
+    key = json.dumps(
+        {
+            "reference": run.start.identity(precision(cfg), None),
+            "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template],
+            "prompts": hashlib.sha256(json.dumps(prompts, ensure_ascii=False, sort_keys=True).encode()).hexdigest(),
+            "sampling": [
+                settings.max_prompt_length,
+                settings.max_new_tokens,
+                settings.temperature,
+                settings.top_p,
+                settings.batch_size,
+                seed,
+            ],
+            "device": device.type,
+            "versions": package_versions(["torch", "transformers"]),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return cache_dir() / "eval_reference" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+
+
+def load_policy_and_reference(run: TrainedRun, cfg):
     """(policy, reference or None, tokenizer). The reference is the policy the run started
     from; for a LoRA run it is the same network with the run's adapter disabled (None)."""
-    run = TrainedRun.of(policy_run, "eval.policy", stages=POLICY_STAGES)
     bias = OmegaConf.select(run.cfg, "peft.bias", default="none")
     if run.adapter is not None and bias != "none":  # see rlhf.validate.check_reference_bias
         raise UserError(
-            f"eval.policy={policy_run}: trained with peft.bias={bias}, so its adapter disabled is not the policy it started from; "
+            f"eval.policy={run.final.parent}: trained with peft.bias={bias}, so its adapter disabled is not the policy it started from; "
             "retrain it with peft.bias=none to compare it with its start"
         )
     policy = run.load(cfg.hardware)
