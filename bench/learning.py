@@ -56,7 +56,7 @@ FULL = {
     "held_out": 160,
     "steps": 25,
     "max_length": 256,
-    "online_updates": 10,
+    "online_updates": 12,
     "new_tokens": 48,
     "eval_prompts": 128,
     "arith_steps": 16,

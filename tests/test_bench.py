@@ -92,6 +92,7 @@ def test_learning_benchmark_smoke_runs_every_step(tmp_path):
         assert 0 <= low <= result[f"{a}_judge_win_rate"] <= high <= 1, a
     stages = {"sft", "rm", "judge_rm", "dpo", "ppo", "grpo", "rloo", "eval_ppo", "eval_grpo", "eval_rloo", "arith"}
     assert set(result["stages"]) == stages
+    assert result["eval_reference_from_cache"] == {"ppo": 0, "grpo": 1, "rloo": 1}  # the SFT answers: sampled once, in its own cache
     assert all(cost["peak_rss_mib"] > 0 and cost["process_seconds"] > 0 for cost in result["stages"].values())
     assert result["total_seconds"] > 0 and "| GRPO peak RSS |" in json_file.with_suffix(".md").read_text()
 

@@ -51,7 +51,7 @@ class PPOConfig(SamplingSettings):
     ppo_epochs: int = 4
     learning_rate: float = 1e-3
     max_grad_norm: float = 1.0
-    missing_eos_penalty: float | None = 1.0
+    missing_eos_penalty: float | None = None
     kl_coef: float = 0.1
     adaptive_kl: bool = True
     target: float = 6.0
