@@ -6,6 +6,7 @@ and the stages with their own loops (PPO, eval) use the same autocast."""
 import json
 import math
 
+import pytest
 from conftest import assert_same_metrics, compose_config, train, train_through_a_crash
 
 from rlhf import cpu_bf16, precision
@@ -194,3 +195,41 @@ def test_dpo_scores_held_out_pairs_in_float32_when_it_trains_in_bfloat16(tmp_pat
     assert by_hand[0].abs().max() > 1e-3  # the policy moved: there is a margin to get right
     for got, expected in zip((chosen, rejected), by_hand):
         torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-5)
+
+
+def test_eval_computes_its_kl_in_float32_when_it_samples_in_bfloat16(rlhf_chain, monkeypatch):
+    """eval's KL sums log pi - log ref over the policy's answers: under bfloat16 autocast the
+    rounding of two nearly equal log-probs swamps it. The KL of each answer must be the float32
+    one, whatever precision sampled the answer."""
+    import torch
+    from hydra.utils import instantiate
+
+    from rlhf.generation import response_logprobs
+    from rlhf.lifecycle import autocast
+    from rlhf.lineage import POLICY_STAGES, TrainedRun
+    from rlhf.stages import eval as evaluation
+
+    chain_dir, _ = rlhf_chain
+    cfg = compose_config("stage=eval", "hardware.training_args.bf16=true", "eval.batch_size=6")
+    policy, reference, tokenizer = evaluation.load_policy_and_reference(TrainedRun.of(chain_dir / "ppo", "policy", POLICY_STAGES), cfg)
+    sampled, sample = [], evaluation.sample  # the policy's answers, as the evaluation drew them
+
+    def recorded(*args, **kwargs):
+        sampled.append(sample(*args, **kwargs))
+        return sampled[-1]
+
+    monkeypatch.setattr(evaluation, "sample", recorded)
+    prompts = [[{"role": "user", "content": f"What is {n} plus {n}?"}] for n in range(6)]
+    no_reference = {"texts": [""] * 6, "lengths": [1] * 6, "scores": {}}
+    device = torch.device("cpu")
+    with autocast(cfg, device):
+        rows = evaluation.answer_and_score(prompts, instantiate(cfg.eval), device, (policy, reference, tokenizer), {}, 0, no_reference)
+    [answers] = sampled
+    temperature = cfg.eval.temperature
+    with torch.no_grad():
+        policy_logprobs = response_logprobs(policy, answers, temperature)
+        with policy.disable_adapter():
+            reference_logprobs = response_logprobs(policy, answers, temperature)
+    by_hand = ((policy_logprobs - reference_logprobs) * answers.response_mask).sum(dim=1)
+    assert by_hand.abs().max() > 1e-3  # the policy moved from its start: there is a KL to get right
+    assert [row["kl"] for row in rows] == pytest.approx(by_hand.tolist(), abs=1e-5)

@@ -58,7 +58,7 @@ def run(cfg, run_dir: Path) -> dict:
     prompts = [row["prompt"] for row in (splits.eval if splits.eval is not None else splits.train)][: settings.num_prompts]
     trained = TrainedRun.of(settings.policy, "eval.policy", stages=POLICY_STAGES)
     models = load_policy_and_reference(trained, cfg)  # (policy, reference, tokenizer)
-    policy, reference, _ = models
+    policy, reference, tokenizer = models
     reward = load_reward_model(settings.reward_model, cfg, key="eval.reward_model")
     judge = load_reward_model(settings.judge_model, cfg, key="eval.judge_model") if settings.judge_model else None
     for model in (policy, reference, reward.model, judge.model if judge else None):
@@ -66,7 +66,7 @@ def run(cfg, run_dir: Path) -> dict:
             model.to(device).eval()
 
     judges = {"": reward, **({"judge_": judge} if judge is not None else {})}
-    cache = reference_cache_path(trained, settings, prompts, cfg.seed, cfg, device) if settings.ref_cache else None
+    cache = reference_cache_path(trained, tokenizer, settings, prompts, cfg.seed, cfg, device) if settings.ref_cache else None
     with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it (hardware.training_args.bf16)
         started = time.perf_counter()
         references = reference_answers(prompts, settings, device, models, judges, cfg.seed, cache)
@@ -145,7 +145,7 @@ def reference_answers(prompts: list, settings, device, models: tuple, judges: di
     them and their scores, so that later evaluations read them instead of sampling them again."""
     policy, reference, tokenizer = models
     entry = read_json(cache, default=None) if cache is not None else None
-    fresh = not isinstance(entry, dict) or len(entry.get("texts", ())) != len(prompts)
+    fresh = not holds_answers(entry, len(prompts))  # none yet, or a damaged file: sampled again, and replaced
     if fresh:
         entry = {"texts": [], "lengths": [], "scores": {}}
         for start in range(0, len(prompts), settings.batch_size):
@@ -158,7 +158,7 @@ def reference_answers(prompts: list, settings, device, models: tuple, judges: di
     scored = False
     for judge in judges.values():
         known = entry["scores"].get(judge.identity)
-        if known is not None and len(known["scores"]) == len(prompts):
+        if isinstance(known, dict) and len(known.get("scores", ())) == len(prompts) and isinstance(known.get("cut"), int):
             judge.cut_inputs += known["cut"]  # the rows its scores were computed from, as if scored now
             continue
         cut_before = judge.cut_inputs
@@ -171,11 +171,19 @@ def reference_answers(prompts: list, settings, device, models: tuple, judges: di
     return entry
 
 
-def reference_cache_path(run: TrainedRun, settings, prompts: list, seed: int, cfg, device) -> Path:
+def holds_answers(entry, count: int) -> bool:
+    """Whether a cache entry read back holds `count` reference answers and their lengths."""
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("scores"), dict)
+        and all(isinstance(entry.get(key), list) and len(entry[key]) == count for key in ("texts", "lengths"))
+    )
+
+
+def reference_cache_path(run: TrainedRun, tokenizer, settings, prompts: list, seed: int, cfg, device) -> Path:
     """Where the reference answers of this evaluation are kept: keyed by everything they depend on
     (the reference's weights and precision, its tokenizer, the prompts, the sampling settings and
     seed, the device type and the libraries that sample)."""
-    tokenizer = run.start.tokenizer()
     key = json.dumps(
         {
             "reference": run.start.identity(precision(cfg), None),
