@@ -135,7 +135,7 @@ REAL_MODELS = [name for name in options("model") if name not in ("tiny", "custom
 def test_real_models_get_real_model_hyperparameters(model):
     """The stage files hold real-model values (the reference workflow's); model=tiny's fast
     ones (conf/tuning/tiny_*.yaml) never reach a real model."""
-    limits = {"sft": 2e-4, "rm": 1e-4, "dpo": 5e-5, "ppo": 5e-5}  # the tiny values are 10x-50x these
+    limits = {"sft": 2e-4, "rm": 1e-4, "dpo": 5e-5, "ppo": 5e-5}  # the tiny values are 10x these
     for stage, limit in limits.items():
         cfg = compose_config(f"model={model}", f"stage={stage}")
         settings = cfg[stage]
