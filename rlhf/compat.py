@@ -51,8 +51,6 @@ import errno
 import re
 import time
 
-import torch
-
 # (object, attribute) pairs tests/test_compat.py checks on the installed versions.
 PRIVATE_ATTRIBUTES = {
     "transformers.Trainer (instance, after train())": ("_total_loss_scalar", "_tr_loss"),
@@ -101,6 +99,8 @@ def float32_forward(model):
     """In the block, `model` computes in its weights' dtype: outside any autocast, and without the
     autocast wrapper accelerate puts on the forward of a model it prepared for mixed precision
     (which would turn autocast back on inside)."""
+    import torch  # here, not at the top: train.py --help/--cfg import this module and must stay torch-free
+
     wrapped, original = model.__dict__.get("forward"), model.__dict__.get("_original_forward")
     if original is not None:
         model.forward = original
