@@ -115,13 +115,10 @@ def main() -> None:
     write_results(args.out, f"{result['date'][:10]}-learning{suffix}", result, markdown(result))
 
 
-RUN_MADE = ("merged-", "ref_logps", "eval_reference", "steps")  # cache entries runs make (rlhf.lineage, trainers, stages.eval, reuse)
-
-
 def own_cache(work: Path) -> Path:
     """A fresh cache for the benchmark's runs, linking the entries of the user's cache that no run
     made (the converted base models): nothing computed by an earlier run is reused."""
-    from rlhf.cache import cache_dir
+    from rlhf.cache import RUN_MADE, cache_dir
 
     own = work / "cache"
     own.mkdir()

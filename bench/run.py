@@ -37,6 +37,7 @@ from common import ROOT, machine, matmul_peak_gflops, mfu, timed, train, trained
 PAIRS_PER_STEP = 16  # DPO pairs per optimizer step
 BATCH = {"sft": 2 * PAIRS_PER_STEP, "dpo": PAIRS_PER_STEP}  # rows per step: both stages see as many sequences
 sys.path.insert(0, str(ROOT))
+from rlhf.cache import REFERENCE_LOGPS  # noqa: E402
 
 
 def main():
@@ -95,7 +96,7 @@ def measure(args, work: Path) -> None:
     for stage, batch in BATCH.items():
         runs_of = {"framework": [], "plain": []}
         for repeat in range(args.repeats):  # alternating, so that a slow spell of the machine hits both
-            shutil.rmtree(Path(env["RLHF_CACHE"]) / "ref_logps", ignore_errors=True)  # both compute the reference pass
+            shutil.rmtree(Path(env["RLHF_CACHE"]) / REFERENCE_LOGPS, ignore_errors=True)  # both compute the reference pass
             ours = train(
                 runs / f"{stage}-{repeat}",
                 env,
@@ -174,7 +175,7 @@ def measure(args, work: Path) -> None:
 
     # d. the reference log-prob cache: a 3-point beta sweep as users run it, one `-m` process;
     # a job's time is its stage_runtime (model loading to saved result; imports are paid once per process)
-    shutil.rmtree(Path(env["RLHF_CACHE"]) / "ref_logps", ignore_errors=True)
+    shutil.rmtree(Path(env["RLHF_CACHE"]) / REFERENCE_LOGPS, ignore_errors=True)
     sweep_dir = runs / "sweep"
     sweep_seconds, _ = timed(
         [

@@ -19,6 +19,14 @@ from pathlib import Path
 
 MANIFEST = "rlhf_manifest.json"  # in every built entry, written after everything else
 
+# The entries runs compute (beside them: base models converted once). Named here, once, because
+# bench/learning.py starts its runs from a cache without these: a name spelled twice could drift.
+MERGED_LINEAGE_PREFIX = "merged-"  # a lineage's adapters folded into its base (rlhf.lineage)
+REFERENCE_LOGPS = "ref_logps"  # DPO's reference log-probs of a split (rlhf.trainers)
+EVAL_REFERENCES = "eval_reference"  # a start's answers and scores for stage=eval (rlhf.stages.eval)
+FINISHED_STEPS = "steps"  # the registry of finished pipeline and sweep steps (rlhf.reuse)
+RUN_MADE = (MERGED_LINEAGE_PREFIX, REFERENCE_LOGPS, EVAL_REFERENCES, FINISHED_STEPS)
+
 
 def cache_dir() -> Path:
     """The project's cache: $RLHF_CACHE, else ~/.cache/rlhf."""

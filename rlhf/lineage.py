@@ -26,7 +26,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from rlhf.cache import build_once, cache_dir, sha256_file
+from rlhf.cache import MERGED_LINEAGE_PREFIX, build_once, cache_dir, sha256_file
 from rlhf.errors import UserError
 from rlhf.models import BUILTIN_PREFIX, load_model, load_tokenizer, merge_adapter, merging_is_exact, resolve_model_path, stack_adapters
 from rlhf.runs import POLICY_STAGES, finished_run
@@ -74,7 +74,7 @@ class Lineage:
         if not self.adapters:
             return base_path
         key = hashlib.sha256(json.dumps([MERGE_RECIPE, base_path, weights_digest(base_path), self.adapter_digests()]).encode())
-        return str(build_once(cache_dir() / f"merged-{key.hexdigest()[:16]}", self._merge_into))
+        return str(build_once(cache_dir() / f"{MERGED_LINEAGE_PREFIX}{key.hexdigest()[:16]}", self._merge_into))
 
     def _merge_into(self, out: Path) -> None:
         model = load_model(self.base_path(), self.base, None, FULL_PRECISION)

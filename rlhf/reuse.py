@@ -29,7 +29,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from rlhf import PROJECT_ROOT, package_versions
-from rlhf.cache import cache_dir, exclusive_lock, sha256_file
+from rlhf.cache import FINISHED_STEPS, cache_dir, exclusive_lock, sha256_file
 from rlhf.runs import RUN_INPUTS, is_main_process, read_json, write_json, write_status
 
 NO_EFFECT_KEYS = ("run_name", "resume", "reuse", "logger")  # settings that change no weight or metric of a run
@@ -39,7 +39,7 @@ CODE_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate
 
 
 def registry() -> Path:
-    return cache_dir() / "steps"
+    return cache_dir() / FINISHED_STEPS
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from trl import DPOConfig, DPOTrainer, RewardTrainer
 
 from rlhf import distributed
-from rlhf.cache import cache_dir, exclusive_lock
+from rlhf.cache import REFERENCE_LOGPS, cache_dir, exclusive_lock
 from rlhf.compat import ReferenceLogpsHook, float32_forward, log_metric, prepare_inputs
 from rlhf.generation import as_reference
 from rlhf.metrics import preference_metrics
@@ -268,7 +268,7 @@ class KLDPOTrainer(PreferenceEvaluation, ReferenceLogpsHook, DPOTrainer):
             sort_keys=True,
             default=str,
         )
-        return cache_dir() / "ref_logps" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
+        return cache_dir() / REFERENCE_LOGPS / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if REF_ROW in inputs:

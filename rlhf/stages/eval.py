@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from rlhf import package_versions, precision
-from rlhf.cache import cache_dir
+from rlhf.cache import EVAL_REFERENCES, cache_dir
 from rlhf.compat import float32_forward
 from rlhf.data import load_splits
 from rlhf.errors import UserError
@@ -203,7 +203,7 @@ def reference_cache_path(run: TrainedRun, tokenizer, settings, prompts: list, se
         sort_keys=True,
         default=str,
     )
-    return cache_dir() / "eval_reference" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+    return cache_dir() / EVAL_REFERENCES / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
 
 def load_policy_and_reference(run: TrainedRun, cfg):
