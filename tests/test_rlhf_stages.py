@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import compose_config, crash_in_call, history, train
 
-from rlhf.cache import cache_dir
+from rlhf.cache import EVAL_REFERENCES, cache_dir
 from rlhf.errors import UserError
 
 
@@ -214,7 +214,7 @@ def test_evaluations_from_one_start_share_the_reference_answers_they_would_sampl
     assert cached["data/reward_cut_inputs"] == fresh["data/reward_cut_inputs"]
     other, _ = evaluate("dpo-hotter", tmp_path / "dpo", "eval.temperature=0.9")  # other settings draw other answers
     assert other["eval_reference_from_cache"] == 0
-    for entry in (cache_dir() / "eval_reference").glob("*.json"):
+    for entry in (cache_dir() / EVAL_REFERENCES).glob("*.json"):
         entry.write_text('{"texts": ["a file cut off mid-wri')
     damaged, damaged_rows = evaluate("dpo-damaged", tmp_path / "dpo")  # sampled again, not a crash
     assert damaged["eval_reference_from_cache"] == 0 and damaged_rows == fresh_rows
