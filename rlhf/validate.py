@@ -182,6 +182,8 @@ def check_values(cfg) -> None:
     if isinstance(ppo, DictConfig) and _is_int(ppo.get("batch_size")) and _is_int(ppo.get("mini_batch_size")):
         if ppo.batch_size % ppo.mini_batch_size:
             raise UserError(f"ppo.batch_size={ppo.batch_size}: must be a multiple of ppo.mini_batch_size={ppo.mini_batch_size}")
+    if isinstance(ppo, DictConfig) and ppo.get("whiten_scores") is True and _is_int(ppo.get("batch_size")) and ppo.batch_size < 2:
+        raise UserError(f"ppo.batch_size={ppo.batch_size}: ppo.whiten_scores=true needs at least 2 answers per update (or set it false)")
 
 
 def _check_rules(cfg, path: str, rules: dict) -> None:

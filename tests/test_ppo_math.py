@@ -2,6 +2,7 @@
 loops; none of the expected numbers come from the function under test."""
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -87,6 +88,39 @@ def test_missing_eos_penalty():
     scores = t([1.0, 2.0, 3.0])
     ended = torch.tensor([True, False, True])
     assert missing_eos_penalty(scores, ended, 1.5).tolist() == pytest.approx([1.0, 0.5, 3.0])
+
+
+def test_reward_scores_penalise_then_whiten_by_hand():
+    from rlhf.ppo.trainer import PPOConfig, reward_scores
+
+    scores, ended = t([0.10, 0.30, 0.05, 0.15]), torch.tensor([True, True, False, True])
+    penalised = [0.10, 0.30, 0.05 - 0.2, 0.15]
+    mean, std = statistics.mean(penalised), statistics.stdev(penalised)  # Bessel-corrected, as masked_whiten
+    whitened = reward_scores(scores, ended, PPOConfig(missing_eos_penalty=0.2, whiten_scores=True))
+    assert whitened.tolist() == pytest.approx([(x - mean) / std for x in penalised], rel=1e-6)
+    assert reward_scores(scores, ended, PPOConfig(missing_eos_penalty=0.2, whiten_scores=False)).tolist() == pytest.approx(penalised)
+
+
+def test_whitened_reward_scores_do_not_depend_on_the_reward_models_scale():
+    """kl_coef then means the same for an RM whose scores lie 0.1 apart as for one 10 apart."""
+    from rlhf.ppo.trainer import PPOConfig, reward_scores
+
+    scores, ended = t([0.10, 0.30, 0.05, 0.15]), torch.ones(4, dtype=torch.bool)
+    settings = PPOConfig(whiten_scores=True)
+    small, large = reward_scores(scores, ended, settings), reward_scores(100 * scores - 3, ended, settings)
+    assert large.tolist() == pytest.approx(small.tolist(), rel=1e-6)
+
+
+def test_the_value_head_starts_at_exactly_zero():
+    """Random initial values (rms ~1.35 on SmolLM2) swamped rewards ~0.1 apart: the first
+    advantages must come from the rewards alone, while the head can still learn."""
+    from rlhf.ppo.trainer import ValueHead
+
+    head = ValueHead(16)
+    hidden = torch.randn(3, 5, 16) * 4
+    assert torch.equal(head(hidden), torch.zeros(3, 5))
+    (head(hidden) - 1).pow(2).sum().backward()  # a target of 1 everywhere
+    assert head.linear.weight.grad.abs().sum() > 0
 
 
 def test_kl_penalized_rewards_by_hand():

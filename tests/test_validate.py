@@ -202,6 +202,10 @@ def test_composition_errors_become_one_line(argv, expected):
         (("stage=ppo", "ppo.batch_size=0"), "ppo.batch_size=0: must be an integer >= 1"),
         (("stage=ppo", "ppo.mini_batch_size=0"), "ppo.mini_batch_size=0: must be an integer >= 1"),
         (("stage=ppo", "ppo.batch_size=30"), "ppo.batch_size=30: must be a multiple of ppo.mini_batch_size=8"),
+        (
+            ("stage=ppo", "model=smollm2-135m", "ppo.batch_size=1"),
+            "ppo.batch_size=1: ppo.whiten_scores=true needs at least 2 answers per update (or set it false)",
+        ),
         (("stage=ppo", "ppo.learning_rate=0"), "ppo.learning_rate=0: must be > 0"),
         (("stage=ppo", "ppo.kl_coef=-1"), "ppo.kl_coef=-1: must be >= 0"),
         (("stage=ppo", "ppo.cliprange=0"), "ppo.cliprange=0: must be > 0"),

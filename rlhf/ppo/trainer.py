@@ -12,7 +12,6 @@ The math lives in `rlhf.ppo.core`; this module moves tensors between the models.
 """
 
 import contextlib
-import math
 import random
 import shutil
 import time
@@ -52,6 +51,7 @@ class PPOConfig(SamplingSettings):
     learning_rate: float = 1e-3
     max_grad_norm: float = 1.0
     missing_eos_penalty: float | None = None
+    whiten_scores: bool = True
     kl_coef: float = 0.1
     adaptive_kl: bool = True
     target: float = 6.0
@@ -73,9 +73,11 @@ class ValueHead(nn.Module):
     def __init__(self, hidden_size: int):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1)
-        # Small random weights, zero bias (Huang et al. 2024: heads start near 0 so early
-        # value errors do not swamp the policy gradient).
-        nn.init.normal_(self.linear.weight, std=1 / math.sqrt(hidden_size + 1))
+        # Exactly 0 at the start, so the first advantages come from the rewards alone. Random
+        # weights of std 1/sqrt(hidden + 1) gave values of rms ~1.35 on SmolLM2's last hidden state
+        # (the first update's value loss, 0.92), against reward-model scores ~0.1 apart: value noise
+        # swamped the policy gradient. The weight still gets a gradient (the hidden state is not 0).
+        nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -103,6 +105,19 @@ class Rollout:
     values: torch.Tensor  # V_old(state before token)
     entropy: torch.Tensor  # policy entropy per token
     scores: torch.Tensor  # reward-model score of each response, [B]
+
+
+def reward_scores(scores: torch.Tensor, ended_with_eos: torch.Tensor, settings: PPOConfig) -> torch.Tensor:
+    """The scores PPO's rewards are built from: the reward model's, less `missing_eos_penalty`
+    (in the RM's units) for each response cut before EOS, then - with `whiten_scores` - shifted and
+    scaled to mean 0, std 1 over the global batch. Whitened, kl_coef weighs nats against one
+    standard deviation of score whatever the RM's scale: a LoRA RM trained briefly on SmolLM2
+    scores answers ~0.1 apart, so at kl_coef 0.1 one nat of KL cost as much as the whole spread of rewards."""
+    if settings.missing_eos_penalty is not None:
+        scores = core.missing_eos_penalty(scores, ended_with_eos, settings.missing_eos_penalty)
+    if settings.whiten_scores:
+        scores = core.masked_whiten(scores[None], torch.ones_like(scores[None]), reduce=distributed.all_sum)[0]
+    return scores
 
 
 class PPOTrainer:
@@ -139,9 +154,7 @@ class PPOTrainer:
         for update in range(self.done_updates + 1, self.settings.total_updates + 1):
             rollout = self.rollout(next(batches)[share])  # this process's part of the global batch
             mask = rollout.samples.response_mask
-            scores = rollout.scores
-            if self.settings.missing_eos_penalty is not None:
-                scores = core.missing_eos_penalty(scores, rollout.samples.ended_with_eos, self.settings.missing_eos_penalty)
+            scores = reward_scores(rollout.scores, rollout.samples.ended_with_eos, self.settings)
             rewards, kl = core.kl_penalized_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask, self.kl_controller.value)
             advantages, returns = core.gae(rewards, rollout.values, mask, self.settings.gamma, self.settings.lam)
             advantages = core.masked_whiten(advantages, mask, reduce=distributed.all_sum)  # over the global batch
