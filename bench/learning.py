@@ -10,9 +10,9 @@ sizes (rows, steps, lengths, batch sizes under --smoke), on `../shared/data`:
 2. a proxy reward model from the SFT policy on the pairs, and a judge reward model on other,
    disjoint pairs (`dataset.skip_rows`): held-out accuracy with its Wilson bound;
 3. DPO from the SFT policy on the proxy's pairs: held-out reward accuracy, with its Wilson bound;
-4. PPO, GRPO and RLOO from the SFT policy against the proxy RM, as many updates each (PPO: 8
-   prompts with one answer each, its default batch; GRPO/RLOO: 4 prompts with 4 answers each, in
-   micro-batches of 4 answers);
+4. PPO, GRPO and RLOO from the SFT policy against the proxy RM, on as many sampled answers each
+   (PPO: 24 updates of 8 prompts with one answer each, its default batch; GRPO/RLOO: 12 updates of
+   4 prompts with 4 answers each, in micro-batches of 4 answers);
 5. `stage=eval` of each online policy against the SFT policy on the same held-out prompts, both
    answers to a prompt sampled under one seed: the proxy score's paired gain with its 95% t
    interval, the KL to SFT, and the judge's win rate over SFT with its Wilson interval (the
@@ -56,7 +56,8 @@ FULL = {
     "held_out": 160,
     "steps": 25,
     "max_length": 256,
-    "online_updates": 12,
+    "online_updates": 12,  # GRPO and RLOO: updates of 16 answers (4 prompts x 4)
+    "ppo_updates": 24,  # updates of 8 answers (8 prompts x 1): as many sampled answers as GRPO's and RLOO's
     "new_tokens": 48,
     "eval_prompts": 128,
     "arith_steps": 16,
@@ -70,6 +71,7 @@ SMOKE = {
     "steps": 2,
     "max_length": 128,
     "online_updates": 1,
+    "ppo_updates": 1,
     "new_tokens": 8,
     "eval_prompts": 4,
     "arith_steps": 1,
@@ -152,11 +154,11 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list) -> d
         return [change for change in changes if change.split(".", 1)[0] == stage]
 
     def online(stage: str, *overrides) -> list:
-        """PPO, GRPO and RLOO for as many updates: PPO at its default batch (8 prompts, one answer
-        each), GRPO/RLOO on 4 prompts with 4 answers each, in micro-batches of 4 answers. Their own
+        """PPO, GRPO and RLOO on as many sampled answers: PPO at its default batch (8 prompts, one
+        answer each), GRPO/RLOO on 4 prompts with 4 answers each, in micro-batches of 4 answers. Their own
         held-out scoring is off: stage=eval measures the gain (see the module's docstring)."""
         if stage == "ppo":
-            own = [f"ppo.total_updates={sizes['online_updates']}", "ppo.save_steps=0"]
+            own = [f"ppo.total_updates={sizes['ppo_updates']}", "ppo.save_steps=0"]
             own += [f"ppo.max_new_tokens={sizes['new_tokens']}", f"ppo.max_prompt_length={sizes['max_length']}"]
         else:
             own = [
@@ -334,8 +336,9 @@ def markdown(r: dict) -> str:
         f"Measured {r['date']} on {r['machine']} (CPU flags: {r['cpu_flags']}; {r['precision']}), Python {r['python']}; "
         f"model SmolLM2-135M-Instruct (`model=smollm2-135m`), data `{r['data']}` (first {s['rows']} valid rows, "
         f"{s['held_out']} held out; the judge RM on the next {s['rows']}; SFT on the chosen replies), {s['steps']} optimizer "
-        f"steps per SFT/RM/DPO run at max_length {s['max_length']}, {s['online_updates']} online updates (PPO: 8 prompts x 1 answer; "
-        f"GRPO/RLOO: 4 prompts x 4 answers, micro-batches of 4) of {s['new_tokens']} new tokens at most, judged by stage=eval "
+        f"steps per SFT/RM/DPO run at max_length {s['max_length']}, online updates of answers of {s['new_tokens']} new tokens at most "
+        f"(PPO: {s['ppo_updates']} of 8 prompts x 1 answer; GRPO/RLOO: {s['online_updates']} of 4 prompts x 4 answers, "
+        f"micro-batches of 4), judged by stage=eval "
         f"on {s['eval_prompts']} held-out prompts (temperature 0.7, policy and SFT answers paired by seed, the SFT answers "
         f"sampled once); arithmetic GRPO {s['arith_steps']} "
         f"updates, {s['arith_held_out']} held-out prompts; everything else the shipped real-model defaults"
