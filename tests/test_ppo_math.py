@@ -102,7 +102,7 @@ def test_reward_scores_penalise_then_whiten_by_hand():
 
 
 def test_whitened_reward_scores_do_not_depend_on_the_reward_models_scale():
-    """kl_coef then means the same for an RM whose scores lie 0.1 apart as for one 10 apart."""
+    """kl_coef then means the same for an RM whose scores spread 0.1 as for one spreading 10."""
     from rlhf.ppo.trainer import PPOConfig, reward_scores
 
     scores, ended = t([0.10, 0.30, 0.05, 0.15]), torch.ones(4, dtype=torch.bool)
@@ -112,8 +112,8 @@ def test_whitened_reward_scores_do_not_depend_on_the_reward_models_scale():
 
 
 def test_the_value_head_starts_at_exactly_zero():
-    """Random initial values (rms ~1.35 on SmolLM2) swamped rewards ~0.1 apart: the first
-    advantages must come from the rewards alone, while the head can still learn."""
+    """Random initial values (rms ~1.35 on SmolLM2) swamped scores of sd ~0.18 within a prompt:
+    the first advantages must come from the rewards alone, while the head can still learn."""
     from rlhf.ppo.trainer import ValueHead
 
     head = ValueHead(16)
