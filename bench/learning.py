@@ -11,8 +11,9 @@ sizes (rows, steps, lengths, batch sizes under --smoke), on `../shared/data`:
    disjoint pairs (`dataset.skip_rows`): held-out accuracy with its Wilson bound;
 3. DPO from the SFT policy on the proxy's pairs: held-out reward accuracy, with its Wilson bound;
 4. PPO, GRPO and RLOO from the SFT policy against the proxy RM, on as many sampled answers each
-   (PPO: 24 updates of 8 prompts with one answer each, its default batch; GRPO/RLOO: 12 updates of
-   4 prompts with 4 answers each, in micro-batches of 4 answers);
+   (PPO: `ppo_updates` updates of 8 prompts with one answer each, its default batch; GRPO/RLOO:
+   `online_updates` updates of 4 prompts with 4 answers each, in micro-batches of 4 answers; the
+   sizes are FULL's and SMOKE's below);
 5. `stage=eval` of each online policy against the SFT policy on the same held-out prompts, both
    answers to a prompt sampled under one seed: the proxy score's paired gain with its 95% t
    interval, the KL to SFT, and the judge's win rate over SFT with its Wilson interval (the
@@ -49,8 +50,9 @@ sys.path.insert(0, str(ROOT))
 from rlhf.metrics import wilson_lower_bound  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "preference" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
-# Sizes that fit about an hour on 2 cores (SmolLM2-135M in float32: ~15 s per optimizer step of 8
-# sequences at 256 tokens). Everything else is the shipped real-model default.
+# Sizes for intervals narrow enough to read (v4 at these sizes, with PPO at 12 updates, took 76 min
+# on 2 cores; SmolLM2-135M: ~15 s per optimizer step of 8 sequences at 256 tokens). Everything else
+# is the shipped real-model default.
 FULL = {
     "rows": 560,
     "held_out": 160,
