@@ -17,6 +17,7 @@ Two rules keep the numbers computed from samples honest:
 """
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +70,9 @@ def prompt_ids(tokenizer, messages: list) -> list:
 
 def encode_prompts(tokenizer, prompts: list, max_prompt_length: int, device) -> dict:
     """Chat-templated prompts, left-padded (generation appends on the right), cut to
-    max_prompt_length from the left (the end of a prompt matters most)."""
+    max_prompt_length from the left (the end of a prompt matters most). The stages fit their
+    prompts first (`fit_prompts`), so that this cut, which may start mid-message, never happens
+    to a prompt a reward model then scores whole."""
     ids = [prompt_ids(tokenizer, messages)[-max_prompt_length:] for messages in prompts]
     width = max(len(row) for row in ids)
     input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -104,6 +107,38 @@ def fit_prompt(messages: list, tokenizer, max_tokens: int) -> list:
         if length(head + turns) <= max_tokens:
             return head + turns
     raise UserError(f"a prompt limit of {max_tokens} tokens leaves no room: the chat template alone takes {length(turns)}")
+
+
+def fit_prompts(prompts: list, tokenizer, max_tokens: int, key: str) -> tuple[list, int]:
+    """(`prompts`, each cut by `fit_prompt` to `max_tokens` templated tokens; how many were cut).
+    The policy then samples from the conversation the reward model scores: left to
+    `encode_prompts`, a long prompt lost its first tokens mid-message (the system turn and the
+    template's header with them) while the reward model still read it whole. `key` names the
+    setting in the one-line error when even the template does not fit."""
+    from rlhf.errors import UserError
+
+    try:
+        fitted = [fit_prompt(prompt, tokenizer, max_tokens) for prompt in prompts]
+    except UserError as err:
+        raise UserError(f"{key}={max_tokens}: {err}") from None
+    return fitted, sum(new is not old for new, old in zip(fitted, prompts))  # fit_prompt returns a prompt that fits as it is
+
+
+def fitted_prompts(data, tokenizer, max_tokens: int, key: str) -> tuple:
+    """(the splits `data` (rlhf.data.Splits) with every prompt fitted by `fit_prompts`, how many
+    were cut): training and held-out prompts alike."""
+    cut = 0
+
+    def fitted(split):
+        nonlocal cut
+        if split is None:
+            return None
+        # list(...) once: the column hands out new objects on every pass, and the count compares identities
+        prompts, cut_here = fit_prompts(list(split["prompt"]), tokenizer, max_tokens, key)
+        cut += cut_here
+        return split.map(lambda row, index: {"prompt": prompts[index]}, with_indices=True)
+
+    return dataclasses.replace(data, train=fitted(data.train), eval=fitted(data.eval)), cut
 
 
 def generation_config(settings: SamplingSettings, tokenizer, **library_sampler):

@@ -14,7 +14,6 @@ model's mean score is `eval_scores_before` and `eval_scores`, their paired diffe
 under `eval_<function>_` (`eval_answer_match_scores`: held-out exact-match accuracy).
 """
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +24,8 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, RLOOConfig
 
 from rlhf.compat import time_generate
-from rlhf.data import Splits
 from rlhf.errors import UserError
-from rlhf.generation import RewardModel, SamplingSettings, fit_prompt, held_out_answers
+from rlhf.generation import RewardModel, SamplingSettings, fitted_prompts, held_out_answers
 from rlhf.lifecycle import autocast, device_for, fit, load_inputs, load_reward_model, trainer_kwargs
 from rlhf.metrics import paired_gain
 from rlhf.rewards import RewardFunction, completion_text
@@ -62,6 +60,9 @@ def run(cfg, run_dir: Path, trainer_class) -> dict:
     if not settings.reward_model and not settings.reward_functions:
         raise UserError(f"stage={stage} needs a reward: {stage}.reward_model=<rm run> and/or {stage}.reward_functions (rlhf/rewards.py)")
     inputs = load_inputs(cfg, data_kind="prompt")
+    # TRL's GRPO and RLOO trainers (1.x) sample from every prompt whole: one long dialogue (HH-RLHF
+    # holds prompts of ~1600 tokens) made an update's memory and time follow the longest prompt
+    # drawn (a 17 GiB peak on SmolLM2). Fitted here, training and held-out scoring see the same prompts.
     inputs.data, cut_prompts = fitted_prompts(inputs.data, inputs.tokenizer, settings.max_prompt_length, f"{stage}.max_prompt_length")
     functions = reward_functions(settings, inputs.data.train.column_names, stage)
     reward = load_reward_model(settings.reward_model, cfg, key=f"{stage}.reward_model") if settings.reward_model else None
@@ -104,29 +105,6 @@ class RewardModelFunction(RewardFunction):
 
     def __call__(self, prompts, completions, **columns) -> list:
         return self.reward.scores(prompts, [completion_text(completion) for completion in completions], self.device).tolist()
-
-
-def fitted_prompts(data: Splits, tokenizer, max_tokens: int, key: str) -> tuple:
-    """(the splits with every prompt cut to `max_tokens` templated tokens by
-    `rlhf.generation.fit_prompt`, how many were cut). TRL's GRPO and RLOO trainers (1.x) sample
-    from every prompt whole: one long dialogue (HH-RLHF holds prompts of ~1600 tokens) made an
-    update's memory and time follow the longest prompt drawn (a 17 GiB peak on SmolLM2). Cut here,
-    training and held-out scoring see the same prompts, as PPO's `max_prompt_length` cuts its own."""
-    cut = 0
-
-    def fitted(split):
-        nonlocal cut
-        if split is None:
-            return None
-        original = list(split["prompt"])  # once: the column hands out new objects on every pass
-        try:
-            prompts = [fit_prompt(prompt, tokenizer, max_tokens) for prompt in original]
-        except UserError as err:
-            raise UserError(f"{key}={max_tokens}: {err}") from None
-        cut += sum(new is not old for new, old in zip(prompts, original))  # fit_prompt returns a prompt that fits as it is
-        return split.map(lambda row, index: {"prompt": prompts[index]}, with_indices=True)
-
-    return dataclasses.replace(data, train=fitted(data.train), eval=fitted(data.eval)), cut
 
 
 class PhaseTimer(TrainerCallback):

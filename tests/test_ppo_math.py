@@ -111,6 +111,26 @@ def test_whitened_reward_scores_do_not_depend_on_the_reward_models_scale():
     assert large.tolist() == pytest.approx(small.tolist(), rel=1e-6)
 
 
+def test_rlhf_reward_is_the_return_ppo_maximised():
+    """objective/rlhf_reward: the score PPO was given (here after a missing-EOS penalty of 5) less
+    kl_coef x the response's KL, by hand; objective/scores stays the reward model's own."""
+    from rlhf.generation import Samples
+    from rlhf.ppo.trainer import PPOConfig, Rollout, reward_scores, rollout_statistics
+
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    logprobs, ref_logprobs = t([[-1.0, -2.0, -0.5], [-0.3, -0.2, 0.0]]), t([[-1.5, -1.0, -0.5], [-0.1, -0.6, 0.0]])
+    scores, ended = t([1.0, 3.0]), torch.tensor([True, False])
+    samples = Samples(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5), mask, ["a", "b"], ended)
+    rollout = Rollout(samples, logprobs, ref_logprobs, torch.zeros(2, 3), torch.zeros(2, 3), scores)
+    given = reward_scores(scores, ended, PPOConfig(missing_eos_penalty=5.0, whiten_scores=False))
+    rewards, kl = kl_penalized_rewards(given, logprobs, ref_logprobs, mask, kl_coef=0.1)
+    statistics_ = rollout_statistics(rollout, kl, rewards)
+    kl_by_hand = [(-1.0 + 1.5) + (-2.0 + 1.0) + 0.0, (-0.3 + 0.1) + (-0.2 + 0.6)]  # -0.5 and 0.2 nats
+    assert statistics_["objective/rlhf_reward"] == pytest.approx(((1.0 - 0.1 * kl_by_hand[0]) + (3.0 - 5.0 - 0.1 * kl_by_hand[1])) / 2)
+    assert statistics_["objective/scores"] == pytest.approx(2.0)
+    assert statistics_["objective/kl"] == pytest.approx(sum(kl_by_hand) / 2)
+
+
 def test_the_value_head_starts_at_exactly_zero():
     """Random initial values (rms ~1.35 on SmolLM2) swamped scores of sd ~0.18 within a prompt:
     the first advantages must come from the rewards alone, while the head can still learn."""
@@ -121,6 +141,22 @@ def test_the_value_head_starts_at_exactly_zero():
     assert torch.equal(head(hidden), torch.zeros(3, 5))
     (head(hidden) - 1).pow(2).sum().backward()  # a target of 1 everywhere
     assert head.linear.weight.grad.abs().sum() > 0
+
+
+def test_the_value_head_gives_float32_values_under_bfloat16_autocast():
+    """The values feed GAE and are the value loss's targets: a Linear under bfloat16 autocast
+    would hand them over with 8 bits of mantissa."""
+    from rlhf.ppo.trainer import ValueHead
+
+    head = ValueHead(16)
+    torch.nn.init.normal_(head.linear.weight)
+    torch.nn.init.normal_(head.linear.bias)
+    hidden = torch.randn(2, 3, 16)
+    by_hand = hidden.double() @ head.linear.weight.double()[0] + head.linear.bias.double()[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values = head(hidden)
+    assert values.dtype == torch.float32
+    assert values.double().flatten().tolist() == pytest.approx(by_hand.flatten().tolist(), abs=1e-5)
 
 
 def test_kl_penalized_rewards_by_hand():
@@ -184,6 +220,34 @@ def test_gae_matches_the_explicit_sum_on_ragged_rows():
                 assert returns[i, j].item() == pytest.approx(expected + v[j])
             else:
                 assert advantages[i, j].item() == 0.0 and returns[i, j].item() == 0.0
+
+
+def test_gae_of_bfloat16_values_is_computed_in_float32():
+    """A bfloat16 recursion rounds every A_t to 8 bits of mantissa and carries the error into
+    A_{t-1}; the targets come out in float32, equal to the recursion done by hand in float64."""
+    values = torch.tensor([[0.1234, -0.5678, 0.9012, 0.3456, -0.7891]]).to(torch.bfloat16)
+    rewards = t([[0.011, -0.023, 0.037, -0.041, 1.2345]])
+    gamma, lam = 0.99, 0.95
+    v, r = values.double()[0].tolist(), rewards[0].tolist()
+    expected, next_value, next_advantage = [0.0] * 5, 0.0, 0.0
+    for i in reversed(range(5)):
+        next_advantage = r[i] + gamma * next_value - v[i] + gamma * lam * next_advantage
+        expected[i], next_value = next_advantage, v[i]
+    advantages, returns = gae(rewards.float(), values, torch.ones(1, 5), gamma, lam)
+    assert advantages.dtype == returns.dtype == torch.float32
+    assert advantages[0].tolist() == pytest.approx(expected, abs=1e-6)
+    assert returns[0].tolist() == pytest.approx([a + b for a, b in zip(expected, v)], abs=1e-6)
+
+
+def test_masked_whiten_of_bfloat16_values_counts_every_entry():
+    """257 entries: bfloat16 holds integers exactly only up to 256, so a count kept in the
+    values' dtype is 256; the statistics come out as statistics.mean/stdev compute them."""
+    values = (torch.arange(257, dtype=torch.float32) / 100).to(torch.bfloat16)[None]
+    xs = values.double()[0].tolist()
+    mean, std = statistics.mean(xs), statistics.stdev(xs)
+    whitened = masked_whiten(values, torch.ones_like(values))
+    assert whitened.dtype == torch.float32
+    assert whitened[0].tolist() == pytest.approx([(x - mean) / std for x in xs], abs=1e-5)
 
 
 def test_gae_outputs_carry_no_gradient():

@@ -213,8 +213,9 @@ def test_rlhf_chain_reports_a_paired_held_out_gain(rlhf_chain):
 
 
 def test_reward_inputs_longer_than_the_rm_was_trained_on_are_cut_from_the_left(tmp_path, capfd):
-    """PPO over prompts of ~1600 tokens scores with a reward model trained at max_length 256: every
-    (prompt, response) row is cut to its last 256 tokens (the response kept), counted, unwarned."""
+    """PPO over prompts of ~1600 tokens (fitted to its max_prompt_length of 500) scores with a reward
+    model trained at max_length 256: every (prompt, response) row is cut to its last 256 tokens (the
+    response kept), counted, unwarned."""
     from conftest import compose_config, train
 
     from rlhf.lifecycle import load_reward_model
@@ -241,6 +242,7 @@ def test_reward_inputs_longer_than_the_rm_was_trained_on_are_cut_from_the_left(t
         f"dataset.path={data}",
         "dataset.test_size=0.25",
         *ONE_SMALL_PPO_UPDATE,
+        "ppo.max_prompt_length=500",  # within the policy's 512 tokens, beyond the reward model's 256
     )
     output = "".join(capfd.readouterr())
     assert "longer than the specified maximum sequence length" not in output

@@ -218,3 +218,82 @@ def test_evaluations_from_one_start_share_the_reference_answers_they_would_sampl
         entry.write_text('{"texts": ["a file cut off mid-wri')
     damaged, damaged_rows = evaluate("dpo-damaged", tmp_path / "dpo")  # sampled again, not a crash
     assert damaged["eval_reference_from_cache"] == 0 and damaged_rows == fresh_rows
+
+
+def half_of_the_prompts_longer(split: str) -> tuple:
+    """(the tiny model's tokenizer, a max_prompt_length that half the default PPO dataset's
+    `split` prompts exceed once chat-templated)."""
+    from rlhf.data import load_splits
+    from rlhf.generation import prompt_ids
+    from rlhf.lineage import Lineage
+
+    cfg = compose_config("stage=ppo")
+    tokenizer = Lineage.of(cfg.model).tokenizer()
+    lengths = sorted(len(prompt_ids(tokenizer, row["prompt"])) for row in getattr(load_splits(cfg.dataset, kind="prompt"), split))
+    return tokenizer, lengths[len(lengths) // 2]
+
+
+def recording_prompts_and_samples(monkeypatch, module) -> tuple:
+    """Lists that fill, call by call, with the prompts the reward models score and with
+    (prompts, Samples) of each call of `module.sample` (the sampler the stage imported)."""
+    from rlhf.generation import RewardModel
+
+    scored, sampled = [], []
+    sample, scores = module.sample, RewardModel.scores
+
+    def recording_sample(model, tokenizer, prompts, *args, **kwargs):
+        samples = sample(model, tokenizer, prompts, *args, **kwargs)
+        sampled.append((prompts, samples))
+        return samples
+
+    def recording_scores(self, prompts, *args, **kwargs):
+        scored.append(list(prompts))
+        return scores(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(module, "sample", recording_sample)
+    monkeypatch.setattr(RewardModel, "scores", recording_scores)
+    return scored, sampled
+
+
+def assert_sampled_from_whole(sampled: list, tokenizer) -> None:
+    """Each sampled row's prompt tokens are the whole chat-templated prompt it was given: nothing
+    cut mid-message after the prompt was chosen."""
+    from rlhf.generation import prompt_ids
+
+    for prompts, samples in sampled:
+        width = samples.prompt_length
+        for messages, ids, attended in zip(prompts, samples.sequences[:, :width], samples.attention_mask[:, :width]):
+            assert ids[attended.bool()].tolist() == prompt_ids(tokenizer, messages)
+
+
+def test_ppo_samples_from_the_prompts_its_reward_model_scores(rlhf_chain, tmp_path, monkeypatch):
+    """A prompt over ppo.max_prompt_length loses its oldest turns (a last turn its start) before
+    sampling. Cut only by encode_prompts, it lost its first tokens mid-message while the reward
+    model scored it whole: the policy was rewarded for an answer to another prompt."""
+    import rlhf.ppo.trainer
+
+    run_dir, _ = rlhf_chain
+    tokenizer, limit = half_of_the_prompts_longer("train")
+    scored, sampled = recording_prompts_and_samples(monkeypatch, rlhf.ppo.trainer)
+    sft, rm = f"model.init_from={run_dir / 'sft'}", f"ppo.reward_model={run_dir / 'rm'}"
+    metrics = train(tmp_path, "stage=ppo", sft, rm, "ppo.total_updates=2", "ppo.eval_prompts=0", f"ppo.max_prompt_length={limit}")
+    assert metrics["data/cut_prompts"] > 0
+    assert len(sampled) == len(scored) == 2  # one rollout per update, scored once
+    assert [prompts for prompts, _ in sampled] == scored  # the reward model scores the prompts sampled from ...
+    assert_sampled_from_whole(sampled, tokenizer)  # ... whole
+
+
+def test_eval_samples_from_the_prompts_its_judges_score(rlhf_chain, tmp_path, monkeypatch):
+    import rlhf.stages.eval
+
+    run_dir, _ = rlhf_chain
+    tokenizer, limit = half_of_the_prompts_longer("eval")
+    scored, sampled = recording_prompts_and_samples(monkeypatch, rlhf.stages.eval)
+    judged = (f"eval.policy={run_dir / 'ppo'}", f"eval.reward_model={run_dir / 'rm'}", "eval.ref_cache=false")
+    metrics = train(tmp_path, "stage=eval", *judged, "eval.num_prompts=8", "eval.batch_size=8", f"eval.max_prompt_length={limit}")
+    assert metrics["data/cut_prompts"] > 0
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(sampled) == 2  # the reference's answers, then the policy's
+    assert all(prompts == [row["prompt"] for row in samples] for prompts, _ in sampled)
+    assert_sampled_from_whole(sampled, tokenizer)
+    assert all(prompts == [row["prompt"] for row in samples] for prompts in scored)  # scores: whole batches of 8

@@ -28,6 +28,11 @@ WHITEN_EPS = 1e-8
 # --- masked statistics ---------------------------------------------------------------------
 
 
+def at_least_float32(values: torch.Tensor) -> torch.Tensor:
+    """`values` in float32, or float64 if they are: statistics and targets never in half precision."""
+    return values.to(torch.promote_types(values.dtype, torch.float32))
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None, count: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of `values` over the entries where `mask` is 1 (over `dim`, or over everything).
 
@@ -54,6 +59,7 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     (`rlhf.distributed.all_sum`): mean and var are then those of the whole global batch.
     """
     reduce = reduce or (lambda tensor: tensor)
+    values = at_least_float32(values)  # the count and the sums too: bfloat16 has integers exactly only up to 256
     mask = mask.bool()
     masked = torch.where(mask, values, torch.zeros_like(values))
     total, count = reduce(torch.stack([masked.sum(), mask.sum().to(values.dtype)]))
@@ -131,6 +137,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     not whitened here; call `masked_whiten` on them.
     """
     real = mask.bool()
+    rewards, values = at_least_float32(rewards), at_least_float32(values)  # each step rounded to bfloat16 would carry into the next
     zeros = torch.zeros_like(values)
     rewards, values = torch.where(real, rewards, zeros), torch.where(real, values, zeros)
     batch, length = rewards.shape

@@ -82,7 +82,10 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden).squeeze(-1)
+        # In float32 whatever the autocast: the values feed GAE's recursion and are the value loss's
+        # targets; under bfloat16 autocast a Linear returns bfloat16 (8 bits of mantissa).
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
 
 
 @dataclass
@@ -119,6 +122,28 @@ def reward_scores(scores: torch.Tensor, ended_with_eos: torch.Tensor, settings: 
     if settings.whiten_scores:
         scores = core.masked_whiten(scores[None], torch.ones_like(scores[None]), reduce=distributed.all_sum)[0]
     return scores
+
+
+def rollout_statistics(rollout: Rollout, kl: torch.Tensor, rewards: torch.Tensor) -> dict:
+    """Means over the global batch: per response (the reward model's scores, the KL of whole
+    responses, the return PPO maximised, lengths) and per token (entropy), from sums and counts
+    added up over the processes. `objective/rlhf_reward` is the sum of the per-token `rewards` the
+    advantages were computed from: the score PPO was given (after missing_eos_penalty and, with
+    whiten_scores, whitened over the batch, so its mean is then 0) less kl_coef x KL;
+    `objective/scores` is the reward model's own score, in its units."""
+    mask = rollout.samples.response_mask
+    response_kl = kl.sum(dim=1)
+    sums = {
+        "objective/scores": rollout.scores.sum(),
+        "objective/kl": response_kl.sum(),
+        "objective/rlhf_reward": rewards.sum(),  # 0 on padding: one return per response, summed
+        "response_length": mask.sum(),
+    }
+    entropy = torch.where(mask.bool(), rollout.entropy, torch.zeros_like(rollout.entropy)).sum()  # over real tokens
+    counts = [mask.sum(), mask.new_tensor(len(rollout.scores))]  # tokens, responses (on the rollout's device)
+    totals = distributed.all_sum(torch.stack([value.double() for value in (*sums.values(), entropy, *counts)]))
+    *summed, entropy, tokens, responses = totals.tolist()
+    return {**{name: value / responses for name, value in zip(sums, summed)}, "objective/entropy": entropy / tokens}
 
 
 class PPOTrainer:
@@ -161,7 +186,7 @@ class PPOTrainer:
             advantages = core.masked_whiten(advantages, mask, reduce=distributed.all_sum)  # over the global batch
             with self.timed("optimisation"):
                 stats = self.optimise(rollout, advantages, returns, update)
-            statistics = {**self.rollout_statistics(rollout, kl), **stats}
+            statistics = {**rollout_statistics(rollout, kl, rewards), **stats}
             record = {"step": update, **statistics, "objective/kl_coef": self.kl_controller.value}
             self.kl_controller.update(statistics["objective/kl"], self.settings.batch_size)  # the same on every process
             if update % self.settings.logging_steps == 0 or update == self.settings.total_updates:
@@ -177,23 +202,6 @@ class PPOTrainer:
         timing = {f"time/{phase}_per_update": seconds / ran for phase, seconds in self.seconds.items()}
         timing["time/generated_tokens_per_second"] = self.generated_tokens / self.seconds["generation"]
         return {**{key: value for key, value in last.items() if key != "step"}, **timing}
-
-    def rollout_statistics(self, rollout: Rollout, kl: torch.Tensor) -> dict:
-        """Means over the global batch: per response (scores, KL of whole responses, lengths) and
-        per token (entropy), from sums and counts added up over the processes."""
-        mask = rollout.samples.response_mask
-        response_kl = kl.sum(dim=1)
-        sums = {
-            "objective/scores": rollout.scores.sum(),
-            "objective/kl": response_kl.sum(),
-            "objective/rlhf_reward": (rollout.scores - self.kl_controller.value * response_kl).sum(),
-            "response_length": mask.sum(),
-        }
-        entropy = torch.where(mask.bool(), rollout.entropy, torch.zeros_like(rollout.entropy)).sum()  # over real tokens
-        counts = [mask.sum(), mask.new_tensor(len(rollout.scores))]  # tokens, responses (on the rollout's device)
-        totals = distributed.all_sum(torch.stack([value.double() for value in (*sums.values(), entropy, *counts)]))
-        *summed, entropy, tokens, responses = totals.tolist()
-        return {**{name: value / responses for name, value in zip(sums, summed)}, "objective/entropy": entropy / tokens}
 
     def local_share(self) -> slice:
         """This process's part of each global batch: batch_size / processes prompts."""

@@ -31,7 +31,7 @@ from rlhf.cache import EVAL_REFERENCES, cache_dir
 from rlhf.compat import float32_forward
 from rlhf.data import load_splits
 from rlhf.errors import UserError
-from rlhf.generation import SamplingSettings, as_reference, response_logprobs, sample, seeded
+from rlhf.generation import SamplingSettings, as_reference, fit_prompts, response_logprobs, sample, seeded
 from rlhf.lifecycle import autocast, device_for, load_reward_model
 from rlhf.lineage import POLICY_STAGES, TrainedRun
 from rlhf.metrics import agreement, score_gain, wilson_interval
@@ -59,6 +59,8 @@ def run(cfg, run_dir: Path) -> dict:
     trained = TrainedRun.of(settings.policy, "eval.policy", stages=POLICY_STAGES)
     models = load_policy_and_reference(trained, cfg)  # (policy, reference, tokenizer)
     policy, reference, tokenizer = models
+    # Whole turns cut to max_prompt_length: both policies sample from the conversation the judges score.
+    prompts, cut_prompts = fit_prompts(prompts, tokenizer, settings.max_prompt_length, "eval.max_prompt_length")
     reward = load_reward_model(settings.reward_model, cfg, key="eval.reward_model")
     judge = load_reward_model(settings.judge_model, cfg, key="eval.judge_model") if settings.judge_model else None
     for model in (policy, reference, reward.model, judge.model if judge else None):
@@ -84,6 +86,7 @@ def run(cfg, run_dir: Path) -> dict:
         **metrics,
         **cut,
         "eval_prompts": len(rows),
+        "data/cut_prompts": cut_prompts,
         "eval_reference_from_cache": int(references["from_cache"]),
         "time/reference_answers": reference_seconds,
     }

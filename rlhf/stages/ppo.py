@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from transformers import set_seed
 
 from rlhf import ddp_backend, distributed
+from rlhf.generation import fitted_prompts
 from rlhf.lifecycle import autocast, device_for, load_inputs, load_reward_model, save_final
 from rlhf.metrics import paired_gain
 from rlhf.ppo.trainer import PPOModels, PPOTrainer, ValueHead
@@ -36,6 +37,9 @@ def train_ppo(cfg, run_dir: Path) -> dict:
     settings = instantiate(cfg.ppo)  # validate() has checked ppo.reward_model
     device = device_for(cfg)  # rlhf.command has seeded the run: the value head starts the same every run
     inputs = load_inputs(cfg, data_kind="prompt")
+    # Whole turns cut to max_prompt_length, training and held-out alike: the policy samples from the
+    # conversation the reward model scores (see rlhf.generation.fit_prompts).
+    inputs.data, cut_prompts = fitted_prompts(inputs.data, inputs.tokenizer, settings.max_prompt_length, "ppo.max_prompt_length")
     models = ppo_models(cfg, settings, inputs, device)
 
     log = UpdateLog(cfg, run_dir)
@@ -53,6 +57,7 @@ def train_ppo(cfg, run_dir: Path) -> dict:
         if held_out:
             metrics.update(paired_gain(kept["held_out_before"], trainer.score_held_out(held_out, cfg.seed)))
     metrics["data/skipped_rows"] = inputs.data.skipped_rows
+    metrics["data/cut_prompts"] = cut_prompts
     # (prompt, response) rows longer than the reward model was trained on, cut to its rm.max_length, over every process
     metrics["data/reward_cut_inputs"] = int(distributed.all_sum(torch.tensor(float(models.reward.cut_inputs))).item())
 
