@@ -64,16 +64,16 @@ def measure(overrides: list) -> dict:
     from transformers import set_seed
 
     from rlhf.compose import compose
-    from rlhf.lifecycle import autocast, device_for, load_inputs
+    from rlhf.lifecycle import autocast, device_for
     from rlhf.lineage import Lineage
     from rlhf.ppo.trainer import PPOTrainer
-    from rlhf.stages.ppo import ppo_models
+    from rlhf.stages.ppo import ppo_inputs, ppo_models
 
     cfg = compose(overrides)
     HydraConfig.instance().set_config(cfg)  # the run name reads Hydra's job settings
     settings, device = instantiate(cfg.ppo), device_for(cfg)
     set_seed(cfg.seed)
-    inputs = load_inputs(cfg, data_kind="prompt")
+    inputs, _ = ppo_inputs(cfg, settings)  # the prompts stage=ppo samples from
     models = ppo_models(cfg, settings, inputs, device)
     trainer = PPOTrainer(models, settings, device, log=lambda record: None)
     prompts = [row["prompt"] for row in inputs.data.train]

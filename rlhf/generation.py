@@ -125,8 +125,8 @@ def fit_prompts(prompts: list, tokenizer, max_tokens: int, key: str) -> tuple[li
 
 
 def fitted_prompts(data, tokenizer, max_tokens: int, key: str) -> tuple:
-    """(the splits `data` (rlhf.data.Splits) with every prompt fitted by `fit_prompts`, how many
-    were cut): training and held-out prompts alike."""
+    """(the splits `data` (rlhf.data.Splits, not imported: sampling needs no dataset code) with
+    every prompt fitted by `fit_prompts`, how many were cut): training and held-out prompts alike."""
     cut = 0
 
     def fitted(split):
@@ -313,7 +313,7 @@ def as_reference(policy, reference=None):
         yield policy
 
 
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """Upcast half/bf16 to float32; leave float32 and float64 as they are."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
@@ -325,7 +325,7 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     log-softmax. At least float32: a bf16 logsumexp over a large vocabulary is off in the second
     or third digit, which biases the PPO ratio.
     """
-    logits = _at_least_float32(logits)
+    logits = at_least_float32(logits)
     chosen = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return chosen - torch.logsumexp(logits, dim=-1)
 
@@ -336,6 +336,6 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     H = -sum p log p, and log p = z - logsumexp(z), so H = logsumexp(z) - sum p z: no log of a
     tiny probability is taken, and logsumexp and softmax are both stable for large logits.
     """
-    logits = _at_least_float32(logits)
+    logits = at_least_float32(logits)
     probs = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)

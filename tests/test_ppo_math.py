@@ -129,6 +129,10 @@ def test_rlhf_reward_is_the_return_ppo_maximised():
     assert statistics_["objective/rlhf_reward"] == pytest.approx(((1.0 - 0.1 * kl_by_hand[0]) + (3.0 - 5.0 - 0.1 * kl_by_hand[1])) / 2)
     assert statistics_["objective/scores"] == pytest.approx(2.0)
     assert statistics_["objective/kl"] == pytest.approx(sum(kl_by_hand) / 2)
+    # With whitening (the default) the given scores average 0: what is left is the KL penalty
+    given = reward_scores(scores, ended, PPOConfig(missing_eos_penalty=5.0, whiten_scores=True))
+    rewards, kl = kl_penalized_rewards(given, logprobs, ref_logprobs, mask, kl_coef=0.1)
+    assert rollout_statistics(rollout, kl, rewards)["objective/rlhf_reward"] == pytest.approx(-0.1 * sum(kl_by_hand) / 2)
 
 
 def test_the_value_head_starts_at_exactly_zero():

@@ -222,15 +222,16 @@ def test_evaluations_from_one_start_share_the_reference_answers_they_would_sampl
 
 def half_of_the_prompts_longer(split: str) -> tuple:
     """(the tiny model's tokenizer, a max_prompt_length that half the default PPO dataset's
-    `split` prompts exceed once chat-templated)."""
+    `split` prompts exceed once chat-templated, those prompts as the dataset holds them)."""
     from rlhf.data import load_splits
     from rlhf.generation import prompt_ids
     from rlhf.lineage import Lineage
 
     cfg = compose_config("stage=ppo")
     tokenizer = Lineage.of(cfg.model).tokenizer()
-    lengths = sorted(len(prompt_ids(tokenizer, row["prompt"])) for row in getattr(load_splits(cfg.dataset, kind="prompt"), split))
-    return tokenizer, lengths[len(lengths) // 2]
+    prompts = [row["prompt"] for row in getattr(load_splits(cfg.dataset, kind="prompt"), split)]
+    lengths = sorted(len(prompt_ids(tokenizer, prompt)) for prompt in prompts)
+    return tokenizer, lengths[len(lengths) // 2], prompts
 
 
 def recording_prompts_and_samples(monkeypatch, module) -> tuple:
@@ -273,7 +274,7 @@ def test_ppo_samples_from_the_prompts_its_reward_model_scores(rlhf_chain, tmp_pa
     import rlhf.ppo.trainer
 
     run_dir, _ = rlhf_chain
-    tokenizer, limit = half_of_the_prompts_longer("train")
+    tokenizer, limit, originals = half_of_the_prompts_longer("train")
     scored, sampled = recording_prompts_and_samples(monkeypatch, rlhf.ppo.trainer)
     sft, rm = f"model.init_from={run_dir / 'sft'}", f"ppo.reward_model={run_dir / 'rm'}"
     metrics = train(tmp_path, "stage=ppo", sft, rm, "ppo.total_updates=2", "ppo.eval_prompts=0", f"ppo.max_prompt_length={limit}")
@@ -281,13 +282,14 @@ def test_ppo_samples_from_the_prompts_its_reward_model_scores(rlhf_chain, tmp_pa
     assert len(sampled) == len(scored) == 2  # one rollout per update, scored once
     assert [prompts for prompts, _ in sampled] == scored  # the reward model scores the prompts sampled from ...
     assert_sampled_from_whole(sampled, tokenizer)  # ... whole
+    assert any(prompt not in originals for prompts, _ in sampled for prompt in prompts)  # and some were cut
 
 
 def test_eval_samples_from_the_prompts_its_judges_score(rlhf_chain, tmp_path, monkeypatch):
     import rlhf.stages.eval
 
     run_dir, _ = rlhf_chain
-    tokenizer, limit = half_of_the_prompts_longer("eval")
+    tokenizer, limit, originals = half_of_the_prompts_longer("eval")
     scored, sampled = recording_prompts_and_samples(monkeypatch, rlhf.stages.eval)
     judged = (f"eval.policy={run_dir / 'ppo'}", f"eval.reward_model={run_dir / 'rm'}", "eval.ref_cache=false")
     metrics = train(tmp_path, "stage=eval", *judged, "eval.num_prompts=8", "eval.batch_size=8", f"eval.max_prompt_length={limit}")
@@ -296,4 +298,5 @@ def test_eval_samples_from_the_prompts_its_judges_score(rlhf_chain, tmp_path, mo
     assert len(sampled) == 2  # the reference's answers, then the policy's
     assert all(prompts == [row["prompt"] for row in samples] for prompts, _ in sampled)
     assert_sampled_from_whole(sampled, tokenizer)
-    assert all(prompts == [row["prompt"] for row in samples] for prompts in scored)  # scores: whole batches of 8
+    assert any(row["prompt"] not in originals for row in samples)  # some were cut
+    assert len(scored) == 2 and all(prompts == [row["prompt"] for row in samples] for prompts in scored)  # one batch of 8 each

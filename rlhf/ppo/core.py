@@ -22,15 +22,12 @@ there.
 
 import torch
 
+from rlhf.generation import at_least_float32  # statistics and targets never in half precision
+
 WHITEN_EPS = 1e-8
 
 
 # --- masked statistics ---------------------------------------------------------------------
-
-
-def at_least_float32(values: torch.Tensor) -> torch.Tensor:
-    """`values` in float32, or float64 if they are: statistics and targets never in half precision."""
-    return values.to(torch.promote_types(values.dtype, torch.float32))
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None, count: torch.Tensor | None = None) -> torch.Tensor:

@@ -57,10 +57,10 @@ def run(cfg, run_dir: Path) -> dict:
     splits = load_splits(cfg.dataset, kind="prompt")
     prompts = [row["prompt"] for row in (splits.eval if splits.eval is not None else splits.train)][: settings.num_prompts]
     trained = TrainedRun.of(settings.policy, "eval.policy", stages=POLICY_STAGES)
+    # Whole turns cut to max_prompt_length: both policies sample from the conversation the judges score.
+    prompts, cut_prompts = fit_prompts(prompts, trained.start.tokenizer(), settings.max_prompt_length, "eval.max_prompt_length")
     models = load_policy_and_reference(trained, cfg)  # (policy, reference, tokenizer)
     policy, reference, tokenizer = models
-    # Whole turns cut to max_prompt_length: both policies sample from the conversation the judges score.
-    prompts, cut_prompts = fit_prompts(prompts, tokenizer, settings.max_prompt_length, "eval.max_prompt_length")
     reward = load_reward_model(settings.reward_model, cfg, key="eval.reward_model")
     judge = load_reward_model(settings.judge_model, cfg, key="eval.judge_model") if settings.judge_model else None
     for model in (policy, reference, reward.model, judge.model if judge else None):

@@ -36,10 +36,7 @@ def run(cfg, run_dir: Path) -> dict:
 def train_ppo(cfg, run_dir: Path) -> dict:
     settings = instantiate(cfg.ppo)  # validate() has checked ppo.reward_model
     device = device_for(cfg)  # rlhf.command has seeded the run: the value head starts the same every run
-    inputs = load_inputs(cfg, data_kind="prompt")
-    # Whole turns cut to max_prompt_length, training and held-out alike: the policy samples from the
-    # conversation the reward model scores (see rlhf.generation.fit_prompts).
-    inputs.data, cut_prompts = fitted_prompts(inputs.data, inputs.tokenizer, settings.max_prompt_length, "ppo.max_prompt_length")
+    inputs, cut_prompts = ppo_inputs(cfg, settings)
     models = ppo_models(cfg, settings, inputs, device)
 
     log = UpdateLog(cfg, run_dir)
@@ -66,6 +63,15 @@ def train_ppo(cfg, run_dir: Path) -> dict:
         save_file(models.value_head.state_dict(), str(final / "value_head.safetensors"))  # apart: final/ loads as a plain policy
     log.close()
     return metrics
+
+
+def ppo_inputs(cfg, settings) -> tuple:
+    """(the starting model, tokenizer and prompts of a PPO run; how many prompts were cut): each
+    prompt fitted by whole turns to max_prompt_length, training and held-out alike, so that the
+    policy samples from the conversation the reward model scores (rlhf.generation.fit_prompts)."""
+    inputs = load_inputs(cfg, data_kind="prompt")
+    inputs.data, cut = fitted_prompts(inputs.data, inputs.tokenizer, settings.max_prompt_length, "ppo.max_prompt_length")
+    return inputs, cut
 
 
 def ppo_models(cfg, settings, inputs, device) -> PPOModels:
