@@ -69,12 +69,13 @@ def prompt_ids(tokenizer, messages: list) -> list:
 
 
 def encode_prompts(tokenizer, prompts: list, max_prompt_length: int, device) -> dict:
-    """Chat-templated prompts, left-padded (generation appends on the right), cut to
-    max_prompt_length from the left (the end of a prompt matters most). The stages fit their
-    prompts first (`fit_prompts`), so that this cut, which may start mid-message, never happens
-    to a prompt a reward model then scores whole."""
-    ids = [prompt_ids(tokenizer, messages)[-max_prompt_length:] for messages in prompts]
+    """Chat-templated prompts, left-padded (generation appends on the right). A prompt longer than
+    max_prompt_length is refused, not cut: a cut here would start mid-message while the reward
+    model scores the prompt whole; callers fit their prompts first (`fit_prompts`) and score those."""
+    ids = [prompt_ids(tokenizer, messages) for messages in prompts]
     width = max(len(row) for row in ids)
+    if width > max_prompt_length:
+        raise ValueError(f"a prompt of {width} templated tokens exceeds max_prompt_length={max_prompt_length}: fit_prompts first")
     input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
     for i, row in enumerate(ids):
@@ -111,9 +112,9 @@ def fit_prompt(messages: list, tokenizer, max_tokens: int) -> list:
 
 def fit_prompts(prompts: list, tokenizer, max_tokens: int, key: str) -> tuple[list, int]:
     """(`prompts`, each cut by `fit_prompt` to `max_tokens` templated tokens; how many were cut).
-    The policy then samples from the conversation the reward model scores: left to
-    `encode_prompts`, a long prompt lost its first tokens mid-message (the system turn and the
-    template's header with them) while the reward model still read it whole. `key` names the
+    The policy then samples from the conversation the reward model scores: `encode_prompts` used
+    to cut a long prompt's first tokens, mid-message (the system turn and the template's header
+    with them), while the reward model still read it whole. `key` names the
     setting in the one-line error when even the template does not fit."""
     from rlhf.errors import UserError
 

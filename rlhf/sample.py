@@ -32,7 +32,7 @@ def load_policy(run_dir):
 def answer(policy, tokenizer, device, prompts: list, settings) -> list:
     from rlhf.generation import fit_prompts, sample
 
-    # A message over the limit keeps its end and the template its header (encode_prompts alone would cut the header)
+    # A message over the limit keeps its end, and the template its header
     conversations = [[{"role": "user", "content": p}] for p in prompts]
     messages, _ = fit_prompts(conversations, tokenizer, settings.max_prompt_length, "the prompt limit")
     return sample(policy, tokenizer, messages, settings, device).texts

@@ -211,7 +211,8 @@ def test_eval_computes_its_kl_in_float32_when_it_samples_in_bfloat16(rlhf_chain,
 
     chain_dir, _ = rlhf_chain
     cfg = compose_config("stage=eval", "hardware.training_args.bf16=true", "eval.batch_size=6")
-    policy, reference, tokenizer = evaluation.load_policy_and_reference(TrainedRun.of(chain_dir / "ppo", "policy", POLICY_STAGES), cfg)
+    run = TrainedRun.of(chain_dir / "ppo", "policy", POLICY_STAGES)
+    (policy, reference), tokenizer = evaluation.load_policy_and_reference(run, cfg), run.start.tokenizer()
     sampled, sample = [], evaluation.sample  # the policy's answers, as the evaluation drew them
 
     def recorded(*args, **kwargs):

@@ -269,7 +269,7 @@ def assert_sampled_from_whole(sampled: list, tokenizer) -> None:
 
 def test_ppo_samples_from_the_prompts_its_reward_model_scores(rlhf_chain, tmp_path, monkeypatch):
     """A prompt over ppo.max_prompt_length loses its oldest turns (a last turn its start) before
-    sampling. Cut only by encode_prompts, it lost its first tokens mid-message while the reward
+    sampling. Cut by encode_prompts (as it was), it lost its first tokens mid-message while the reward
     model scored it whole: the policy was rewarded for an answer to another prompt."""
     import rlhf.ppo.trainer
 
@@ -300,3 +300,16 @@ def test_eval_samples_from_the_prompts_its_judges_score(rlhf_chain, tmp_path, mo
     assert_sampled_from_whole(sampled, tokenizer)
     assert any(row["prompt"] not in originals for row in samples)  # some were cut
     assert len(scored) == 2 and all(prompts == [row["prompt"] for row in samples] for prompts in scored)  # one batch of 8 each
+
+
+def test_sampling_refuses_a_prompt_longer_than_its_limit():
+    """The one place that used to cut a prompt mid-message (encode_prompts) refuses instead: a
+    caller that forgot to fit its prompts fails, rather than sampling from a prompt it scores whole."""
+    from rlhf.generation import encode_prompts, prompt_ids
+
+    tokenizer, _, prompts = half_of_the_prompts_longer("train")
+    longest = max(prompts, key=lambda prompt: len(prompt_ids(tokenizer, prompt)))
+    length = len(prompt_ids(tokenizer, longest))
+    assert encode_prompts(tokenizer, [longest], length, torch.device("cpu"))["input_ids"].shape[1] == length
+    with pytest.raises(ValueError, match=f"a prompt of {length} templated tokens exceeds max_prompt_length={length - 1}"):
+        encode_prompts(tokenizer, [longest], length - 1, torch.device("cpu"))

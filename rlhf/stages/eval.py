@@ -57,10 +57,11 @@ def run(cfg, run_dir: Path) -> dict:
     splits = load_splits(cfg.dataset, kind="prompt")
     prompts = [row["prompt"] for row in (splits.eval if splits.eval is not None else splits.train)][: settings.num_prompts]
     trained = TrainedRun.of(settings.policy, "eval.policy", stages=POLICY_STAGES)
+    tokenizer = trained.start.tokenizer()
     # Whole turns cut to max_prompt_length: both policies sample from the conversation the judges score.
-    prompts, cut_prompts = fit_prompts(prompts, trained.start.tokenizer(), settings.max_prompt_length, "eval.max_prompt_length")
-    models = load_policy_and_reference(trained, cfg)  # (policy, reference, tokenizer)
-    policy, reference, tokenizer = models
+    prompts, cut_prompts = fit_prompts(prompts, tokenizer, settings.max_prompt_length, "eval.max_prompt_length")
+    policy, reference = load_policy_and_reference(trained, cfg)
+    models = (policy, reference, tokenizer)
     reward = load_reward_model(settings.reward_model, cfg, key="eval.reward_model")
     judge = load_reward_model(settings.judge_model, cfg, key="eval.judge_model") if settings.judge_model else None
     for model in (policy, reference, reward.model, judge.model if judge else None):
@@ -210,8 +211,8 @@ def reference_cache_path(run: TrainedRun, tokenizer, settings, prompts: list, se
 
 
 def load_policy_and_reference(run: TrainedRun, cfg):
-    """(policy, reference or None, tokenizer). The reference is the policy the run started
-    from; for a LoRA run it is the same network with the run's adapter disabled (None)."""
+    """(policy, reference or None). The reference is the policy the run started from; for a LoRA
+    run it is the same network with the run's adapter disabled (None)."""
     bias = OmegaConf.select(run.cfg, "peft.bias", default="none")
     if run.adapter is not None and bias != "none":  # see rlhf.validate.check_reference_bias
         raise UserError(
@@ -220,4 +221,4 @@ def load_policy_and_reference(run: TrainedRun, cfg):
         )
     policy = run.load(cfg.hardware)
     reference = None if run.adapter is not None else run.start.load(cfg.hardware)
-    return policy, reference, run.start.tokenizer()
+    return policy, reference
