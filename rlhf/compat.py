@@ -185,16 +185,17 @@ def out_of_space(err: BaseException) -> bool:
     return False
 
 
-def time_generate(model, add_seconds) -> None:
-    """Call `add_seconds(seconds)` after every `model.generate` call, with its wall time."""
+def time_generate(model, record) -> None:
+    """Call `record(seconds, prompt_length, sequences)` after every `model.generate` call: its
+    wall time, the width of the (padded) prompts it was given and the ids it returned."""
     generate = model.generate
 
     def timed_generate(*positional, **keywords):
         start = time.perf_counter()
-        try:
-            return generate(*positional, **keywords)
-        finally:
-            add_seconds(time.perf_counter() - start)
+        output = generate(*positional, **keywords)
+        prompts = keywords["input_ids"] if "input_ids" in keywords else positional[0]
+        record(time.perf_counter() - start, prompts.shape[1], getattr(output, "sequences", output))
+        return output
 
     model.generate = timed_generate
 

@@ -199,9 +199,9 @@ def sample(model, tokenizer, prompts: list, settings: SamplingSettings, device, 
     return Samples(sequences, attention_mask, response_mask, texts, ended_with_eos)
 
 
-def up_to_first_eos(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """1 on each response's tokens up to and including its first EOS, 0 after."""
-    is_eos = (responses == eos_token_id).long()
+def up_to_first_eos(responses: torch.Tensor, eos_token_id: int | list) -> torch.Tensor:
+    """1 on each response's tokens up to and including its first EOS (any of them, given a list), 0 after."""
+    is_eos = torch.isin(responses, torch.tensor(eos_token_id, device=responses.device)).long()
     mask = ((is_eos.cumsum(dim=1) - is_eos) == 0).float()
     mask[:, 0] = 1.0  # a response has at least one token
     return mask

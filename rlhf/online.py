@@ -18,14 +18,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 from trl import GRPOConfig, RLOOConfig
 
+from rlhf import distributed
 from rlhf.compat import time_generate
 from rlhf.errors import UserError
-from rlhf.generation import RewardModel, SamplingSettings, fitted_prompts, held_out_answers
+from rlhf.generation import RewardModel, SamplingSettings, fitted_prompts, held_out_answers, up_to_first_eos
 from rlhf.lifecycle import autocast, device_for, fit, load_inputs, load_reward_model, trainer_kwargs
 from rlhf.metrics import paired_gain
 from rlhf.rewards import RewardFunction, completion_text
@@ -81,15 +83,19 @@ def run(cfg, run_dir: Path, trainer_class) -> dict:
     score = held_out_scorer(cfg, settings, inputs, trainer, reward, functions)
     before = score() if score else None  # the starting policy (a resumed run measures it again, to the same scores)
     timer = PhaseTimer(trainer, reward.model if reward is not None else None)  # after the held-out scoring: it times training only
+    cut_before_training = reward.cut_inputs if reward is not None else 0
     metrics = {**fit(trainer, run_dir, inputs, cfg), **last_logged(trainer.state.log_history)}
     metrics.update(timer.per_update(metrics))
+    cut_in_training = reward.cut_inputs - cut_before_training if reward is not None else 0  # this process's answers only
     metrics["data/cut_prompts"] = cut_prompts
     if score:  # the same prompts and seeds before and after
         for prefix, after in score().items():
             pairs = [(b, a) for b, a in zip(before[prefix], after) if b is not None and a is not None]  # a function may abstain
             metrics.update(paired_gain([b for b, _ in pairs], [a for _, a in pairs], prefix=prefix) if pairs else {})
-    if reward is not None:  # training and held-out rows longer than the reward model was trained on, cut to its rm.max_length
-        metrics["data/reward_cut_inputs"] = reward.cut_inputs
+    if reward is not None:  # rows longer than the reward model was trained on, cut to its rm.max_length: every process's
+        # training answers, and the held-out answers once (each process scores all of them, the same ones)
+        trained = int(distributed.all_sum(torch.tensor(float(cut_in_training), device=device_for(cfg))).item())  # nccl: GPU tensors
+        metrics["data/reward_cut_inputs"] = reward.cut_inputs - cut_in_training + trained
     return metrics
 
 
@@ -113,10 +119,9 @@ class PhaseTimer(TrainerCallback):
     and the optimizer step. Reported per update this process ran, as PPO reports its phases."""
 
     def __init__(self, trainer, reward_model):
-        self.seconds, self.updates, self.tokens = {"generation": 0.0, "scoring": 0.0}, 0, 0.0
-        args = trainer.args
-        self.answers_per_log = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size * args.logging_steps
-        time_generate(trainer.model, lambda seconds: self.seconds.update(generation=self.seconds["generation"] + seconds))
+        self.seconds, self.updates, self.tokens = {"generation": 0.0, "scoring": 0.0}, 0, 0
+        self.eos_token_ids = trainer.eos_token_ids  # what ends an answer in TRL's completion mask
+        time_generate(trainer.model, self.sampled)
         if reward_model is not None:
             reward_model.register_forward_pre_hook(lambda *_: setattr(self, "scoring_start", time.perf_counter()))
             reward_model.register_forward_hook(
@@ -124,14 +129,18 @@ class PhaseTimer(TrainerCallback):
             )
         trainer.add_callback(self)
 
+    def sampled(self, seconds: float, prompt_length: int, sequences) -> None:
+        """One `generate` call of this process: its time, and its answers' tokens up to their first EOS."""
+        self.seconds["generation"] += seconds
+        if sequences.shape[1] > prompt_length:
+            self.tokens += int(up_to_first_eos(sequences[:, prompt_length:], self.eos_token_ids).sum())
+
     def on_step_end(self, args, state, control, **kwargs):
         self.updates += 1
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.tokens += (logs or {}).get("completions/mean_length", 0.0) * self.answers_per_log
-
     def per_update(self, metrics: dict) -> dict:
-        """time/<phase>_per_update, and completion tokens per second of sampling."""
+        """time/<phase>_per_update, and this process's answer tokens per second of its sampling
+        (as PPO counts them: with N processes the job samples about N times as many)."""
         if not self.updates or "train_runtime" not in metrics:
             return {}
         phases = {f"time/{phase}_per_update": seconds / self.updates for phase, seconds in self.seconds.items()}

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_same_metrics
+from conftest import ROOT, assert_same_metrics, train
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 
@@ -202,6 +202,51 @@ def test_ppo_on_two_processes_trains_one_run_and_resumes_exactly(rlhf_chain, tmp
     assert_same_metrics(resumed, whole, 1e-5)
     steps = [json.loads(line)["step"] for line in (cut / "history.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
+def test_grpo_on_two_processes_counts_every_process_once(tmp_path):
+    """GRPO's counts do not depend on the process count: `data/reward_cut_inputs` holds both
+    processes' training answers and the held-out answers once (every process scores the same
+    ones), and `time/generated_tokens_per_second` is one process's tokens over its own sampling
+    time, as PPO reports it. Every row here outgrows the reward model (prompts of ~1600 tokens
+    fitted to 500, an RM trained at 256), and the untrained tiny policy's 8-token answers never end
+    early (checked), so both counts are known by hand."""
+    data = tmp_path / "long.jsonl"
+    long_prompt = "今天天气很好，我们去公园散步吧。" * 110  # ~1600 tokens of the tiny model's tokenizer
+    data.write_text("".join(json.dumps({"instruction": f"{i}. {long_prompt}", "input": "", "output": "好的。"}) + "\n" for i in range(16)))
+    train(tmp_path / "rm", "stage=rm", "rm.max_steps=2", "rm.max_length=256")
+    run_dir = tmp_path / "grpo"
+    done = subprocess.run(
+        [
+            TORCHRUN,
+            "--nproc_per_node=2",
+            "train.py",
+            "stage=grpo",
+            "hardware=multi_gpu",
+            f"hydra.run.dir={run_dir}",
+            f"grpo.reward_model={tmp_path / 'rm'}",
+            "dataset=builtin_sft",
+            f"dataset.path={data}",
+            "dataset.test_size=0.25",
+            "grpo.max_steps=1",
+            "grpo.per_device_train_batch_size=4",  # answers per process and update
+            "grpo.gradient_accumulation_steps=1",
+            "grpo.num_generations=2",
+            "grpo.max_prompt_length=500",
+            "grpo.max_completion_length=8",
+            "grpo.eval_prompts=4",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["data/reward_cut_inputs"] == 2 * 4 + 4 + 4  # two processes' 4 answers, the 4 held-out answers before and after
+    assert metrics["completions/clipped_ratio"] == 1.0  # every answer is 8 tokens long
+    assert metrics["time/generated_tokens_per_second"] * metrics["time/generation_per_update"] == pytest.approx(4 * 8)
 
 
 def ppo_update(rank: int, world: int, directory: str, model_path: str) -> None:

@@ -10,6 +10,7 @@ from conftest import compose_config, crash_in_call, history, train
 
 from rlhf.cache import EVAL_REFERENCES, cache_dir
 from rlhf.errors import UserError
+from rlhf.runs import CHECKPOINT_MARK
 
 
 def test_chain_leaves_complete_step_directories(rlhf_chain):
@@ -99,6 +100,58 @@ def test_interrupted_ppo_resumes_to_the_metrics_of_an_uninterrupted_run(rlhf_cha
     for key, value in uninterrupted.items():
         if not key.startswith("time/") and key != "stage_runtime":
             assert resumed[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_ppo_refuses_a_checkpoint_written_for_other_prompts(rlhf_chain, tmp_path, monkeypatch, capsys):
+    """A checkpoint keeps the held-out scores sampled before training, which the final scores are
+    paired with: resuming it on other prompts - the data file edited under the same config, or a
+    checkpoint from before checkpoints recorded their prompts - is refused with one line."""
+    chain_dir, _ = rlhf_chain
+    data = tmp_path / "prompts.jsonl"
+
+    def write_rows(first_question: str) -> None:
+        questions = [first_question] + [f"What is {i} plus {i}?" for i in range(1, 16)]
+        data.write_text("".join(json.dumps({"instruction": q, "input": "", "output": "4"}) + "\n" for q in questions))
+
+    write_rows("What is 0 plus 0?")
+    overrides = (
+        "stage=ppo",
+        f"model.init_from={chain_dir / 'sft'}",
+        f"ppo.reward_model={chain_dir / 'rm'}",
+        "dataset=builtin_sft",
+        f"dataset.path={data}",
+        "dataset.test_size=0.25",
+        "ppo.total_updates=2",
+        "ppo.save_steps=1",
+        "ppo.batch_size=4",
+        "ppo.mini_batch_size=4",
+        "ppo.ppo_epochs=1",
+        "ppo.max_new_tokens=4",
+        "ppo.eval_prompts=4",
+    )
+    run_dir = tmp_path / "ppo"
+    with monkeypatch.context() as patch:
+        crash_ppo_in_update(patch, 2)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(run_dir, *overrides)
+    mark_file = run_dir / "checkpoints" / "checkpoint-1" / CHECKPOINT_MARK
+    mark = json.loads(mark_file.read_text())
+    assert set(mark["keep"]) == {"prompts", "held_out_before"}
+    capsys.readouterr()
+
+    write_rows("What is 0 times 0?")  # one row edited: the config is the same, the prompts are not
+    with pytest.raises(SystemExit):
+        train(run_dir, *overrides)
+    assert "checkpoint-1 was written for other prompts than this run's" in capsys.readouterr().err
+
+    write_rows("What is 0 plus 0?")
+    mark_file.write_text(json.dumps({**mark, "keep": {"held_out_before": mark["keep"]["held_out_before"]}}))  # an older checkpoint
+    with pytest.raises(SystemExit):
+        train(run_dir, *overrides)
+    assert "was written before checkpoints recorded their prompts" in capsys.readouterr().err
+
+    mark_file.write_text(json.dumps(mark))  # the same prompts: it resumes
+    assert train(run_dir, *overrides)["eval_scores_before"] == pytest.approx(sum(mark["keep"]["held_out_before"]) / 4)
 
 
 def test_chain_refuses_to_resume_a_step_of_another_config(tmp_path, monkeypatch, capsys):

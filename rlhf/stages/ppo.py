@@ -10,6 +10,8 @@ an uninterrupted one would (weights, optimizer, KL coefficient, random state).
 """
 
 import copy
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from safetensors.torch import save_file
 from transformers import set_seed
 
 from rlhf import ddp_backend, distributed
+from rlhf.errors import UserError
 from rlhf.generation import fitted_prompts
 from rlhf.lifecycle import autocast, device_for, load_inputs, load_reward_model, save_final
 from rlhf.metrics import paired_gain
@@ -43,26 +46,48 @@ def train_ppo(cfg, run_dir: Path) -> dict:
     trainer = PPOTrainer(models, settings, device, log=log)  # rank 0's trainable weights on every process
     set_seed(cfg.seed + distributed.rank())  # each process samples its own responses
     held_out = [row["prompt"] for row in inputs.data.eval][: settings.eval_prompts] if inputs.data.eval is not None else []
+    train_prompts = [row["prompt"] for row in inputs.data.train]
+    prompts = fingerprint(train_prompts, held_out)
     checkpoint, mark = resume_point(cfg, run_dir)
     with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it (hardware.training_args.bf16)
         if checkpoint is not None:  # an interrupted run: go on from its last complete checkpoint
             kept = trainer.resume(checkpoint, mark)
+            refuse_other_prompts(checkpoint, kept, prompts)
         else:  # the held-out prompts are sampled under the same seeds before and after: paired scores
-            kept = {"held_out_before": trainer.score_held_out(held_out, cfg.seed)} if held_out else {}
-        train_prompts = [row["prompt"] for row in inputs.data.train]
+            kept = {"prompts": prompts, **({"held_out_before": trainer.score_held_out(held_out, cfg.seed)} if held_out else {})}
         metrics = trainer.train(train_prompts, seed=cfg.seed, checkpoints=run_dir / "checkpoints", keep=kept)
         if held_out:
             metrics.update(paired_gain(kept["held_out_before"], trainer.score_held_out(held_out, cfg.seed)))
     metrics["data/skipped_rows"] = inputs.data.skipped_rows
     metrics["data/cut_prompts"] = cut_prompts
     # (prompt, response) rows longer than the reward model was trained on, cut to its rm.max_length, over every process
-    metrics["data/reward_cut_inputs"] = int(distributed.all_sum(torch.tensor(float(models.reward.cut_inputs))).item())
+    cut = torch.tensor(float(models.reward.cut_inputs), device=device)  # on the run's device: nccl reduces GPU tensors only
+    metrics["data/reward_cut_inputs"] = int(distributed.all_sum(cut).item())
 
     final = save_final(run_dir, models.policy, inputs, cfg)
     if is_main_process():
         save_file(models.value_head.state_dict(), str(final / "value_head.safetensors"))  # apart: final/ loads as a plain policy
     log.close()
     return metrics
+
+
+def fingerprint(train_prompts: list, held_out: list) -> str:
+    """A digest of the prompts a run trains on and scores, as sampled (after fitting)."""
+    text = json.dumps([train_prompts, held_out], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def refuse_other_prompts(checkpoint: Path, kept: dict, prompts: str) -> None:
+    """A checkpoint carries the held-out scores sampled before training, which the final scores are
+    paired with, and its place in the shuffled training prompts: both hold only for the very
+    prompts it was written with. The config alone does not fix them (the data file, or the code
+    that fits prompts, can change under the same config)."""
+    if kept.get("prompts") != prompts:
+        written = "before checkpoints recorded their prompts" if "prompts" not in kept else "for other prompts than this run's"
+        raise UserError(
+            f"{checkpoint} was written {written} (the data or the prompt fitting changed since): "
+            "its held-out scores would be paired with other answers; pass resume=overwrite to start this run over"
+        )
 
 
 def ppo_inputs(cfg, settings) -> tuple:
