@@ -187,14 +187,16 @@ def out_of_space(err: BaseException) -> bool:
 
 def time_generate(model, record) -> None:
     """Call `record(seconds, prompt_length, sequences)` after every `model.generate` call: its
-    wall time, the width of the (padded) prompts it was given and the ids it returned."""
+    wall time, the width of the (padded) prompt ids it was given and the ids it returned
+    (prompt_length None when it was given no ids, e.g. embeddings)."""
     generate = model.generate
 
     def timed_generate(*positional, **keywords):
         start = time.perf_counter()
         output = generate(*positional, **keywords)
-        prompts = keywords["input_ids"] if "input_ids" in keywords else positional[0]
-        record(time.perf_counter() - start, prompts.shape[1], getattr(output, "sequences", output))
+        prompts = keywords.get("input_ids", keywords.get("inputs", positional[0] if positional else None))
+        width = prompts.shape[1] if hasattr(prompts, "shape") else None
+        record(time.perf_counter() - start, width, getattr(output, "sequences", output))
         return output
 
     model.generate = timed_generate

@@ -120,7 +120,8 @@ class PhaseTimer(TrainerCallback):
 
     def __init__(self, trainer, reward_model):
         self.seconds, self.updates, self.tokens = {"generation": 0.0, "scoring": 0.0}, 0, 0
-        self.eos_token_ids = trainer.eos_token_ids  # what ends an answer in TRL's completion mask
+        # what ends an answer in TRL's completion mask (an attribute of TRL's trainers, not an argument)
+        self.eos_token_ids = getattr(trainer, "eos_token_ids", [trainer.processing_class.eos_token_id])
         time_generate(trainer.model, self.sampled)
         if reward_model is not None:
             reward_model.register_forward_pre_hook(lambda *_: setattr(self, "scoring_start", time.perf_counter()))
@@ -129,10 +130,10 @@ class PhaseTimer(TrainerCallback):
             )
         trainer.add_callback(self)
 
-    def sampled(self, seconds: float, prompt_length: int, sequences) -> None:
+    def sampled(self, seconds: float, prompt_length: int | None, sequences) -> None:
         """One `generate` call of this process: its time, and its answers' tokens up to their first EOS."""
         self.seconds["generation"] += seconds
-        if sequences.shape[1] > prompt_length:
+        if prompt_length is not None and sequences.shape[1] > prompt_length:
             self.tokens += int(up_to_first_eos(sequences[:, prompt_length:], self.eos_token_ids).sum())
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -210,8 +210,8 @@ def test_grpo_on_two_processes_counts_every_process_once(tmp_path):
     processes' training answers and the held-out answers once (every process scores the same
     ones), and `time/generated_tokens_per_second` is one process's tokens over its own sampling
     time, as PPO reports it. Every row here outgrows the reward model (prompts of ~1600 tokens
-    fitted to 500, an RM trained at 256), and the untrained tiny policy's 8-token answers never end
-    early (checked), so both counts are known by hand."""
+    fitted to 500, an RM trained at 256), and every answer is 8 tokens long (min_new_tokens), so
+    both counts are known by hand."""
     data = tmp_path / "long.jsonl"
     long_prompt = "今天天气很好，我们去公园散步吧。" * 110  # ~1600 tokens of the tiny model's tokenizer
     data.write_text("".join(json.dumps({"instruction": f"{i}. {long_prompt}", "input": "", "output": "好的。"}) + "\n" for i in range(16)))
@@ -235,6 +235,7 @@ def test_grpo_on_two_processes_counts_every_process_once(tmp_path):
             "grpo.num_generations=2",
             "grpo.max_prompt_length=500",
             "grpo.max_completion_length=8",
+            "+grpo.generation_kwargs={min_new_tokens:8}",  # no answer ends early: 8 tokens each
             "grpo.eval_prompts=4",
         ],
         cwd=ROOT,

@@ -40,19 +40,20 @@ def train_ppo(cfg, run_dir: Path) -> dict:
     settings = instantiate(cfg.ppo)  # validate() has checked ppo.reward_model
     device = device_for(cfg)  # rlhf.command has seeded the run: the value head starts the same every run
     inputs, cut_prompts = ppo_inputs(cfg, settings)
+    held_out = [row["prompt"] for row in inputs.data.eval][: settings.eval_prompts] if inputs.data.eval is not None else []
+    train_prompts = [row["prompt"] for row in inputs.data.train]
+    prompts = fingerprint(train_prompts, held_out)
+    checkpoint, mark = resume_point(cfg, run_dir)
+    if checkpoint is not None:  # before loading any model: a refusal comes in seconds
+        refuse_other_prompts(checkpoint, mark["keep"], prompts)
     models = ppo_models(cfg, settings, inputs, device)
 
     log = UpdateLog(cfg, run_dir)
     trainer = PPOTrainer(models, settings, device, log=log)  # rank 0's trainable weights on every process
     set_seed(cfg.seed + distributed.rank())  # each process samples its own responses
-    held_out = [row["prompt"] for row in inputs.data.eval][: settings.eval_prompts] if inputs.data.eval is not None else []
-    train_prompts = [row["prompt"] for row in inputs.data.train]
-    prompts = fingerprint(train_prompts, held_out)
-    checkpoint, mark = resume_point(cfg, run_dir)
     with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it (hardware.training_args.bf16)
         if checkpoint is not None:  # an interrupted run: go on from its last complete checkpoint
             kept = trainer.resume(checkpoint, mark)
-            refuse_other_prompts(checkpoint, kept, prompts)
         else:  # the held-out prompts are sampled under the same seeds before and after: paired scores
             kept = {"prompts": prompts, **({"held_out_before": trainer.score_held_out(held_out, cfg.seed)} if held_out else {})}
         metrics = trainer.train(train_prompts, seed=cfg.seed, checkpoints=run_dir / "checkpoints", keep=kept)
@@ -72,9 +73,13 @@ def train_ppo(cfg, run_dir: Path) -> dict:
 
 
 def fingerprint(train_prompts: list, held_out: list) -> str:
-    """A digest of the prompts a run trains on and scores, as sampled (after fitting)."""
-    text = json.dumps([train_prompts, held_out], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    """A digest of the prompts a run trains on and scores, as sampled (after fitting), row by row."""
+    digest = hashlib.sha256()
+    for split in (train_prompts, held_out):
+        for prompt in split:
+            digest.update(json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
+        digest.update(b"\0")  # where the training prompts end
+    return digest.hexdigest()
 
 
 def refuse_other_prompts(checkpoint: Path, kept: dict, prompts: str) -> None:
@@ -85,7 +90,7 @@ def refuse_other_prompts(checkpoint: Path, kept: dict, prompts: str) -> None:
     if kept.get("prompts") != prompts:
         written = "before checkpoints recorded their prompts" if "prompts" not in kept else "for other prompts than this run's"
         raise UserError(
-            f"{checkpoint} was written {written} (the data or the prompt fitting changed since): "
+            f"{checkpoint} was written {written} (the data or the prompt fitting may have changed since): "
             "its held-out scores would be paired with other answers; pass resume=overwrite to start this run over"
         )
 
