@@ -58,6 +58,8 @@ FULL = {
     "held_out": 160,
     "steps": 25,
     "max_length": 256,
+    "rm_steps": 40,  # the RMs: about one pass over the 336 training pairs that fit rm_max_length (v6 measured both)
+    "rm_max_length": 384,  # 256 dropped 147 of the 400 training pairs, and 59 of the 160 held-out ones
     "online_updates": 12,  # GRPO and RLOO: updates of 16 answers (4 prompts x 4)
     "ppo_updates": 24,  # updates of 8 answers (8 prompts x 1): as many sampled answers as GRPO's and RLOO's
     "new_tokens": 48,
@@ -72,6 +74,8 @@ SMOKE = {
     "held_out": 8,
     "steps": 2,
     "max_length": 128,
+    "rm_steps": 2,
+    "rm_max_length": 128,
     "online_updates": 1,
     "ppo_updates": 1,
     "new_tokens": 8,
@@ -144,9 +148,10 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list) -> d
     judge_rows = [*rows, f"dataset.skip_rows={sizes['rows']}"]  # the next rows: pairs the proxy never saw
 
     def sized(stage: str) -> list:
+        rm = "rm_" if stage == "rm" else ""  # the reward models' own sizes
         steps = [
-            f"{stage}.max_steps={sizes['steps']}",
-            f"{stage}.max_length={sizes['max_length']}",
+            f"{stage}.max_steps={sizes[rm + 'steps']}",
+            f"{stage}.max_length={sizes[rm + 'max_length']}",
             f"{stage}.save_strategy=no",
             f"{stage}.eval_strategy=no",
         ]  # one evaluation at the end (and, for SFT, one at the start)
@@ -338,7 +343,7 @@ def markdown(r: dict) -> str:
         f"Measured {r['date']} on {r['machine']} (CPU flags: {r['cpu_flags']}; {r['precision']}), Python {r['python']}; "
         f"model SmolLM2-135M-Instruct (`model=smollm2-135m`), data `{r['data']}` (first {s['rows']} valid rows, "
         f"{s['held_out']} held out; the judge RM on the next {s['rows']}; SFT on the chosen replies), {s['steps']} optimizer "
-        f"steps per SFT/RM/DPO run at max_length {s['max_length']}, online updates of answers of {s['new_tokens']} new tokens at most "
+        f"steps per SFT/DPO run at max_length {s['max_length']} and {s['rm_steps']} per RM at {s['rm_max_length']}, online updates of answers of {s['new_tokens']} new tokens at most "
         f"(PPO: {s['ppo_updates']} of 8 prompts x 1 answer; GRPO/RLOO: {s['online_updates']} of 4 prompts x 4 answers, "
         f"micro-batches of 4), judged by stage=eval "
         f"on {s['eval_prompts']} held-out prompts (temperature 0.7, policy and SFT answers paired by seed, the SFT answers "
