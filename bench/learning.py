@@ -50,8 +50,8 @@ sys.path.insert(0, str(ROOT))
 from rlhf.metrics import wilson_lower_bound  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "preference" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
-# Sizes for intervals narrow enough to read (v4 at these sizes, with PPO at 12 updates, took 76 min
-# on 2 cores; SmolLM2-135M: ~15 s per optimizer step of 8 sequences at 256 tokens). Everything else
+# Sizes for intervals narrow enough to read (v6 at these sizes took 95 min on 2 cores, over the
+# issue's 60; SmolLM2-135M: ~15 s per optimizer step of 8 sequences at 256 tokens). Everything else
 # is the shipped real-model default.
 FULL = {
     "rows": 560,
@@ -343,7 +343,8 @@ def markdown(r: dict) -> str:
         f"Measured {r['date']} on {r['machine']} (CPU flags: {r['cpu_flags']}; {r['precision']}), Python {r['python']}; "
         f"model SmolLM2-135M-Instruct (`model=smollm2-135m`), data `{r['data']}` (first {s['rows']} valid rows, "
         f"{s['held_out']} held out; the judge RM on the next {s['rows']}; SFT on the chosen replies), {s['steps']} optimizer "
-        f"steps per SFT/DPO run at max_length {s['max_length']} and {s['rm_steps']} per RM at {s['rm_max_length']}, online updates of answers of {s['new_tokens']} new tokens at most "
+        f"steps per SFT/DPO run at max_length {s['max_length']} and {s['rm_steps']} per RM at {s['rm_max_length']}, "
+        f"online updates of answers of {s['new_tokens']} new tokens at most "
         f"(PPO: {s['ppo_updates']} of 8 prompts x 1 answer; GRPO/RLOO: {s['online_updates']} of 4 prompts x 4 answers, "
         f"micro-batches of 4), judged by stage=eval "
         f"on {s['eval_prompts']} held-out prompts (temperature 0.7, policy and SFT answers paired by seed, the SFT answers "
