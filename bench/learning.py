@@ -148,10 +148,10 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list) -> d
     judge_rows = [*rows, f"dataset.skip_rows={sizes['rows']}"]  # the next rows: pairs the proxy never saw
 
     def sized(stage: str) -> list:
-        rm = "rm_" if stage == "rm" else ""  # the reward models' own sizes
+        reward_model = stage == "rm"  # the reward models have sizes of their own
         steps = [
-            f"{stage}.max_steps={sizes[rm + 'steps']}",
-            f"{stage}.max_length={sizes[rm + 'max_length']}",
+            f"{stage}.max_steps={sizes['rm_steps'] if reward_model else sizes['steps']}",
+            f"{stage}.max_length={sizes['rm_max_length'] if reward_model else sizes['max_length']}",
             f"{stage}.save_strategy=no",
             f"{stage}.eval_strategy=no",
         ]  # one evaluation at the end (and, for SFT, one at the start)

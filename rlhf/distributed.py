@@ -41,10 +41,15 @@ def rank() -> int:
 
 
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """The sum of `tensor` over all processes (a new tensor; the input is left as it was)."""
+    """The sum of `tensor` over all processes (a new tensor on the input's device; the input is
+    left as it was). nccl reduces GPU tensors only: a CPU tensor (a count, a flag) goes through
+    this process's GPU there, so callers need not know the backend."""
     total = tensor.detach().clone()
     if world_size() > 1:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        through_gpu = total.device.type == "cpu" and dist.get_backend() == "nccl"
+        reduced = total.cuda() if through_gpu else total
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        total = reduced.to(tensor.device)
     return total
 
 

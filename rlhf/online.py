@@ -94,7 +94,7 @@ def run(cfg, run_dir: Path, trainer_class) -> dict:
             metrics.update(paired_gain([b for b, _ in pairs], [a for _, a in pairs], prefix=prefix) if pairs else {})
     if reward is not None:  # rows longer than the reward model was trained on, cut to its rm.max_length: every process's
         # training answers, and the held-out answers once (each process scores all of them, the same ones)
-        trained = int(distributed.all_sum(torch.tensor(float(cut_in_training), device=device_for(cfg))).item())  # nccl: GPU tensors
+        trained = int(distributed.all_sum(torch.tensor(float(cut_in_training))).item())
         metrics["data/reward_cut_inputs"] = reward.cut_inputs - cut_in_training + trained
     return metrics
 

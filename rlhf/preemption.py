@@ -81,5 +81,4 @@ def asked() -> bool:
         return bool(_asked)
     import torch
 
-    flag = torch.tensor([float(bool(_asked))], device="cuda" if torch.cuda.is_available() else "cpu")  # nccl needs a GPU tensor
-    return bool(distributed.all_sum(flag).item() > 0)
+    return bool(distributed.all_sum(torch.tensor([float(bool(_asked))])).item() > 0)

@@ -204,6 +204,33 @@ def test_ppo_on_two_processes_trains_one_run_and_resumes_exactly(rlhf_chain, tmp
     assert steps == list(range(1, 13))
 
 
+def test_a_cpu_tensor_is_summed_through_the_gpu_under_nccl(monkeypatch):
+    """nccl reduces GPU tensors only: all_sum hands it a GPU copy of a CPU count and returns the
+    sum on the CPU (the GPU and the collective stand in here: no GPU on this machine)."""
+    import torch
+    import torch.distributed as dist
+
+    from rlhf import distributed
+
+    moved = []
+
+    def to_gpu(tensor):  # stands in for Tensor.cuda
+        copy = tensor.clone()
+        moved.append(copy)
+        return copy
+
+    def reduce(tensor, op):  # two processes holding the same value
+        assert moved and tensor is moved[-1], "nccl was handed a CPU tensor"
+        tensor.mul_(2)
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(dist, "all_reduce", reduce)
+    monkeypatch.setattr(torch.Tensor, "cuda", to_gpu)
+    count = torch.tensor(3.0)
+    assert distributed.all_sum(count).item() == 6.0 and count.item() == 3.0
+
+
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
 def test_grpo_on_two_processes_counts_every_process_once(tmp_path):
     """GRPO's counts do not depend on the process count: `data/reward_cut_inputs` holds both

@@ -62,8 +62,7 @@ def train_ppo(cfg, run_dir: Path) -> dict:
     metrics["data/skipped_rows"] = inputs.data.skipped_rows
     metrics["data/cut_prompts"] = cut_prompts
     # (prompt, response) rows longer than the reward model was trained on, cut to its rm.max_length, over every process
-    cut = torch.tensor(float(models.reward.cut_inputs), device=device)  # on the run's device: nccl reduces GPU tensors only
-    metrics["data/reward_cut_inputs"] = int(distributed.all_sum(cut).item())
+    metrics["data/reward_cut_inputs"] = int(distributed.all_sum(torch.tensor(float(models.reward.cut_inputs))).item())
 
     final = save_final(run_dir, models.policy, inputs, cfg)
     if is_main_process():
