@@ -70,13 +70,23 @@ def load_reward_model(rm_run, cfg, key: str = "ppo.reward_model") -> RewardModel
     """The reward model of a finished `stage=rm` run named by the setting `key`: its lineage with
     its own adapter (score head included) on top - merged where that is exact, as the RM computed
     when its accuracy was measured - frozen, with its tokenizer and the run's rm.max_length."""
-    run = TrainedRun.of(rm_run, key, stages=making(REWARD_MODEL))
+    run = reward_model_run(rm_run, key)
     model = run.load(cfg.hardware, head="reward", merge=True)
     model.requires_grad_(False)
     tokenizer = run.start.tokenizer()
     max_length = int(run.cfg.rm.get("max_length") or tokenizer.model_max_length)
-    identity = json.dumps([run.lineage.identity(precision(cfg), None), max_length])  # what its scores depend on
-    return RewardModel(model.eval(), tokenizer, max_length=max_length, identity=identity)
+    return RewardModel(model.eval(), tokenizer, max_length=max_length, identity=reward_model_identity(run, cfg))
+
+
+def reward_model_run(rm_run, key: str = "ppo.reward_model") -> TrainedRun:
+    """The finished `stage=rm` run the setting `key` names (checked, not loaded)."""
+    return TrainedRun.of(rm_run, key, stages=making(REWARD_MODEL))
+
+
+def reward_model_identity(run: TrainedRun, cfg) -> str:
+    """What a reward model's scores depend on, without loading it: its weights by content (the
+    lineage with its own adapter), the precision it computes in and the length it cuts inputs to."""
+    return json.dumps([run.lineage.identity(precision(cfg), None), run.cfg.rm.get("max_length")])
 
 
 def save_final(run_dir: Path, model, inputs: StageInputs, cfg, trainer=None) -> Path:

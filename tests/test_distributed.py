@@ -1,6 +1,7 @@
 """Several processes, one run: torchrun with two CPU processes (gloo) trains SFT and DPO into
 one complete run directory that only rank 0 writes."""
 
+import contextlib
 import json
 import math
 import shutil
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_same_metrics, train
+from conftest import ROOT, assert_same_metrics, compose_config, train
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 
@@ -229,6 +230,28 @@ def test_a_cpu_tensor_is_summed_through_the_gpu_under_nccl(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "cuda", to_gpu)
     count = torch.tensor(3.0)
     assert distributed.all_sum(count).item() == 6.0 and count.item() == 3.0
+
+
+def test_ppo_on_cpu_processes_joins_gloo_even_where_a_gpu_is_visible(monkeypatch, tmp_path):
+    """hardware=cpu computes on the CPU whatever the machine has: a launch's PPO processes join a
+    gloo group, since nccl moves GPU tensors only (the visible GPU stands in here)."""
+    import torch
+
+    from rlhf import distributed
+    from rlhf.stages import ppo
+
+    joined = []
+
+    @contextlib.contextmanager
+    def process_group(backend):
+        joined.append(backend)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed, "process_group", process_group)
+    monkeypatch.setattr(ppo, "train_ppo", lambda cfg, run_dir: {"device": ppo.device_for(cfg).type})
+    assert ppo.run(compose_config("stage=ppo", "hardware=cpu"), tmp_path) == {"device": "cpu"}
+    assert joined == ["gloo"]
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")

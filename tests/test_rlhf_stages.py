@@ -3,10 +3,12 @@ pairs, PPO raises the reward model's score, chained stages start from (and stay 
 the run before them."""
 
 import json
+import shutil
 
 import pytest
 import torch
 from conftest import compose_config, crash_in_call, history, train
+from safetensors.torch import load_file, save_file
 
 from rlhf.cache import EVAL_REFERENCES, cache_dir
 from rlhf.errors import UserError
@@ -102,12 +104,15 @@ def test_interrupted_ppo_resumes_to_the_metrics_of_an_uninterrupted_run(rlhf_cha
             assert resumed[key] == pytest.approx(value, abs=1e-5), key
 
 
-def test_ppo_refuses_a_checkpoint_written_for_other_prompts(rlhf_chain, tmp_path, monkeypatch, capsys):
+def test_ppo_refuses_a_checkpoint_written_for_other_inputs(rlhf_chain, tmp_path, monkeypatch, capsys):
     """A checkpoint keeps the held-out scores sampled before training, which the final scores are
-    paired with: resuming it on other prompts - the data file edited under the same config, or a
-    checkpoint from before checkpoints recorded their prompts - is refused with one line."""
+    paired with, and weights trained against one reward model: resuming it on other prompts (the
+    data file edited under the same config), against a reward model retrained into the same
+    directory, or from a checkpoint that recorded none of these, is refused with one line."""
     chain_dir, _ = rlhf_chain
     data = tmp_path / "prompts.jsonl"
+    reward_model = tmp_path / "rm"
+    shutil.copytree(chain_dir / "rm", reward_model)  # this test changes its weights
 
     def write_rows(first_question: str) -> None:
         questions = [first_question] + [f"What is {i} plus {i}?" for i in range(1, 16)]
@@ -117,7 +122,7 @@ def test_ppo_refuses_a_checkpoint_written_for_other_prompts(rlhf_chain, tmp_path
     overrides = (
         "stage=ppo",
         f"model.init_from={chain_dir / 'sft'}",
-        f"ppo.reward_model={chain_dir / 'rm'}",
+        f"ppo.reward_model={reward_model}",
         "dataset=builtin_sft",
         f"dataset.path={data}",
         "dataset.test_size=0.25",
@@ -136,21 +141,30 @@ def test_ppo_refuses_a_checkpoint_written_for_other_prompts(rlhf_chain, tmp_path
             train(run_dir, *overrides)
     mark_file = run_dir / "checkpoints" / "checkpoint-1" / CHECKPOINT_MARK
     mark = json.loads(mark_file.read_text())
-    assert set(mark["keep"]) == {"prompts", "held_out_before"}
+    assert set(mark["keep"]) == {"prompts", "start", "reward_model", "held_out_before"}
     capsys.readouterr()
 
     write_rows("What is 0 times 0?")  # one row edited: the config is the same, the prompts are not
     with pytest.raises(SystemExit):
         train(run_dir, *overrides)
-    assert "checkpoint-1 was written for other prompts than this run's" in capsys.readouterr().err
-
+    assert "checkpoint-1 was written for other inputs than this run's: its prompts (" in capsys.readouterr().err
     write_rows("What is 0 plus 0?")
+
+    adapter = reward_model / "final" / "adapter_model.safetensors"
+    weights = load_file(adapter)
+    saved = adapter.read_bytes()
+    save_file({name: tensor + 0.01 for name, tensor in weights.items()}, adapter)  # the reward model retrained in place
+    with pytest.raises(SystemExit):
+        train(run_dir, *overrides)
+    assert "its reward model's weights (ppo.reward_model) differ" in capsys.readouterr().err
+    adapter.write_bytes(saved)
+
     mark_file.write_text(json.dumps({**mark, "keep": {"held_out_before": mark["keep"]["held_out_before"]}}))  # an older checkpoint
     with pytest.raises(SystemExit):
         train(run_dir, *overrides)
-    assert "was written before checkpoints recorded their prompts" in capsys.readouterr().err
+    assert "it recorded no prompts" in capsys.readouterr().err
 
-    mark_file.write_text(json.dumps(mark))  # the same prompts: it resumes
+    mark_file.write_text(json.dumps(mark))  # the same inputs: it resumes
     assert train(run_dir, *overrides)["eval_scores_before"] == pytest.approx(sum(mark["keep"]["held_out_before"]) / 4)
 
 

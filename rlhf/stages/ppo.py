@@ -20,10 +20,10 @@ from peft import get_peft_model
 from safetensors.torch import save_file
 from transformers import set_seed
 
-from rlhf import ddp_backend, distributed
+from rlhf import distributed, precision
 from rlhf.errors import UserError
 from rlhf.generation import fitted_prompts
-from rlhf.lifecycle import autocast, device_for, load_inputs, load_reward_model, save_final
+from rlhf.lifecycle import autocast, device_for, load_inputs, load_reward_model, reward_model_identity, reward_model_run, save_final
 from rlhf.metrics import paired_gain
 from rlhf.ppo.trainer import PPOModels, PPOTrainer, ValueHead
 from rlhf.runs import is_main_process, resume_point
@@ -31,8 +31,9 @@ from rlhf.tracking import UpdateLog
 
 
 def run(cfg, run_dir: Path) -> dict:
-    # Under torchrun / accelerate launch: one process group for the run (gloo on CPUs, nccl on GPUs).
-    with distributed.process_group(ddp_backend()):
+    # Under torchrun / accelerate launch: one process group for the run, by where it computes -
+    # nccl between GPUs, gloo between CPU processes (hardware=cpu on a machine with GPUs included).
+    with distributed.process_group("nccl" if device_for(cfg).type == "cuda" else "gloo"):
         return train_ppo(cfg, run_dir)
 
 
@@ -42,10 +43,14 @@ def train_ppo(cfg, run_dir: Path) -> dict:
     inputs, cut_prompts = ppo_inputs(cfg, settings)
     held_out = [row["prompt"] for row in inputs.data.eval][: settings.eval_prompts] if inputs.data.eval is not None else []
     train_prompts = [row["prompt"] for row in inputs.data.train]
-    prompts = fingerprint(train_prompts, held_out)
+    inputs_identity = {
+        "prompts": fingerprint(train_prompts, held_out),
+        "start": inputs.lineage.identity(precision(cfg), cfg.quantization),  # the starting policy's weights, by content
+        "reward_model": reward_model_identity(reward_model_run(settings.reward_model), cfg),
+    }
     checkpoint, mark = resume_point(cfg, run_dir)
-    if checkpoint is not None:  # before loading any model: a refusal comes in seconds
-        refuse_other_prompts(checkpoint, mark["keep"], prompts)
+    if checkpoint is not None:  # before the reward model and the value head load
+        refuse_other_inputs(checkpoint, mark["keep"], inputs_identity)
     models = ppo_models(cfg, settings, inputs, device)
 
     log = UpdateLog(cfg, run_dir)
@@ -55,7 +60,7 @@ def train_ppo(cfg, run_dir: Path) -> dict:
         if checkpoint is not None:  # an interrupted run: go on from its last complete checkpoint
             kept = trainer.resume(checkpoint, mark)
         else:  # the held-out prompts are sampled under the same seeds before and after: paired scores
-            kept = {"prompts": prompts, **({"held_out_before": trainer.score_held_out(held_out, cfg.seed)} if held_out else {})}
+            kept = {**inputs_identity, **({"held_out_before": trainer.score_held_out(held_out, cfg.seed)} if held_out else {})}
         metrics = trainer.train(train_prompts, seed=cfg.seed, checkpoints=run_dir / "checkpoints", keep=kept)
         if held_out:
             metrics.update(paired_gain(kept["held_out_before"], trainer.score_held_out(held_out, cfg.seed)))
@@ -81,16 +86,29 @@ def fingerprint(train_prompts: list, held_out: list) -> str:
     return digest.hexdigest()
 
 
-def refuse_other_prompts(checkpoint: Path, kept: dict, prompts: str) -> None:
+# What each part of a checkpoint's recorded inputs names, for the refusal's message
+RECORDED_INPUTS = {
+    "prompts": "prompts (the data, or how prompts are fitted)",
+    "start": "starting policy's weights (model.init_from)",
+    "reward_model": "reward model's weights (ppo.reward_model)",
+}
+
+
+def refuse_other_inputs(checkpoint: Path, kept: dict, inputs_identity: dict) -> None:
     """A checkpoint carries the held-out scores sampled before training, which the final scores are
-    paired with, and its place in the shuffled training prompts: both hold only for the very
-    prompts it was written with. The config alone does not fix them (the data file, or the code
-    that fits prompts, can change under the same config)."""
-    if kept.get("prompts") != prompts:
-        written = "before checkpoints recorded their prompts" if "prompts" not in kept else "for other prompts than this run's"
+    paired with, its place in the shuffled training prompts and weights trained against one reward
+    model from one starting policy: all hold only for the very inputs it was written with. The
+    config alone does not fix them (a data file edited, a run retrained into the same directory,
+    other code fitting the prompts)."""
+    differ = [RECORDED_INPUTS[name] for name, identity in inputs_identity.items() if name in kept and kept[name] != identity]
+    unrecorded = [RECORDED_INPUTS[name] for name in inputs_identity if name not in kept]
+    if differ or unrecorded:
+        why = ([f"its {' and '.join(differ)} differ"] if differ else []) + (
+            [f"it recorded no {' or '.join(unrecorded)} (an older checkpoint)"] if unrecorded else []
+        )
         raise UserError(
-            f"{checkpoint} was written {written} (the data or the prompt fitting may have changed since): "
-            "its held-out scores would be paired with other answers; pass resume=overwrite to start this run over"
+            f"{checkpoint} was written for other inputs than this run's: {'; '.join(why)}. Going on would mix two runs; "
+            "pass resume=overwrite to start this run over"
         )
 
 
