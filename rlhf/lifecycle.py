@@ -74,8 +74,8 @@ def load_reward_model(rm_run, cfg, key: str = "ppo.reward_model") -> RewardModel
     model = run.load(cfg.hardware, head="reward", merge=True)
     model.requires_grad_(False)
     tokenizer = run.start.tokenizer()
-    max_length = int(run.cfg.rm.get("max_length") or tokenizer.model_max_length)
-    return RewardModel(model.eval(), tokenizer, max_length=max_length, identity=reward_model_identity(run, cfg))
+    max_length = reward_model_max_length(run, tokenizer)
+    return RewardModel(model.eval(), tokenizer, max_length=max_length, identity=reward_model_identity(run, cfg, tokenizer))
 
 
 def reward_model_run(rm_run, key: str = "ppo.reward_model") -> TrainedRun:
@@ -83,10 +83,15 @@ def reward_model_run(rm_run, key: str = "ppo.reward_model") -> TrainedRun:
     return TrainedRun.of(rm_run, key, stages=making(REWARD_MODEL))
 
 
-def reward_model_identity(run: TrainedRun, cfg) -> str:
+def reward_model_max_length(run: TrainedRun, tokenizer=None) -> int:
+    """The length a reward model cuts its inputs to: its run's rm.max_length, else its tokenizer's."""
+    return int(run.cfg.rm.get("max_length") or (tokenizer or run.start.tokenizer()).model_max_length)
+
+
+def reward_model_identity(run: TrainedRun, cfg, tokenizer=None) -> str:
     """What a reward model's scores depend on, without loading it: its weights by content (the
     lineage with its own adapter), the precision it computes in and the length it cuts inputs to."""
-    return json.dumps([run.lineage.identity(precision(cfg), None), run.cfg.rm.get("max_length")])
+    return json.dumps([run.lineage.identity(precision(cfg), None), reward_model_max_length(run, tokenizer)])
 
 
 def save_final(run_dir: Path, model, inputs: StageInputs, cfg, trainer=None) -> Path:

@@ -105,9 +105,10 @@ class Lineage:
 
     def identity(self, dtype: str, quantization_cfg) -> str:
         """A string that changes whenever the weights this lineage loads to could: the base's
-        weight files by content, every adapter by content, the dtype and the quantization."""
+        weight files by content, every adapter by content, the dtype and the quantization. Not
+        where they lie: the same weights from another cache directory or machine are the same."""
         quantization = OmegaConf.to_container(quantization_cfg, resolve=True) if quantization_cfg is not None else None
-        return json.dumps([self.base_path(), weights_digest(self.base_path()), self.adapter_digests(), dtype, quantization])
+        return json.dumps([weights_digest(self.base_path()), self.adapter_digests(), dtype, quantization])
 
     def loadable_base(self) -> tuple:
         """(name, revision) that plain transformers/peft load this lineage's weights from: the hub

@@ -229,3 +229,18 @@ def test_a_lineage_resolves_its_base_model_once(monkeypatch, tmp_path):
     lineage.record("float32", stacked=False)
     stacked = lineage.merged(tmp_path / "adapter")  # the lineage one adapter up stands on the same base
     assert stacked.base_path() == lineage.path() and len(calls) == 1
+
+
+def test_a_lineage_identity_is_its_weights_not_their_place(tmp_path):
+    """The same weights in another directory (another cache, another machine's paths) are the same
+    lineage: an interrupted PPO run resumes there. Other weights are another lineage."""
+    lineage = Lineage.of(compose_config("stage=dpo").model)
+    moved = tmp_path / "moved"
+    shutil.copytree(lineage.base_path(), moved)
+    identity = lineage.identity("float32", None)
+    assert Lineage.of(compose_config("stage=dpo", f"model.name_or_path={moved}").model).identity("float32", None) == identity
+    weights = moved / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert Lineage.of(compose_config("stage=dpo", f"model.name_or_path={moved}").model).identity("float32", None) != identity

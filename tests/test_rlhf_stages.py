@@ -156,7 +156,7 @@ def test_ppo_refuses_a_checkpoint_written_for_other_inputs(rlhf_chain, tmp_path,
     save_file({name: tensor + 0.01 for name, tensor in weights.items()}, adapter)  # the reward model retrained in place
     with pytest.raises(SystemExit):
         train(run_dir, *overrides)
-    assert "its reward model's weights (ppo.reward_model) differ" in capsys.readouterr().err
+    assert "its reward model's weights, precision or max_length (ppo.reward_model) differ" in capsys.readouterr().err
     adapter.write_bytes(saved)
 
     mark_file.write_text(json.dumps({**mark, "keep": {"held_out_before": mark["keep"]["held_out_before"]}}))  # an older checkpoint

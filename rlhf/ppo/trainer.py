@@ -169,7 +169,7 @@ class PPOTrainer:
     def train(self, prompts: list, seed: int, checkpoints: Path, keep: dict) -> dict:
         """Run the PPO updates up to `total_updates` over batches drawn from `prompts` (message
         lists); every `save_steps` updates a checkpoint in `checkpoints/` holds what resuming
-        needs, with `keep` (what the run measured before training, and its prompts' digest) alongside."""
+        needs, with `keep` (what the run measured before training, and the identities of its inputs) alongside."""
         if len(prompts) < self.settings.batch_size:  # no full batch: the loop below would never get one
             raise UserError(f"ppo.batch_size={self.settings.batch_size}: the training split has only {len(prompts)} prompts")
         share = self.local_share()

@@ -45,7 +45,7 @@ def train_ppo(cfg, run_dir: Path) -> dict:
     train_prompts = [row["prompt"] for row in inputs.data.train]
     inputs_identity = {
         "prompts": fingerprint(train_prompts, held_out),
-        "start": inputs.lineage.identity(precision(cfg), cfg.quantization),  # the starting policy's weights, by content
+        "start": inputs.lineage.identity(precision(cfg), cfg.quantization),  # the starting policy's weights by content, its precision
         "reward_model": reward_model_identity(reward_model_run(settings.reward_model), cfg),
     }
     checkpoint, mark = resume_point(cfg, run_dir)
@@ -89,8 +89,8 @@ def fingerprint(train_prompts: list, held_out: list) -> str:
 # What each part of a checkpoint's recorded inputs names, for the refusal's message
 RECORDED_INPUTS = {
     "prompts": "prompts (the data, or how prompts are fitted)",
-    "start": "starting policy's weights (model.init_from)",
-    "reward_model": "reward model's weights (ppo.reward_model)",
+    "start": "starting policy's weights or precision (model, model.init_from)",
+    "reward_model": "reward model's weights, precision or max_length (ppo.reward_model)",
 }
 
 
