@@ -9,7 +9,7 @@ import sys
 import hydra
 
 from rlhf.command import main as run_main
-from rlhf.compose import check_command_line
+from rlhf.compose import check_command_line, help_text
 from rlhf.errors import exit_on_user_error
 
 
@@ -22,6 +22,9 @@ if __name__ == "__main__":
     # Hydra's parser takes flags only before the overrides; let -m/--multirun stand anywhere.
     multirun = [arg for arg in sys.argv[1:] if arg in ("-m", "--multirun")]
     sys.argv = [sys.argv[0], *multirun, *(arg for arg in sys.argv[1:] if arg not in multirun)]
+    if {"--help", "-h"} & set(sys.argv[1:]):  # the project's groups, not Hydra's internal ones (--hydra-help: Hydra's own)
+        print(help_text())
+        raise SystemExit(0)
     with exit_on_user_error():
         check_command_line(sys.argv[1:])  # Hydra's composition errors in one line; no foreign _target_ reaches Hydra
     main()

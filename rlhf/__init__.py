@@ -64,7 +64,10 @@ def precision(cfg) -> str:
     return f"{cfg.hardware.dtype} weights" + (", bfloat16 autocast" if autocast else "")
 
 
-OmegaConf.register_new_resolver("launch_stamp", launch_stamp, replace=True)
+# Cached like Hydra's own `now`: a sweep's jobs compose their configs one after another (Hydra
+# copies the launch's resolver cache into each), so every job, and the summary after them,
+# resolves the one directory of the launch instead of a time of its own.
+OmegaConf.register_new_resolver("launch_stamp", launch_stamp, use_cache=True, replace=True)
 OmegaConf.register_new_resolver("cpu_bf16", cpu_bf16, replace=True)
 OmegaConf.register_new_resolver("mul", lambda a, b: a * b, replace=True)  # `${mul:16,4}`: a budget's answers per update
 OmegaConf.register_new_resolver("ddp_backend", ddp_backend, replace=True)

@@ -28,7 +28,7 @@ from rlhf.errors import UserError
 from rlhf.reuse import reuse_or_train
 from rlhf.runs import finished_with, is_main_process, last_complete_checkpoint, prepare_run_dir, write_json, write_status
 from rlhf.stages import get_stage, runs_steps
-from rlhf.tracking import finish_tracking, start_tracking
+from rlhf.tracking import finish_tracking, replay_tracking, start_tracking
 from rlhf.validate import validate
 
 # bitsandbytes warns on every import that an optional CPU kernel package is missing: noise before every one-line error.
@@ -98,6 +98,7 @@ def run_stage(cfg, run_dir: Path, overrides=()) -> dict:
             return train_stage(cfg, run_dir, functools.partial(chain.run, run_stage=run_stage))
         with reuse_or_train(cfg, run_dir) as reused:
             if reused is not None:
+                replay_tracking(cfg, run_dir, reused)
                 return reused
             return train_stage(cfg, run_dir, get_stage(cfg.stage))
     except preemption.Preempted as stop:

@@ -43,7 +43,6 @@ Imports neither torch nor transformers: a whole sweep takes about a second, plot
 
 import argparse
 import csv
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +52,7 @@ import yaml
 from rlhf import aligners, plots, report
 from rlhf.errors import UserError
 from rlhf.metrics import is_number
-from rlhf.runs import read_json
+from rlhf.runs import read_history, read_json
 
 CSV_NAME = "compare.csv"
 PNG_NAME = "compare.png"
@@ -207,23 +206,6 @@ def read_overrides(run_dir: Path) -> list:
 def visible_overrides(overrides: list) -> list:
     """The user's overrides, without Hydra's own (hydra.sweep.dir=..., hydra.run.dir=...)."""
     return [item for item in overrides if not item.lstrip("+~").startswith("hydra.")]
-
-
-def read_history(path: Path) -> list:
-    """The JSON lines of history.jsonl; a half-written last line (crash) is skipped."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
-        return []
-    lines = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            lines.append(record)
-    return lines
 
 
 # --- choosing metrics and order ---------------------------------------------------------------

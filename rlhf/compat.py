@@ -50,6 +50,12 @@ import contextlib
 import errno
 import re
 import time
+import warnings
+
+# transformers 5 deprecated `PreTrainedModel.is_gradient_checkpointing`, which TRL 1.16 and peft
+# still read on every trainer they build: a FutureWarning on each run that no setting of ours
+# causes or can avoid. Ignored by its exact message, so that any other warning still shows.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 # (object, attribute) pairs tests/test_compat.py checks on the installed versions.
 PRIVATE_ATTRIBUTES = {

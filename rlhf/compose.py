@@ -22,8 +22,9 @@ from omegaconf import OmegaConf
 from rlhf import PROJECT_ROOT
 from rlhf.compat import hydra_override_error
 from rlhf.errors import UserError
+from rlhf.extras import missing_extra, plugin_extra
 from rlhf.stages import available_stages
-from rlhf.validate import INSTANTIATE_KEYS, TRAINING_ARGUMENTS, check_targets, did_you_mean, init_keys
+from rlhf.validate import INSTANTIATE_KEYS, TRAINING_ARGUMENTS, check_required, check_targets, did_you_mean, init_keys
 
 
 def check_command_line(argv) -> None:
@@ -37,7 +38,10 @@ def check_command_line(argv) -> None:
     if not (config_dir / f"{args.config_name or 'config'}.yaml").is_file():
         return  # Hydra says what is missing
     cfg = compose(first_job(args.overrides), config_dir=str(config_dir), config_name=args.config_name or "config")
+    check_required(cfg)
     check_targets(cfg)
+    if missing := missing_extra(cfg):  # before Hydra instantiates a launcher that cannot import
+        raise UserError(missing)
     key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
     check_output_dir(OmegaConf.select(cfg, key), key)
 
@@ -96,6 +100,8 @@ def compose(overrides: list, config_dir: str | None = None, config_name: str = "
     try:
         return attempt(overrides)[0]
     except Exception as err:
+        if missing := plugin_extra(str(err)):  # a sweeper or launcher whose plugin is not installed
+            raise UserError(missing) from None
         error = hydra_override_error(str(err))
         line = failing_override(error, overrides)
         if line is None:
@@ -150,3 +156,45 @@ def nearest_key(key: str, cfg, groups: dict) -> str:
     if isinstance(target, str) and part in (init_keys(target) or ()):
         return f" (to set a field of {target} that the config does not list, use +{key}=...)"
     return f"; valid keys under {'.'.join(found)}: {', '.join(sorted(names))}" if found and len(names) <= 20 else ""
+
+
+def help_text(config_dir: Path = PROJECT_ROOT / "conf") -> str:
+    """`python train.py --help`: the groups a user chooses from (those in conf/config.yaml's
+    defaults list, the ready sweeps, Hydra's launchers and sweepers) with their options, the
+    default starred, and a plugin that is not installed named with its extra."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from rlhf.extras import PLUGIN_CONFIGS
+    from rlhf.stages import STAGES
+
+    defaults = {}
+    for entry in OmegaConf.to_container(OmegaConf.load(config_dir / "config.yaml").defaults):
+        if isinstance(entry, dict) and not any(key.startswith("optional ") for key in entry):  # not the model's tuning slot
+            defaults.update(entry)
+    defaults.update({"hydra/launcher": "basic", "hydra/sweeper": "basic"})
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        options = {group: loader.get_group_options(group) for group in defaults if group != "sweeps"}
+    GlobalHydra.instance().clear()
+    options["sweeps"] = sorted(path.stem for path in (PROJECT_ROOT / "sweeps").glob("*.yaml"))  # on the search path at run time
+    for config, extra in PLUGIN_CONFIGS.items():
+        group, name = config.rsplit("/", 1)
+        if name not in options[group]:
+            options[group].append(f"{name} (needs the [{extra.name}] extra)")
+    lines = ["python train.py [group=option ...] [key=value ...] [-m]", "", "Config groups (* marks the default):"]
+    for group, names in options.items():
+        names = [f"{name}*" if name == defaults[group] else name for name in names if not name.endswith("_schema")]
+        lines.append(f"  {group}: {', '.join(names)}")
+    settings = ", ".join(f"{stage}.*" for stage in available_stages() if not STAGES[stage].steps)
+    return "\n".join(
+        [
+            *lines,
+            "",
+            f"Each stage's settings are under its own key ({settings}); LoRA under peft.*, data under dataset.*.",
+            "  python train.py stage=dpo --cfg job              # print the composed config: every key and its value",
+            "  python train.py stage=dpo dpo.beta=0.1,0.3 -m    # a sweep: one directory under multirun/, a job per value",
+            "More: README.md, and docs/configuration.md for every group and key.",
+        ]
+    )

@@ -5,7 +5,7 @@ into full-precision (float32) safetensors weights and written with the tokenizer
 included) and the generation config, so plain transformers - or vLLM, TGI, the hub - loads
 exactly the trained model, no peft and no project code needed:
 
-- a policy (sft, dpo, ppo runs): a causal LM (PPO's value head stays behind: it only trains);
+- a policy (sft, dpo, ppo, grpo, rloo runs: `making(POLICY)`): a causal LM (PPO's value head stays behind: it only trains);
 - a reward model (rm runs): a one-output sequence classifier with its score head;
 - a 4-/8-bit run: the base was trained quantized, so the export merges the adapter into the
   dequantized base - the weights the adapter was trained against - not into the original
@@ -201,7 +201,7 @@ def largest_difference(trained, exported, tokenizer) -> tuple:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rlhf.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="a finished sft, dpo, ppo or rm run directory")
+    parser.add_argument("run_dir", help=f"a finished run directory of stage {', '.join(EXPORTABLE_STAGES)}")
     parser.add_argument("out_dir", help="where to write the standalone model (new or empty)")
     parser.add_argument("--adapter", action="store_true", help="write one LoRA adapter over a loadable base instead of merged weights")
     parser.add_argument(

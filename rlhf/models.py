@@ -39,10 +39,22 @@ def resolve_model_path(model_cfg) -> str:
         return str(BUILTIN_MODELS[builtin]())
     local = Path(name).expanduser()
     if local.is_dir():
+        check_model_directory(local, name)
         return str(local)
     if local.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
         raise UserError(f"model.name_or_path={name}: no such directory")
     return model_sources.download(name, hub, model_cfg.get("revision"))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one: a tokenizer saved there
+
+
+def check_model_directory(local: Path, name: str) -> None:
+    """A local model directory holds a transformers model: its config.json and a tokenizer."""
+    if not (local / "config.json").is_file():
+        raise UserError(f"model.name_or_path={name}: {local} has no config.json; point it at a transformers model directory")
+    if not any((local / file).is_file() for file in TOKENIZER_FILES):
+        raise UserError(f"model.name_or_path={name}: {local} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
 
 
 def load_tokenizer(model_path: str, model_cfg):

@@ -200,6 +200,23 @@ def resume_point(cfg, run_dir: Path) -> tuple:
     return checkpoint, mark
 
 
+def read_history(path: Path) -> list:
+    """The JSON lines of history.jsonl; a half-written last line (crash) is skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return []
+    lines = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            lines.append(record)
+    return lines
+
+
 def append_history(path: Path, record: dict) -> None:
     """One line of history.jsonl, written as it happens, so a crashed run keeps its history."""
     with open(path, "a", encoding="utf-8") as f:

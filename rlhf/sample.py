@@ -12,6 +12,7 @@ import sys
 from omegaconf import OmegaConf
 
 from rlhf.errors import exit_on_user_error
+from rlhf.stages import POLICY, making
 
 
 def load_policy(run_dir):
@@ -40,7 +41,7 @@ def answer(policy, tokenizer, device, prompts: list, settings) -> list:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rlhf.sample", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="a finished sft, dpo or ppo run directory")
+    parser.add_argument("run_dir", help=f"a finished run directory of stage {', '.join(making(POLICY))}")
     parser.add_argument("prompts", nargs="*", help="user messages; none: read one per line from standard input")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples")

@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from rlhf.runs import append_history, is_main_process
+from rlhf.runs import append_history, is_main_process, read_history
 
 
 def run_name(cfg) -> str:
@@ -77,6 +77,23 @@ def finish_tracking(metrics: dict) -> None:
     if wandb is not None:
         wandb.summary.update(metrics)
         wandb.finish()
+
+
+def replay_tracking(cfg, run_dir: Path, metrics: dict) -> None:
+    """A run reused from an identical one still appears in W&B, in its sweep's group, with the
+    history and final metrics it was given: a sweep compared in W&B shows every job."""
+    if cfg.logger.report_to != "wandb" or not is_main_process():
+        return
+    from transformers.integrations.integration_utils import rewrite_logs
+
+    trainer_logged = str(OmegaConf.select(cfg, f"{cfg.stage}._target_", default="")).startswith("trl.")
+    start_tracking(cfg, run_dir)
+    wandb = open_wandb_run()
+    for record in read_history(run_dir / "history.jsonl"):
+        values = {key: value for key, value in record.items() if key != "step"}
+        # named as each logged them live: transformers' W&B callback as train/... and eval/..., PPO's own loop as they are
+        wandb.log(rewrite_logs(values) if trainer_logged else values, step=record.get("step"))
+    finish_tracking(metrics)
 
 
 class UpdateLog:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from rlhf import PROJECT_ROOT
 from rlhf.errors import UserError, first_line
+from rlhf.extras import VLLM, install_command, installed, missing_extra
 from rlhf.model_sources import check_hub
 from rlhf.runs import RUN_INPUTS, check_input_runs, finished_run
 from rlhf.stages import STAGES, runs_steps  # the registry only: no stage module is imported
@@ -35,17 +36,46 @@ def validate(cfg, overrides=None) -> None:
     """Raise UserError at the first problem; `overrides` default to those in cfg.hydra, if any."""
     if overrides is None:
         overrides = OmegaConf.select(cfg, "hydra.overrides.task", default=None) or []
+    check_required(cfg)  # a `???` left unset would surface as a traceback wherever it is read first
+    check_model_directory(cfg)
     check_targets(cfg)  # first: nothing below imports or builds anything a config names
+    if missing := missing_extra(cfg):  # a choice whose optional package is not installed
+        raise UserError(missing)
     check_vllm(cfg)  # needs no model and no trainer: said before the heavy imports below
     check_values(cfg)  # before the keys: binding to a settings class imports it
     check_keys(cfg, overrides)
     check_combinations(cfg)
 
 
+def check_required(cfg) -> None:
+    """Every key a config file marks `???` (required, no default: `model=custom`'s name_or_path) is set."""
+
+    def unset_keys(node, prefix):
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+            if isinstance(value, (dict, list)):
+                yield from unset_keys(value, f"{prefix}{key}.")
+            elif value == "???":
+                yield f"{prefix}{key}"
+
+    raw = OmegaConf.to_container(cfg, resolve=False)  # unresolved: Hydra's own `${hydra:...}` need not resolve here
+    unset = sorted(unset_keys({key: value for key, value in raw.items() if key != "hydra"}, ""))
+    if unset:
+        raise UserError(f"{unset[0]} is required and has no value: add {unset[0]}=... to the command line")
+
+
+def check_model_directory(cfg) -> None:
+    """A local `model.name_or_path` holds a transformers model, said before any library loads it."""
+    from pathlib import Path
+
+    from rlhf.models import check_model_directory as holds_a_model
+
+    name = OmegaConf.select(cfg, "model.name_or_path")
+    if name and not OmegaConf.select(cfg, "model.init_from") and Path(str(name)).expanduser().is_dir():
+        holds_a_model(Path(str(name)).expanduser(), str(name))
+
+
 def check_vllm(cfg) -> None:
     """`use_vllm=true` reaches TRL only where vLLM can run: a CUDA GPU and the vllm package."""
-    import importlib.util
-
     stage = cfg.get("stage")
     if not OmegaConf.select(cfg, f"{stage}.use_vllm", default=False):
         return
@@ -55,7 +85,7 @@ def check_vllm(cfg) -> None:
         need
         for need, present in (
             ("a CUDA GPU", torch.cuda.is_available()),
-            ('the vllm package (pip install -e ".[vllm]")', importlib.util.find_spec("vllm") is not None),
+            (f"the vllm package ({install_command(VLLM.name)})", installed(VLLM)),
         )
         if not present
     ]
@@ -297,7 +327,7 @@ def check_reference_bias(cfg) -> None:
 
 
 def check_tuning(cfg) -> None:
-    """A conf/tuning/ file brings one model's stage values (the tiny model's: learning rates 10-50x
+    """A conf/tuning/ file brings one model's stage values (the tiny model's: learning rates up to 10x
     a real model's) and names that model in `tuned_for`: refused for any other model, named
     directly or reached through model.init_from."""
     suited = cfg.get("tuned_for")

@@ -53,6 +53,27 @@ def test_vllm_without_cuda_is_refused_before_trl_loads(tmp_path):
     assert "torch" in imported and not {"trl", "transformers", "peft"} & imported  # TRL alone takes ~10 s to import
 
 
+def test_every_job_of_a_sweep_resolves_the_launch_s_directory(monkeypatch):
+    """Hydra composes each job's config anew and hands it the launch's resolver cache: the sweep
+    directory's stamp must come from that cache, not from the clock when a job starts (which
+    scattered the jobs of `dpo.beta=0.1,0.3 -m` over one directory per second)."""
+    import time
+
+    from omegaconf import OmegaConf
+
+    import rlhf
+
+    clock = iter(["10-00-00", "10-00-07", "10-00-15"])  # the launch, then two jobs starting later
+    monkeypatch.setattr(time, "strftime", lambda pattern: next(clock))
+    master = OmegaConf.create({"sweep_dir": "multirun/${launch_stamp:}"})
+    assert master.sweep_dir == "multirun/10-00-00"
+    for _ in range(2):  # what Hydra's load_sweep_config does for each job
+        job = OmegaConf.create({"sweep_dir": "multirun/${launch_stamp:}"})
+        OmegaConf.copy_cache(from_config=master, to_config=job)
+        assert job.sweep_dir == "multirun/10-00-00"
+    assert rlhf.launch_stamp() == "10-00-07"  # the clock itself moved on
+
+
 def test_default_run_leaves_a_complete_run_directory(tmp_path):
     done = cli(f"hydra.run.dir={tmp_path}", "sft.max_steps=10")
     assert done.returncode == 0, done.stderr[-3000:]

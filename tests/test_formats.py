@@ -219,3 +219,55 @@ def test_identical_chosen_and_rejected_are_invalid_rows(tmp_path, capsys):
     write(mixed, [pair] * 5 + [{**pair, "rejected": f"不知道{i}。"} for i in range(20)], as_array=False)
     metrics = train(tmp_path / "rest", *stage_overrides("dpo"), f"dataset.path={mixed}", "dataset.skip_invalid=true", "dataset.test_size=0")
     assert metrics["data/skipped_rows"] == 5
+
+
+def test_trl_conversational_rows_read_as_their_plain_twins():
+    """TRL's conversational preference and prompt-completion rows give the records their plain-string
+    forms give; `messages` splits off the last (assistant) turn."""
+    from rlhf.data.formats import FORMATS
+
+    user = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    plain = FORMATS["preference"].convert({"prompt": "2+2?", "chosen": "4.", "rejected": "5."})
+    conversational = FORMATS["preference"].convert(
+        {"prompt": user, "chosen": [{"role": "assistant", "content": "4."}], "rejected": [{"role": "assistant", "content": "5."}]}
+    )
+    assert conversational == {**plain, "prompt": user}
+    assert plain["prompt"] == [{"role": "user", "content": "2+2?"}]
+    completion = {"role": "assistant", "content": "4."}
+    assert FORMATS["prompt_completion"].convert({"prompt": user, "completion": [completion]}) == {
+        "prompt": user,
+        "completion": [completion],
+    }
+    assert FORMATS["messages"].convert({"messages": [*user, completion]}) == {"prompt": user, "completion": [completion]}
+
+
+@pytest.mark.parametrize(
+    "fmt, row, reason",
+    [
+        (
+            "preference",
+            {"prompt": [{"role": "assistant", "content": "hi"}], "chosen": "a", "rejected": "b"},
+            "should end with the user's turn",
+        ),
+        ("preference", {"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, "list of one assistant message"),
+        ("messages", {"messages": [{"role": "user", "content": "q"}]}, "should end with an assistant message"),
+    ],
+)
+def test_conversational_rows_of_the_wrong_shape_are_refused_with_the_reason(fmt, row, reason):
+    from rlhf.data.formats import FORMATS, RowError
+
+    with pytest.raises(RowError, match=reason):
+        FORMATS[fmt].convert(row)
+
+
+def test_a_row_of_another_format_names_the_format_that_reads_it(tmp_path):
+    """A conversational SFT file given the default (belle) format: the error names dataset.format=messages,
+    not skip_invalid, which would drop every row."""
+    path = tmp_path / "chat.jsonl"
+    write(path, [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 4, as_array=False)
+    done = cli(f"dataset.path={path}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: {path}, line 1: field 'instruction' is missing "
+        "(format belle reads instruction, input, output (JSON Lines); the row reads as dataset.format=messages)"
+    )

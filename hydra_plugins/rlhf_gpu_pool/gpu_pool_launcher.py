@@ -21,7 +21,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import cloudpickle  # the [cluster] extra: pickles the task function of train.py by value, as the joblib launcher does
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
@@ -50,6 +49,10 @@ class GPUPoolLauncher(Launcher):
         self.config, self.task_function, self.hydra_context = config, task_function, hydra_context
 
     def launch(self, job_overrides, initial_job_idx: int) -> list:
+        # Imported here, not at the top: Hydra imports every plugin module on every command, and a
+        # plain install without the [cluster] extra must stay quiet (rlhf.extras names it up front).
+        import cloudpickle  # pickles the task function of train.py by value, as the joblib launcher does
+
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
@@ -85,6 +88,8 @@ def visible_gpus() -> list:
 
 def run_on_a_device(pool, job: bytes) -> JobReturn:
     """One job in this (fresh) process, on a device taken from the pool and given back after."""
+    import cloudpickle
+
     index, overrides, hydra_context, config, task_function, singleton_state = cloudpickle.loads(job)
     device = pool.get()
     try:

@@ -49,7 +49,7 @@ def load_splits(dataset_cfg, kind: str) -> Splits:
         except RowError as err:
             if not dataset_cfg.get("skip_invalid", False):
                 raise UserError(
-                    f"{source}, {where}: {err} (format {dataset_cfg.format} reads {fmt.fields}; dataset.skip_invalid=true skips such rows)"
+                    f"{source}, {where}: {err} (format {dataset_cfg.format} reads {fmt.fields}; {row_hint(row, fmt)})"
                 ) from None
             skipped[str(err)] += 1
             continue
@@ -70,6 +70,22 @@ def load_splits(dataset_cfg, kind: str) -> Splits:
         raise UserError(f"dataset {source}: {len(dataset)} row cannot be split; set dataset.test_size=0")
     split = dataset.train_test_split(test_size=dataset_cfg.test_size, seed=dataset_cfg.seed)
     return Splits(split["train"], split["test"], sum(skipped.values()))
+
+
+def row_hint(row, fmt) -> str:
+    """What to do about a row its format cannot read: the formats of the same kind that can read
+    it (the user named the wrong one), else skipping bad rows."""
+    fitting = []
+    for name, other in FORMATS.items():
+        if other.kind == fmt.kind and other is not fmt:
+            try:
+                other.convert(row)
+                fitting.append(name)
+            except RowError:
+                continue
+    if fitting:
+        return f"the row reads as {' or '.join(f'dataset.format={name}' for name in fitting)}"
+    return "dataset.skip_invalid=true skips such rows"
 
 
 def data_format(dataset_cfg, kind: str):

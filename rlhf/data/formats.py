@@ -1,7 +1,7 @@
 """Dataset formats: each turns one row of a published shape into what a stage trains on.
 
-Two record kinds come out, both in TRL's conversational form so that the model's chat
-template is applied by the trainer:
+Three record kinds come out, in TRL's conversational form so that the model's chat template is
+applied by the trainer:
 - "sft":        {"prompt": [messages], "completion": [assistant message]}
 - "preference": {"prompt": [messages], "chosen": [assistant message], "rejected": [assistant message]}
 - "prompt":     {"prompt": [messages], "answer": str}: prompts with a reference answer for a
@@ -100,10 +100,46 @@ def instruction_output(row) -> dict:
     return {"prompt": [message("user", prompt)], "completion": [message("assistant", text_field(row, "output"))]}
 
 
+def prompt_field(row) -> list:
+    """`prompt` as a string (one user turn) or, as TRL's conversational rows have it, a list of
+    messages ending with the user's turn."""
+    if isinstance(row.get("prompt") if isinstance(row, dict) else None, list):
+        prompt = messages_field(row, "prompt")
+        if prompt[-1]["role"] != "user":
+            raise RowError("field 'prompt' should end with the user's turn")
+        return prompt
+    return [message("user", text_field(row, "prompt"))]
+
+
+def answer_field(row, name: str) -> str:
+    """An answer as a string or, as TRL's conversational rows have it, a list holding one
+    assistant message."""
+    value = field(row, name)
+    if isinstance(value, list):
+        turns = messages_field(row, name)
+        if len(turns) != 1 or turns[0]["role"] != "assistant":
+            raise RowError(f"field '{name}' should be a string or a list of one assistant message")
+        return turns[0]["content"]
+    return text(value, name)
+
+
 def prompt_chosen_rejected(row) -> dict:
-    """Plain preference pairs: `prompt`, `chosen`, `rejected`, each a string."""
-    prompt = [message("user", text_field(row, "prompt"))]
-    return preference_record(prompt, text_field(row, "chosen"), text_field(row, "rejected"))
+    """Preference pairs: `prompt`, `chosen`, `rejected`, as strings or in TRL's conversational
+    form (`prompt` a list of messages, each answer a list of one assistant message)."""
+    return preference_record(prompt_field(row), answer_field(row, "chosen"), answer_field(row, "rejected"))
+
+
+def prompt_completion(row) -> dict:
+    """Instruction data in TRL's prompt-completion shape: `prompt` and `completion`, as strings
+    or conversational (a list of messages, and a list of one assistant message)."""
+    return {"prompt": prompt_field(row), "completion": [message("assistant", answer_field(row, "completion"))]}
+
+
+def conversation(row) -> dict:
+    """Instruction data in TRL's conversational language-modelling shape: `messages`, a whole
+    conversation; the model learns its last (assistant) message from the ones before."""
+    prompt, answer = last_assistant_turn(messages_field(row, "messages"), "messages")
+    return {"prompt": prompt, "completion": [answer]}
 
 
 def ultrafeedback_binarized(row) -> dict:
@@ -201,7 +237,9 @@ def prompt_answer(row) -> dict:
 FORMATS = {
     "belle": Format("sft", instruction_output, "instruction, input, output (JSON Lines)"),
     "alpaca": Format("sft", instruction_output, "instruction, input, output (JSON array)"),
-    "preference": Format("preference", prompt_chosen_rejected, "prompt, chosen, rejected"),
+    "prompt_completion": Format("sft", prompt_completion, "prompt, completion (strings or message lists)"),
+    "messages": Format("sft", conversation, "messages (a conversation ending with the assistant's reply)"),
+    "preference": Format("preference", prompt_chosen_rejected, "prompt, chosen, rejected (strings or message lists)"),
     "ultrafeedback_binarized": Format("preference", ultrafeedback_binarized, "chosen, rejected (message lists)"),
     "ultrafeedback_argilla": Format("preference", ultrafeedback_argilla, "instruction, chosen_response, rejected_response"),
     "stack_exchange_paired": Format("preference", stack_exchange_paired, "question, response_j, response_k"),
