@@ -22,7 +22,7 @@ What it writes, into the FIRST directory given:
   itself a run), status, overrides, then the chosen final metrics; errors of failed runs below.
 - compare.csv: every final metric of every run, after the run, status and overrides columns.
 - compare.png: one line per run - training `loss` over step on the left, `--metric` on the right.
-  Needs matplotlib (optional): without it a note says so and the rest is still written.
+  Needs matplotlib (a dependency): where it is missing a note says so and the rest is still written.
 - report.html: one file that opens without network access: the sortable table of runs and their
   curves side by side (loss, reward, KL, win rate over steps); for an aligner comparison
   (`experiment=compare_aligners`, or a sweep of them) also compare_aligners.csv, the aligner

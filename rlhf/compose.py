@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from rlhf import PROJECT_ROOT
 from rlhf.compat import hydra_override_error
 from rlhf.errors import UserError
-from rlhf.extras import missing_extra, plugin_extra
+from rlhf.extras import check_installed, plugin_extra
 from rlhf.stages import available_stages
 from rlhf.validate import INSTANTIATE_KEYS, TRAINING_ARGUMENTS, check_required, check_targets, did_you_mean, init_keys
 
@@ -40,8 +40,7 @@ def check_command_line(argv) -> None:
     cfg = compose(first_job(args.overrides), config_dir=str(config_dir), config_name=args.config_name or "config")
     check_required(cfg)
     check_targets(cfg)
-    if missing := missing_extra(cfg):  # before Hydra instantiates a launcher that cannot import
-        raise UserError(missing)
+    check_installed(cfg)  # before Hydra instantiates a launcher that cannot import
     key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
     check_output_dir(OmegaConf.select(cfg, key), key)
 

@@ -3,7 +3,7 @@ whose package is missing stops in one line naming the extra, before anything run
 
 A plain install (`pip install -e .`) runs every stage on the CPU, with W&B as its tracker. The
 rest comes with an extra: a choice on the command line (a launcher, a sweeper, a logger, a
-quantization) names what it needs here, and `missing_extra(cfg)` reports the first one absent.
+quantization) names what it needs here, and `check_installed(cfg)` stops at the first one absent.
 Hydra's own plugin configs (the Optuna sweeper, the joblib and submitit launchers) do not even
 compose without their package: `plugin_extra(message)` reads Hydra's composition error instead.
 
@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 
 from omegaconf import OmegaConf
+
+from rlhf.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,9 @@ def needs(choice: str, extra: Extra) -> str:
     return f"{choice} needs the [{extra.name}] extra, which is not installed: {install_command(extra.name)}"
 
 
-def missing_extra(cfg) -> str | None:
-    """The line for the first choice in the composed config whose extra is not installed, or None.
-    Hydra's node (launcher) is checked where the config carries it."""
+def check_installed(cfg) -> None:
+    """A UserError naming the extra of the first choice in the composed config whose package is
+    not installed. Hydra's node (the launcher) is checked where the config carries it."""
     choices = [
         ("logger=tensorboard", TENSORBOARD, OmegaConf.select(cfg, "logger.report_to") == "tensorboard"),
         (quantization_choice(cfg), QUANTIZATION, bool(OmegaConf.select(cfg, "quantization._target_"))),
@@ -65,8 +67,7 @@ def missing_extra(cfg) -> str | None:
     ]
     for choice, extra, chosen in choices:
         if chosen and not installed(extra):
-            return needs(choice, extra)
-    return None
+            raise UserError(needs(choice, extra))
 
 
 def quantization_choice(cfg) -> str:

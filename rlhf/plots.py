@@ -1,7 +1,7 @@
-"""Figures of runs, drawn with matplotlib where it is installed (optional: `pip install
-matplotlib`): the training curves of compared runs (compare.png and report.html's panels) and
-the aligner comparison's reward-KL frontier. Without matplotlib every function here returns
-None or False, and the caller writes everything else.
+"""Figures of runs, drawn with matplotlib (a dependency of the project): the training curves of
+compared runs (compare.png and report.html's panels) and the aligner comparison's reward-KL
+frontier. Where matplotlib is missing all the same (an install without dependencies) every
+function here returns None or False, and the caller writes everything else.
 
 Runs are `rlhf.compare.Run`s: a name, command-line overrides and history.jsonl's lines.
 """
@@ -63,7 +63,7 @@ def plot_curves(runs, metric: str, path: Path, explicit: bool = False) -> bool:
     key = history_key(runs, metric)
     fig = new_figure(12 if key else 7, 4.8)
     if fig is None:
-        note(f"matplotlib is not installed: skipped {path.name} (pip install matplotlib)")
+        note(f"matplotlib is not installed: skipped {path.name} (pip install -e . installs it)")
         return False
     if key is None and explicit:
         note(f"no run logged {metric!r} in history.jsonl: {path.name} shows the training loss only")

@@ -14,14 +14,16 @@ import inspect
 import math
 import re
 import types
+from pathlib import Path
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from rlhf import PROJECT_ROOT
 from rlhf.errors import UserError, first_line
-from rlhf.extras import VLLM, install_command, installed, missing_extra
+from rlhf.extras import VLLM, check_installed, install_command, installed
 from rlhf.model_sources import check_hub
+from rlhf.models import check_model_directory
 from rlhf.runs import RUN_INPUTS, check_input_runs, finished_run
 from rlhf.stages import STAGES, runs_steps  # the registry only: no stage module is imported
 
@@ -37,10 +39,9 @@ def validate(cfg, overrides=None) -> None:
     if overrides is None:
         overrides = OmegaConf.select(cfg, "hydra.overrides.task", default=None) or []
     check_required(cfg)  # a `???` left unset would surface as a traceback wherever it is read first
-    check_model_directory(cfg)
+    check_local_model(cfg)
     check_targets(cfg)  # first: nothing below imports or builds anything a config names
-    if missing := missing_extra(cfg):  # a choice whose optional package is not installed
-        raise UserError(missing)
+    check_installed(cfg)  # a choice whose optional package is not installed
     check_vllm(cfg)  # needs no model and no trainer: said before the heavy imports below
     check_values(cfg)  # before the keys: binding to a settings class imports it
     check_keys(cfg, overrides)
@@ -63,15 +64,11 @@ def check_required(cfg) -> None:
         raise UserError(f"{unset[0]} is required and has no value: add {unset[0]}=... to the command line")
 
 
-def check_model_directory(cfg) -> None:
+def check_local_model(cfg) -> None:
     """A local `model.name_or_path` holds a transformers model, said before any library loads it."""
-    from pathlib import Path
-
-    from rlhf.models import check_model_directory as holds_a_model
-
     name = OmegaConf.select(cfg, "model.name_or_path")
     if name and not OmegaConf.select(cfg, "model.init_from") and Path(str(name)).expanduser().is_dir():
-        holds_a_model(Path(str(name)).expanduser(), str(name))
+        check_model_directory(Path(str(name)).expanduser(), str(name))
 
 
 def check_vllm(cfg) -> None:

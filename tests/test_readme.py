@@ -74,8 +74,8 @@ class Project:
         )
 
     def latest_run(self, stage: str) -> Path:
-        """The last single run (outputs/<date>/<time>) of `stage`."""
-        candidates = [run for run in self.root.glob("outputs/*/*") if stage_of(run) == stage]
+        """The last run of `stage` under outputs/: a single run (outputs/<date>/<time>) or a chain's step."""
+        candidates = [run for run in [*self.root.glob("outputs/*/*"), *self.root.glob("outputs/*/*/*")] if stage_of(run) == stage]
         assert candidates, f"no run of stage {stage} under outputs/ to stand for outputs/.../{stage}"
         return max(candidates, key=lambda run: (run / ".hydra").stat().st_mtime).relative_to(self.root)
 
@@ -87,7 +87,7 @@ class Project:
         return command.replace("/path/to/model", str(next(self.cache.glob("tiny-qwen-*"))))
 
     def sweeps(self) -> list:
-        return sorted(self.root.glob("multirun/*/*"), key=lambda path: path.stat().st_mtime)
+        return sorted(self.root.glob("multirun/*/*"))  # <date>/<time>: in the order they were launched
 
 
 def stage_of(run: Path):
@@ -104,8 +104,10 @@ def metrics(run: Path) -> dict:
 
 
 def quiet(done: subprocess.CompletedProcess) -> list:
-    """The warning and traceback lines of a command's output (W&B's own `wandb:` lines aside)."""
-    return [line for line in (done.stdout + done.stderr).splitlines() if WARNING.search(line) and not line.startswith("wandb:")]
+    """The warning and traceback lines of a command's output; W&B's own `wandb:` lines and pip's
+    (`WARNING: ...` about the machine's package index settings) are theirs, not the project's."""
+    theirs = ("wandb:", "WARNING: ", "[notice]")
+    return [line for line in (done.stdout + done.stderr).splitlines() if WARNING.search(line) and not line.startswith(theirs)]
 
 
 def fresh_project(tmp_path_factory) -> Project:
@@ -188,11 +190,15 @@ def check_custom_model(project, done, before):
 def check_ppo(project, done, before):
     run = single_run(project, before, "ppo")
     assert {"eval_score_gain", "eval_score_gain_ci95"} <= set(metrics(run))  # held-out reward score, before and after
+    reused_from = json.loads((run / "status.json").read_text()).get("reused_from", "")
+    assert reused_from.endswith("/ppo"), f"expected the chain's PPO step reused, got {reused_from!r}"
 
 
 def check_chain(project, done, before):
-    run = single_run(project, before, "chain")
+    [run] = [run for run in project.runs() if run not in before and run.parent.parent.name == "outputs"]
+    assert stage_of(run) == "chain" and status(run) == "done"
     assert [status(run / step) for step in ("sft", "rm", "ppo")] == ["done"] * 3
+    assert all((run / step / "final").is_dir() for step in ("sft", "rm", "ppo"))
 
 
 def new_sweep(project, before_sweeps) -> Path:
@@ -224,19 +230,21 @@ def check_failing_sweep(project, done, before):
     sweep = new_sweep(project, project.sweeps_before)
     assert [status(sweep / job) for job in ("0", "1")] == ["done", "failed"]
     assert "job 1 [stage=dpo,dpo.beta=-1]: failed: dpo.beta=-1: must be > 0" in done.stdout, done.stdout[-2000:]
+    assert "reuse:" in done.stdout  # job 0 is the earlier sweep's job 1: reused, not trained
     assert "1 of 2 jobs failed" in done.stderr
 
 
 def check_compare_sweep(project, done, before):
     sweep = project.sweeps()[0]
-    for job in ("0", "1"):
-        assert str((sweep / job).relative_to(project.root)) in done.stdout
+    rows = re.findall(r"^(\d+)\s+done\s+stage=dpo dpo\.beta=(\S+)", done.stdout, re.MULTILINE)  # sorted by the metric
+    assert sorted(rows) == [("0", "0.1"), ("1", "0.3")], done.stdout[-2000:]
     assert (sweep / "compare.csv").is_file() and (sweep / "report.html").is_file() and (sweep / "compare.png").is_file()
 
 
 def check_compare_runs(project, done, before):
-    table = done.stdout
-    assert str(project.latest_run("dpo")) in table and str(project.latest_run("rm")) in table
+    first = project.latest_run("dpo")
+    assert len(re.findall(r"^\S+\s+done\s", done.stdout, re.MULTILINE)) == 2, done.stdout[-2000:]  # a row per run
+    assert len((project.root / first / "compare.csv").read_text().splitlines()) == 3  # the header and a row per run
 
 
 def check_export(project, done, before):
@@ -273,13 +281,13 @@ CHECKS = {
     "python train.py experiment=rlhf_chain": check_chain,
     "python train.py stage=dpo dpo.beta=0.1,0.3 -m": check_sweep,
     "python train.py stage=dpo dpo.beta=0.1,0.3 logger=wandb -m": check_wandb_sweep,
-    "python train.py stage=dpo dpo.beta=0.2,-1 -m": check_failing_sweep,
+    "python train.py stage=dpo dpo.beta=0.3,-1 -m": check_failing_sweep,
     "python -m rlhf.compare multirun/<date>/<time>": check_compare_sweep,
     "python -m rlhf.compare outputs/.../dpo outputs/.../rm --sort eval_loss": check_compare_runs,
     "python -m rlhf.export outputs/.../dpo exported/dpo-policy": check_export,
     'python -m rlhf.sample outputs/.../dpo "1+1等于几？"': check_sample,
 }
-FAILS_ON_PURPOSE = {"python train.py stage=dpo dpo.beta=0.2,-1 -m": 1}  # command -> its exit status
+FAILS_ON_PURPOSE = {"python train.py stage=dpo dpo.beta=0.3,-1 -m": 1}  # command -> its exit status
 
 
 def test_every_readme_command_has_a_check_and_ci_runs_the_test_command():
@@ -300,8 +308,8 @@ def installed(tmp_path_factory):
     """A fresh copy of the project after README's install command: (project, that command's process,
     the runs before it)."""
     project = fresh_project(tmp_path_factory)
-    project.sweeps_before = []
-    return project, project.shell(INSTALL), project.runs()
+    project.sweeps_before, before = [], project.runs()
+    return project, project.shell(INSTALL), before
 
 
 @pytest.fixture(scope="module")
