@@ -2,9 +2,10 @@
 Hydra's composition errors into the project's one-line `error:`.
 
 - `check_command_line(argv)`, called by train.py before Hydra runs: composes the command line's
-  config (a sweep's first job) and checks every `_target_` in it, Hydra's own node included,
-  before Hydra instantiates `hydra.callbacks` - a shared config re-run with --config-path gets no
-  chance to run `os.system`.
+  config (a sweep's first job) and checks it (`validate.check_before_launch`: required keys, a
+  local model directory, every `_target_` - Hydra's own node included, before Hydra instantiates
+  `hydra.callbacks`, so a shared config re-run with --config-path gets no chance to run
+  `os.system` - and the extras its choices need) before Hydra makes a run directory.
 - `compose(overrides)`: the config, or `UserError` naming the override at fault
   (`dpo.betta=0.1: unknown key; did you mean dpo.beta?`, `stage=dpoo: no stage config named
   dpoo; did you mean stage=dpo? ...`). Chain steps compose through it too.
@@ -22,9 +23,9 @@ from omegaconf import OmegaConf
 from rlhf import PROJECT_ROOT
 from rlhf.compat import hydra_override_error
 from rlhf.errors import UserError
-from rlhf.extras import check_installed, plugin_extra
+from rlhf.extras import plugin_extra
 from rlhf.stages import available_stages
-from rlhf.validate import INSTANTIATE_KEYS, TRAINING_ARGUMENTS, check_required, check_targets, did_you_mean, init_keys
+from rlhf.validate import INSTANTIATE_KEYS, TRAINING_ARGUMENTS, check_before_launch, did_you_mean, init_keys
 
 
 def check_command_line(argv) -> None:
@@ -38,9 +39,7 @@ def check_command_line(argv) -> None:
     if not (config_dir / f"{args.config_name or 'config'}.yaml").is_file():
         return  # Hydra says what is missing
     cfg = compose(first_job(args.overrides), config_dir=str(config_dir), config_name=args.config_name or "config")
-    check_required(cfg)
-    check_targets(cfg)
-    check_installed(cfg)  # before Hydra instantiates a launcher that cannot import
+    check_before_launch(cfg)  # before Hydra makes a run directory or instantiates a launcher
     key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
     check_output_dir(OmegaConf.select(cfg, key), key)
 

@@ -38,14 +38,20 @@ def validate(cfg, overrides=None) -> None:
     """Raise UserError at the first problem; `overrides` default to those in cfg.hydra, if any."""
     if overrides is None:
         overrides = OmegaConf.select(cfg, "hydra.overrides.task", default=None) or []
-    check_required(cfg)  # a `???` left unset would surface as a traceback wherever it is read first
-    check_local_model(cfg)
-    check_targets(cfg)  # first: nothing below imports or builds anything a config names
-    check_installed(cfg)  # a choice whose optional package is not installed
+    check_before_launch(cfg)
     check_vllm(cfg)  # needs no model and no trainer: said before the heavy imports below
     check_values(cfg)  # before the keys: binding to a settings class imports it
     check_keys(cfg, overrides)
     check_combinations(cfg)
+
+
+def check_before_launch(cfg) -> None:
+    """What train.py checks on the composed command line before Hydra starts a run (and every
+    run again): none of it imports anything heavy or needs a run directory."""
+    check_required(cfg)  # a `???` left unset would surface as a traceback wherever it is read first
+    check_local_model(cfg)
+    check_targets(cfg)  # nothing below imports or builds anything a config names
+    check_installed(cfg)  # a choice whose optional package is not installed (a launcher, before Hydra builds it)
 
 
 def check_required(cfg) -> None:

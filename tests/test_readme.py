@@ -395,6 +395,8 @@ def test_a_plain_install_says_in_one_line_what_a_choice_needs(installed, command
     what to install or set, with no traceback and no warning."""
     project, install, _ = installed
     assert install.returncode == 0, install.stderr[-2000:]
+    before = project.runs(), project.sweeps()
     done = project.run(command)
     assert done.returncode == 2 and done.stdout == "", (done.returncode, done.stdout[-500:], done.stderr[-2000:])
+    assert (project.runs(), project.sweeps()) == before  # stopped before Hydra made any run or sweep directory
     assert len(done.stderr.strip().splitlines()) == 1 and line in done.stderr, done.stderr[-2000:]
