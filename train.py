@@ -4,6 +4,7 @@ python train.py                                # SFT on the built-in tiny model 
 python train.py stage=dpo dpo.beta=0.1,0.3 -m  # a sweep: one run directory per value
 """
 
+import contextlib
 import sys
 
 import hydra
@@ -23,7 +24,8 @@ if __name__ == "__main__":
     multirun = [arg for arg in sys.argv[1:] if arg in ("-m", "--multirun")]
     sys.argv = [sys.argv[0], *multirun, *(arg for arg in sys.argv[1:] if arg not in multirun)]
     if {"--help", "-h"} & set(sys.argv[1:]):  # the project's groups, not Hydra's internal ones (--hydra-help: Hydra's own)
-        print(help_text())
+        with contextlib.suppress(BrokenPipeError):  # `--help | head` is not an error
+            print(help_text(), flush=True)
         raise SystemExit(0)
     with exit_on_user_error():
         check_command_line(sys.argv[1:])  # Hydra's composition errors in one line; no foreign _target_ reaches Hydra

@@ -97,10 +97,10 @@ def run_stage(cfg, run_dir: Path, overrides=()) -> dict:
         if runs_steps(cfg.stage):  # each step is a run of its own, reused or trained
             return train_stage(cfg, run_dir, functools.partial(chain.run, run_stage=run_stage))
         with reuse_or_train(cfg, run_dir) as reused:
-            if reused is not None:
-                replay_tracking(cfg, run_dir, reused)
-                return reused
-            return train_stage(cfg, run_dir, get_stage(cfg.stage))
+            if reused is None:
+                return train_stage(cfg, run_dir, get_stage(cfg.stage))
+        replay_tracking(cfg, run_dir, reused)  # after the lock: identical jobs need not wait on W&B
+        return reused
     except preemption.Preempted as stop:
         if main_process:
             write_status(run_dir, "preempted", str(stop), step=stop.step)

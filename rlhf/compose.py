@@ -25,7 +25,7 @@ from rlhf.compat import hydra_override_error
 from rlhf.errors import UserError
 from rlhf.extras import plugin_extra
 from rlhf.stages import available_stages
-from rlhf.validate import INSTANTIATE_KEYS, TRAINING_ARGUMENTS, check_before_launch, did_you_mean, init_keys
+from rlhf.validate import INSTANTIATE_KEYS, TRAINING_ARGUMENTS, check_before_launch, check_targets, did_you_mean, init_keys
 
 
 def check_command_line(argv) -> None:
@@ -39,6 +39,9 @@ def check_command_line(argv) -> None:
     if not (config_dir / f"{args.config_name or 'config'}.yaml").is_file():
         return  # Hydra says what is missing
     cfg = compose(first_job(args.overrides), config_dir=str(config_dir), config_name=args.config_name or "config")
+    if args.cfg:  # printed, not run: a config with a `???` or an uninstalled choice is still shown
+        check_targets(cfg)
+        return
     check_before_launch(cfg)  # before Hydra makes a run directory or instantiates a launcher
     key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
     check_output_dir(OmegaConf.select(cfg, key), key)
@@ -168,8 +171,8 @@ def help_text(config_dir: Path = PROJECT_ROOT / "conf") -> str:
 
     defaults = {}
     for entry in OmegaConf.to_container(OmegaConf.load(config_dir / "config.yaml").defaults):
-        if isinstance(entry, dict) and not any(key.startswith("optional ") for key in entry):  # not the model's tuning slot
-            defaults.update(entry)
+        if isinstance(entry, dict):  # not `_self_`; not `optional tuning` or `override hydra/...`: no group a user picks
+            defaults.update({group: option for group, option in entry.items() if " " not in group})
     defaults.update({"hydra/launcher": "basic", "hydra/sweeper": "basic"})
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):

@@ -4,6 +4,8 @@ whose package is missing stops in one line naming the extra, before anything run
 A plain install (`pip install -e .`) runs every stage on the CPU, with W&B as its tracker. The
 rest comes with an extra: a choice on the command line (a launcher, a sweeper, a logger, a
 quantization) names what it needs here, and `check_installed(cfg)` stops at the first one absent.
+(`model.hub=modelscope` is checked where the hub is asked, rlhf.model_sources: a built-in or local
+model never asks it.)
 Hydra's own plugin configs (the Optuna sweeper, the joblib and submitit launchers) do not even
 compose without their package: `plugin_extra(message)` reads Hydra's composition error instead.
 
@@ -63,7 +65,6 @@ def check_installed(cfg) -> None:
         ("logger=tensorboard", TENSORBOARD, OmegaConf.select(cfg, "logger.report_to") == "tensorboard"),
         (quantization_choice(cfg), QUANTIZATION, bool(OmegaConf.select(cfg, "quantization._target_"))),
         ("hydra/launcher=gpu_pool", CLUSTER, OmegaConf.select(cfg, "hydra.launcher._target_") == GPU_POOL),
-        ("model.hub=modelscope", MODELSCOPE, OmegaConf.select(cfg, "model.hub") == "modelscope"),
     ]
     for choice, extra, chosen in choices:
         if chosen and not installed(extra):

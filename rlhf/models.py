@@ -55,6 +55,8 @@ def check_model_directory(local: Path, name: str) -> None:
         raise UserError(f"model.name_or_path={name}: {local} has no config.json; point it at a transformers model directory")
     if not any((local / file).is_file() for file in TOKENIZER_FILES):
         raise UserError(f"model.name_or_path={name}: {local} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    if not any(local.glob("*.safetensors")):  # load_model reads safetensors only (no pickled .bin weights)
+        raise UserError(f"model.name_or_path={name}: {local} has no *.safetensors weights (pickled .bin checkpoints are not loaded)")
 
 
 def load_tokenizer(model_path: str, model_cfg):

@@ -31,8 +31,8 @@ def start_tracking(cfg, run_dir: Path) -> None:
     import wandb
 
     mode = cfg.logger.mode
-    if mode == "auto":  # never wait on the network without credentials
-        mode = "online" if os.environ.get("WANDB_API_KEY") or _netrc_has_wandb() else "offline"
+    if mode == "auto":  # W&B's own WANDB_MODE when set; else never wait on the network without credentials
+        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") or _netrc_has_wandb() else "offline")
     group = cfg.logger.group
     if group is None and HydraConfig.get().mode == RunMode.MULTIRUN:
         group = Path(HydraConfig.get().sweep.dir).as_posix()  # all jobs of one sweep together
@@ -81,19 +81,31 @@ def finish_tracking(metrics: dict) -> None:
 
 def replay_tracking(cfg, run_dir: Path, metrics: dict) -> None:
     """A run reused from an identical one still appears in W&B, in its sweep's group, with the
-    history and final metrics it was given: a sweep compared in W&B shows every job."""
-    if cfg.logger.report_to != "wandb" or not is_main_process():
-        return
+    history and final metrics it was given: a sweep compared in W&B shows every job. Lines are
+    logged as the run logged them live: a Trainer stage's as transformers' W&B callback does
+    (train/... and eval/... against train/global_step, its run totals in the summary), PPO's and
+    eval's as their own loop does."""
     from transformers.integrations.integration_utils import rewrite_logs
 
-    trainer_logged = str(OmegaConf.select(cfg, f"{cfg.stage}._target_", default="")).startswith("trl.")
+    from rlhf.stages import STAGES
+
+    if cfg.logger.report_to != "wandb" or not is_main_process():
+        return
     start_tracking(cfg, run_dir)
     wandb = open_wandb_run()
     for record in read_history(run_dir / "history.jsonl"):
         values = {key: value for key, value in record.items() if key != "step"}
-        # named as each logged them live: transformers' W&B callback as train/... and eval/..., PPO's own loop as they are
-        wandb.log(rewrite_logs(values) if trainer_logged else values, step=record.get("step"))
+        if STAGES[cfg.stage].own_loop:
+            wandb.log(values, step=record.get("step"))
+        else:
+            lines = {key: value for key, value in values.items() if key not in TRAINER_RUN_TOTALS}  # totals: in the summary below
+            if lines:
+                wandb.log({**rewrite_logs(lines), "train/global_step": record.get("step")})
     finish_tracking(metrics)
+
+
+# What transformers' W&B callback puts in the run's summary instead of its history.
+TRAINER_RUN_TOTALS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos")
 
 
 class UpdateLog:

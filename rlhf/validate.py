@@ -66,6 +66,8 @@ def check_required(cfg) -> None:
 
     raw = OmegaConf.to_container(cfg, resolve=False)  # unresolved: Hydra's own `${hydra:...}` need not resolve here
     unset = sorted(unset_keys({key: value for key, value in raw.items() if key != "hydra"}, ""))
+    if OmegaConf.select(cfg, "model.init_from"):  # a run to start from names the base model itself
+        unset = [key for key in unset if key != "model.name_or_path"]
     if unset:
         raise UserError(f"{unset[0]} is required and has no value: add {unset[0]}=... to the command line")
 

@@ -142,3 +142,32 @@ def test_a_local_model_directory_trains_through_the_cli_config(qwen3_model_dir, 
         tmp_path, "stage=sft", "model=custom", f"model.name_or_path={qwen3_model_dir}", "sft.max_steps=2", "dataset.max_samples=24"
     )
     assert metrics["train_loss"] > 0
+
+
+def test_a_local_model_directory_is_checked_for_config_tokenizer_and_weights(tmp_path):
+    """Each missing part is named in one line before any library reads the directory."""
+    from rlhf.errors import UserError
+    from rlhf.models import check_model_directory
+
+    for write, missing in (
+        (None, "has no config.json"),
+        ("config.json", "has no tokenizer files"),
+        ("tokenizer.json", r"has no \*\.safetensors weights"),
+    ):
+        if write:
+            (tmp_path / write).write_text("{}")
+        with pytest.raises(UserError, match=missing):
+            check_model_directory(tmp_path, str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    check_model_directory(tmp_path, str(tmp_path))  # all three parts: accepted
+
+
+def test_a_required_model_path_is_not_required_when_a_run_names_the_base():
+    from conftest import compose_config
+
+    from rlhf.errors import UserError
+    from rlhf.validate import check_required
+
+    with pytest.raises(UserError, match="model.name_or_path is required"):
+        check_required(compose_config("model=custom"))
+    check_required(compose_config("model=custom", "model.init_from=outputs/x/sft"))  # the run's lineage names its base

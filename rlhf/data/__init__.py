@@ -77,7 +77,7 @@ def row_hint(row, fmt) -> str:
     it (the user named the wrong one), else skipping bad rows."""
     fitting = []
     for name, other in FORMATS.items():
-        if other.kind == fmt.kind and other is not fmt:
+        if other.kind == fmt.kind and other.convert is not fmt.convert:  # belle and alpaca read rows alike
             try:
                 other.convert(row)
                 fitting.append(name)

@@ -27,13 +27,14 @@ class Stage:
     reference: bool = False  # under LoRA its reference is the starting policy, the adapter disabled
     strength_zero_drops_reference: bool = False  # with strength 0 it computes no KL term and needs no reference
     steps: bool = False  # it runs other stages, each as a run of its own (chain): validated, reused and resumed step by step
+    own_loop: bool = False  # it logs from a loop of its own (PPO, eval), not through transformers' Trainer and its callbacks
 
 
 STAGES = {
     "sft": Stage(makes=POLICY),
     "rm": Stage(makes=REWARD_MODEL),
     "dpo": Stage(makes=POLICY, strength="beta", reference=True),
-    "ppo": Stage(makes=POLICY, strength="kl_coef", reference=True, reads={"ppo.reward_model": (REWARD_MODEL, True)}),
+    "ppo": Stage(makes=POLICY, strength="kl_coef", reference=True, reads={"ppo.reward_model": (REWARD_MODEL, True)}, own_loop=True),
     "grpo": Stage(
         makes=POLICY,
         strength="beta",
@@ -51,6 +52,7 @@ STAGES = {
     "eval": Stage(
         makes=None,
         reads={"eval.policy": (POLICY, True), "eval.reward_model": (REWARD_MODEL, True), "eval.judge_model": (REWARD_MODEL, False)},
+        own_loop=True,
     ),
     "chain": Stage(makes=None, steps=True),  # its steps are runs of the stages above
 }
