@@ -163,7 +163,8 @@ def check_cfg_job(project, done, before):
 
 
 def check_help(project, done, before):
-    groups = dict(re.findall(r"^  ([^:]+): (.*)$", done.stdout, re.MULTILINE))
+    block = done.stdout.split("Config groups", 1)[1].split("\n\n", 1)[0]  # from its heading to the blank line after it
+    groups = dict(re.findall(r"^  ([^:]+): (.*)$", block, re.MULTILINE))
     expected = {"model", "dataset", "stage", "peft", "quantization", "hardware", "logger", "experiment", "sweeps"}
     assert set(groups) == expected | {"hydra/launcher", "hydra/sweeper"}, groups  # internal groups (tuning, online_rl) stay internal
     assert "tiny*" in groups["model"].split(", ") and "sft*" in groups["stage"].split(", ") and "basic*" in groups["hydra/launcher"]
