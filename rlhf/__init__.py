@@ -57,6 +57,17 @@ def cpu_bf16(pays: bool = True) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def weights_dtype(dtype: str, _root_=None) -> str:
+    """`${weights_dtype:bfloat16}` (the GPU presets' `hardware.dtype`): `dtype` for a run whose
+    trained weights are LoRA adapters (the frozen base, references and reward models load in it),
+    float32 for a run that trains every weight (peft=none, no quantization). AdamW adds updates of
+    about learning_rate x |w| to each weight; in bfloat16 (8 significant bits) an update under half
+    a step of its weight rounds away, so a full fine-tune at 1e-6 kept almost none of its update.
+    Float32 master weights under bfloat16 autocast keep them; the matrix products stay bfloat16."""
+    trains_every_weight = _root_ is not None and _root_.get("peft") is None and _root_.get("quantization") is None
+    return "float32" if trains_every_weight else dtype
+
+
 def precision(cfg) -> str:
     """How the run computes: the weights' dtype, and bfloat16 autocast when hardware.training_args.bf16
     is on (on the CPU preset: where the CPU has bfloat16 matrix units and the model's `cpu_bf16` is true)."""
@@ -69,6 +80,7 @@ def precision(cfg) -> str:
 # resolves the one directory of the launch instead of a time of its own.
 OmegaConf.register_new_resolver("launch_stamp", launch_stamp, use_cache=True, replace=True)
 OmegaConf.register_new_resolver("cpu_bf16", cpu_bf16, replace=True)
+OmegaConf.register_new_resolver("weights_dtype", weights_dtype, replace=True)
 OmegaConf.register_new_resolver("mul", lambda a, b: a * b, replace=True)  # `${mul:16,4}`: a budget's answers per update
 OmegaConf.register_new_resolver("ddp_backend", ddp_backend, replace=True)
 OmegaConf.register_new_resolver("if_cuda", if_cuda, replace=True)

@@ -29,7 +29,7 @@ from rlhf.reuse import reuse_or_train
 from rlhf.runs import finished_with, is_main_process, last_complete_checkpoint, prepare_run_dir, write_json, write_status
 from rlhf.stages import get_stage, runs_steps
 from rlhf.tracking import finish_tracking, replay_tracking, start_tracking
-from rlhf.validate import validate
+from rlhf.validate import check_gpu_present, validate
 
 # bitsandbytes warns on every import that an optional CPU kernel package is missing: noise before every one-line error.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -96,6 +96,7 @@ def run_stage(cfg, run_dir: Path, overrides=()) -> dict:
         validate(cfg, list(overrides))  # before the stage's heavy imports and before any model or dataset loads
         if runs_steps(cfg.stage):  # each step is a run of its own, reused or trained
             return train_stage(cfg, run_dir, functools.partial(chain.run, run_stage=run_stage))
+        check_gpu_present(cfg)  # a run's own machine: a GPU config stays valid on any machine
         with reuse_or_train(cfg, run_dir) as reused:
             if reused is None:
                 return train_stage(cfg, run_dir, get_stage(cfg.stage))

@@ -41,6 +41,9 @@ version, before any training test does.
 - accelerate's mixed precision wraps a prepared model's `forward` in autocast and keeps the
   original as `_original_forward`; `float32_forward` runs the original outside autocast for a
   block, where bfloat16's rounding would swamp what is computed (DPO's held-out log-ratios).
+  Over bfloat16 weights it also has the output layer compute in float32 from the decoder's
+  float32-upcast last hidden state: TRL's fused LM head reads `get_output_embeddings().weight`
+  and computes in the hidden state's dtype, the plain head is called as a module.
 - A full disk reaches a run as an OSError from Python's own writes, but safetensors (Rust) and
   torch.save (C++) raise their own exception types whose only trace of it is the OS message in
   their text; `out_of_space` reads those texts.
@@ -102,20 +105,64 @@ def prepare_inputs(trainer, batch):
 
 @contextlib.contextmanager
 def float32_forward(model):
-    """In the block, `model` computes in its weights' dtype: outside any autocast, and without the
-    autocast wrapper accelerate puts on the forward of a model it prepared for mixed precision
-    (which would turn autocast back on inside)."""
+    """In the block, `model` computes outside any autocast, and without the autocast wrapper
+    accelerate puts on the forward of a model it prepared for mixed precision (which would turn
+    autocast back on inside): in its weights' dtype - float32 on the CPU preset. Over 16-bit
+    weights (the GPU presets' LoRA runs) the decoder still computes in them, but its last hidden
+    state and the output layer are float32 (`float32_output_layer`): the logits, and the
+    log-probs taken from them, are not rounded to 8 significant bits."""
     import torch  # here, not at the top: train.py --help/--cfg import this module and must stay torch-free
 
     wrapped, original = model.__dict__.get("forward"), model.__dict__.get("_original_forward")
     if original is not None:
         model.forward = original
     try:
-        with torch.autocast(model.device.type, enabled=False):
+        with torch.autocast(model.device.type, enabled=False), float32_output_layer(model):
             yield model
     finally:
         if original is not None:
             model.forward = wrapped
+
+
+@contextlib.contextmanager
+def float32_output_layer(model):
+    """For the block, a causal LM whose output layer is 16-bit computes its logits in float32: the
+    decoder's last hidden state is upcast on its way out (a forward hook, which TRL's fused LM head
+    reads too) and the output layer multiplies it by its weights upcast. Nothing changes for
+    float32 weights, for a model without an output layer (a reward model) or for an output layer
+    that is not a plain Linear (an adapted one keeps its own forward)."""
+    import torch
+    import torch.nn.functional as F
+
+    inner = model
+    while hasattr(inner, "module") or hasattr(inner, "get_base_model"):  # under DDP and peft wrappers
+        inner = inner.module if hasattr(inner, "module") else inner.get_base_model()
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or head.weight.dtype == torch.float32:
+        yield
+        return
+
+    def upcast(module, inputs, output):
+        if isinstance(output, tuple):
+            return (output[0].float(), *output[1:])
+        output.last_hidden_state = output.last_hidden_state.float()
+        return output
+
+    def float32_head(hidden):
+        bias = head.bias.float() if head.bias is not None else None
+        return F.linear(hidden.float(), head.weight.float(), bias)
+
+    hook = inner.get_decoder().register_forward_hook(upcast)
+    previous = head.__dict__.get("forward")  # set when a float32_forward block on this model is open around this one
+    head.forward = float32_head
+    try:
+        yield
+    finally:
+        hook.remove()
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
 
 
 class ReferenceLogpsHook:

@@ -10,10 +10,16 @@ Two rules keep the numbers computed from samples honest:
   and then from transformers' defaults (top_k=50). PPO's policy gradient, its KL penalty and
   eval's KL are computed from log-probs of the plain tempered softmax, so sampling passes one
   explicit configuration and hides the checkpoint's (`explicit_generation`).
-- Score where the text ends. A sequence classifier reads its score at the last token that is
-  not `config.pad_token_id`; when that id is not the one the tokenizer pads with, a shorter row
-  of a right-padded batch is scored on padding. `RewardModel.scores` takes each row's last
-  attended token from the attention mask instead.
+- Score where the reward model was trained to. A sequence classifier reads its score at the last
+  token that is not `config.pad_token_id`, which `rlhf.models.load_model` sets to the id the
+  tokenizer pads with: that is where TRL's reward trainer pools. `RewardModel.scores` pools by the
+  same rule - each row's last attended token that is not the tokenizer's pad id - from the
+  attention mask and the ids, so that a config naming another pad id cannot move it onto padding.
+  Where the tokenizer pads with EOS (a model shipped without a pad token) and the chat template
+  ends in EOS, both read the token before that EOS.
+- Stop where the model stops. A checkpoint may declare several end-of-turn ids in its
+  generation_config (Qwen: `<|im_end|>` and `<|endoftext|>`); sampling stops at any of them and
+  the tokenizer's EOS (`stop_ids`), and a response ends at the first.
 """
 
 import contextlib
@@ -142,18 +148,35 @@ def fitted_prompts(data, tokenizer, max_tokens: int, key: str) -> tuple:
     return dataclasses.replace(data, train=fitted(data.train), eval=fitted(data.eval)), cut
 
 
-def generation_config(settings: SamplingSettings, tokenizer, **library_sampler):
+def generation_config(settings: SamplingSettings, tokenizer, stop: list | None = None, **library_sampler):
     """Every option that shapes the distribution, set explicitly: the softmax of logits /
-    temperature (top_p where asked; temperature 0 = greedy), no top-k, no repetition penalty.
+    temperature (top_p where asked; temperature 0 = greedy), no top-k, no repetition penalty;
+    generation ends at any id in `stop` (default: the tokenizer's EOS).
     `library_sampler` mirrors another sampler's options (TRL's top_k, min_p, repetition_penalty)
     where the samples only need to match that sampler, not log-probs."""
     from transformers import GenerationConfig
 
-    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "max_new_tokens": settings.max_new_tokens}
+    eos = stop or [tokenizer.eos_token_id]
+    ids = {"eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id, "max_new_tokens": settings.max_new_tokens}
     if settings.temperature <= 0:
         return GenerationConfig(do_sample=False, **ids)
     options = {"top_k": 0, "repetition_penalty": 1.0, **{key: value for key, value in library_sampler.items() if value is not None}}
     return GenerationConfig(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, **options, **ids)
+
+
+def transformers_model(model):
+    """The transformers model under any peft or DDP wrapper."""
+    while hasattr(model, "module") or hasattr(model, "get_base_model"):
+        model = model.module if hasattr(model, "module") else model.get_base_model()
+    return model
+
+
+def stop_ids(model, tokenizer) -> list:
+    """Every id that ends a response: the tokenizer's EOS and each EOS id the checkpoint's
+    generation_config declares (one id or a list)."""
+    declared = getattr(transformers_model(model).generation_config, "eos_token_id", None)
+    declared = declared if isinstance(declared, (list, tuple)) else [declared]
+    return sorted({tokenizer.eos_token_id, *declared} - {None})
 
 
 @contextlib.contextmanager
@@ -163,9 +186,7 @@ def explicit_generation(model):
     transformers' global defaults (which `generation_config` overrides) apply."""
     from transformers import GenerationConfig
 
-    inner = model
-    while hasattr(inner, "module") or hasattr(inner, "get_base_model"):
-        inner = inner.module if hasattr(inner, "module") else inner.get_base_model()
+    inner = transformers_model(model)
     own = inner.generation_config
     inner.generation_config = GenerationConfig()
     try:
@@ -189,13 +210,14 @@ def seeded(seed: int, device):
 def sample(model, tokenizer, prompts: list, settings: SamplingSettings, device, **library_sampler) -> Samples:
     """One response per prompt; temperature 0 means greedy decoding."""
     encoded = encode_prompts(tokenizer, prompts, settings.max_prompt_length, device)
+    stop = stop_ids(model, tokenizer)  # read before explicit_generation hides the checkpoint's config
     with explicit_generation(model):
-        sequences = model.generate(**encoded, generation_config=generation_config(settings, tokenizer, **library_sampler))
+        sequences = model.generate(**encoded, generation_config=generation_config(settings, tokenizer, stop, **library_sampler))
     responses = sequences[:, encoded["input_ids"].shape[1] :]
-    response_mask = up_to_first_eos(responses, tokenizer.eos_token_id)
+    response_mask = up_to_first_eos(responses, stop)
     texts = [tokenizer.decode(row[mask.bool()], skip_special_tokens=True) for row, mask in zip(responses, response_mask)]
     attention_mask = torch.cat([encoded["attention_mask"], response_mask.long()], dim=1)
-    ended_with_eos = (responses == tokenizer.eos_token_id).any(dim=1)
+    ended_with_eos = torch.isin(responses, torch.tensor(stop, device=responses.device)).any(dim=1)
     return Samples(sequences, attention_mask, response_mask, texts, ended_with_eos)
 
 
@@ -240,8 +262,8 @@ class RewardModel:
 
     @torch.no_grad()
     def scores(self, prompts: list, responses: list, device) -> torch.Tensor:
-        """The score of each (prompt, response), templated with the RM's tokenizer and read at
-        each row's last attended token, whatever the model's config says the pad id is."""
+        """The score of each (prompt, response), templated with the RM's tokenizer and read where
+        the RM was trained to read it (`scores_at_last_token`)."""
         texts = [
             self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
             for messages, response in zip(prompts, responses)
@@ -249,7 +271,7 @@ class RewardModel:
         rows = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # verbose: cut below, not warned about
         self.cut_inputs += sum(len(row) > self.max_length for row in rows)
         batch = self.tokenizer.pad({"input_ids": [row[-self.max_length :] for row in rows]}, return_tensors="pt").to(device)
-        return scores_at_last_token(self.model, batch["input_ids"], batch["attention_mask"])
+        return scores_at_last_token(self.model, batch["input_ids"], batch["attention_mask"], self.tokenizer.pad_token_id)
 
     def batched_scores(self, prompts: list, responses: list, device, batch_size: int) -> list:
         """`scores`, `batch_size` rows at a time, as a list."""
@@ -260,9 +282,11 @@ class RewardModel:
         return scores
 
 
-def scores_at_last_token(reward_model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The score head's output at each row's last attended position ([batch], float32), caught on
-    its way out of the head: the classifier's own pooling looks for the pad id instead."""
+def scores_at_last_token(reward_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """The score head's output ([batch], float32) at each row's last attended position that does
+    not hold `pad_token_id`, the id the tokenizer pads with: where the classifier pools in training
+    (its config's pad id is the tokenizer's there), read from the head's output per position, so
+    that a config naming another pad id cannot move it."""
     head = getattr(reward_model, "score", None)
     if not isinstance(head, torch.nn.Module):
         raise TypeError(f"{type(reward_model).__name__} has no `score` head: not a transformers sequence classifier")
@@ -273,7 +297,8 @@ def scores_at_last_token(reward_model, input_ids: torch.Tensor, attention_mask: 
     finally:
         hook.remove()
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    last = (positions * attention_mask.bool()).argmax(dim=1)  # the rightmost attended position, left or right padding
+    readable = attention_mask.bool() & (input_ids != pad_token_id)  # a trailing EOS that is also the pad id is skipped, as in training
+    last = (positions * readable).argmax(dim=1)  # the rightmost such position, left or right padding
     return per_position[0][torch.arange(len(last), device=last.device), last, 0].float()
 
 

@@ -68,10 +68,11 @@ def load_inputs(cfg, data_kind: str, head: str = "causal_lm") -> StageInputs:
 
 def load_reward_model(rm_run, cfg, key: str = "ppo.reward_model") -> RewardModel:
     """The reward model of a finished `stage=rm` run named by the setting `key`: its lineage with
-    its own adapter (score head included) on top - merged where that is exact, as the RM computed
-    when its accuracy was measured - frozen, with its tokenizer and the run's rm.max_length."""
+    its own adapter (score head included) on top - merged where that is exact, over the quantized
+    base where it trained on one: as the RM computed when its accuracy was measured - frozen, with
+    its tokenizer and the run's rm.max_length."""
     run = reward_model_run(rm_run, key)
-    model = run.load(cfg.hardware, head="reward", merge=True)
+    model = run.load(cfg.hardware, run.quantization, head="reward", merge=True)
     model.requires_grad_(False)
     tokenizer = run.start.tokenizer()
     max_length = reward_model_max_length(run, tokenizer)
@@ -91,7 +92,7 @@ def reward_model_max_length(run: TrainedRun, tokenizer=None) -> int:
 def reward_model_identity(run: TrainedRun, cfg, tokenizer=None) -> str:
     """What a reward model's scores depend on, without loading it: its weights by content (the
     lineage with its own adapter), the precision it computes in and the length it cuts inputs to."""
-    return json.dumps([run.lineage.identity(precision(cfg), None), reward_model_max_length(run, tokenizer)])
+    return json.dumps([run.lineage.identity(precision(cfg), run.quantization), reward_model_max_length(run, tokenizer)])
 
 
 def save_final(run_dir: Path, model, inputs: StageInputs, cfg, trainer=None) -> Path:

@@ -200,6 +200,12 @@ class TrainedRun:
             return self.start.merged(self.adapter)
         return Lineage(OmegaConf.merge(self.start.base, {"name_or_path": str(self.final), "init_from": None}))
 
+    @property
+    def quantization(self):
+        """The quantization the run trained its adapter over (None: none): a later run that loads
+        the model to use it, not to train on it (eval's policy, a reward model), loads it so."""
+        return self.cfg.get("quantization")
+
     def load(self, hardware_cfg, quantization_cfg=None, head: str = "causal_lm", merge: bool = False):
         """The model exactly as the run trained it: its start loaded as the run loaded it with the
         adapter on top (a PeftModel, or folded in with merge=True where merging is exact), or the

@@ -217,8 +217,13 @@ def check_values(cfg) -> None:
     if isinstance(ppo, DictConfig) and _is_int(ppo.get("batch_size")) and _is_int(ppo.get("mini_batch_size")):
         if ppo.batch_size % ppo.mini_batch_size:
             raise UserError(f"ppo.batch_size={ppo.batch_size}: must be a multiple of ppo.mini_batch_size={ppo.mini_batch_size}")
-    if isinstance(ppo, DictConfig) and ppo.get("whiten_scores") is True and _is_int(ppo.get("batch_size")) and ppo.batch_size < 2:
-        raise UserError(f"ppo.batch_size={ppo.batch_size}: ppo.whiten_scores=true needs at least 2 answers per update (or set it false)")
+    if isinstance(ppo, DictConfig) and _is_int(ppo.get("batch_size")) and ppo.batch_size < 2:
+        # Whitening estimates a variance: over one answer's tokens (one token, if it is an immediate
+        # EOS) it fails mid-run; over one score, always.
+        scores = " and, with ppo.whiten_scores=true, its scores" if ppo.get("whiten_scores") is True else ""
+        raise UserError(
+            f"ppo.batch_size={ppo.batch_size}: PPO whitens each update's advantages{scores} over the batch, which needs at least 2 answers"
+        )
 
 
 def _check_rules(cfg, path: str, rules: dict) -> None:
@@ -308,11 +313,43 @@ def check_combinations(cfg) -> None:
         raise UserError(f"quantization={bits} with peft=none: quantized weights cannot be trained directly; {fix}")
     if runs_steps(stage):  # each step is validated when it runs, with its own overrides
         return
+    check_full_finetune_dtype(cfg)
     check_reference_bias(cfg)
     if isinstance(cfg.get("model"), DictConfig):
         check_hub(cfg.model.get("hub"))
         check_tuning(cfg)
     check_input_runs(cfg)
+
+
+def check_gpu_present(cfg) -> None:
+    """A preset that trains on a GPU (hardware.training_args.use_cpu=false) on a machine without
+    one: one line, instead of the error transformers raises while building the stage's settings.
+    Checked when a run starts, not in `validate`: a GPU config is valid on any machine."""
+    if OmegaConf.select(cfg, "hardware.training_args.use_cpu", default=True) is not False:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(
+            "hardware.training_args.use_cpu=false: this preset trains on a CUDA GPU and none is visible; "
+            "use hardware=cpu (or hardware.training_args.use_cpu=true to run the preset's precision on the CPU)"
+        )
+
+
+def check_full_finetune_dtype(cfg) -> None:
+    """A run that trains every weight keeps them in float32 (`rlhf.weights_dtype`, which the GPU
+    presets use): in bfloat16 or float16 most of AdamW's small updates round away. DeepSpeed's
+    optimizer keeps float32 master weights of its own, so its 16-bit weights are allowed."""
+    stage, dtype = cfg.get("stage"), str(OmegaConf.select(cfg, "hardware.dtype", default="float32"))
+    trains = stage in STAGES and STAGES[stage].makes is not None
+    if not trains or cfg.get("peft") is not None or dtype not in ("bfloat16", "float16"):
+        return
+    if OmegaConf.select(cfg, "hardware.training_args.deepspeed", default=None):
+        return
+    raise UserError(
+        f"hardware.dtype={dtype} with peft=none: every weight would train in {dtype}, where AdamW's small updates round away; "
+        "train whole models in float32 weights (hardware.dtype=float32, with hardware.training_args.bf16=true for bfloat16 compute)"
+    )
 
 
 def check_reference_bias(cfg) -> None:

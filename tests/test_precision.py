@@ -234,3 +234,126 @@ def test_eval_computes_its_kl_in_float32_when_it_samples_in_bfloat16(rlhf_chain,
     by_hand = ((policy_logprobs - reference_logprobs) * answers.response_mask).sum(dim=1)
     assert by_hand.abs().max() > 1e-3  # the policy moved from its start: there is a KL to get right
     assert [row["kl"] for row in rows] == pytest.approx(by_hand.tolist(), abs=1e-5)
+
+
+# ---- whole-model training and float32 paths over 16-bit weights -----------------------------
+
+GPU_PRESET_ON_CPU = ("hardware=gpu", "hardware.training_args.use_cpu=true", "hardware.training_args.dataloader_num_workers=0")
+
+
+def matrices(directory) -> dict:
+    """The 2-d weights of a saved model (or of a LoRA adapter), by name, as saved."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return {name: tensor for name, tensor in tensors.items() if tensor.dim() == 2}
+
+
+def share_kept(saved: dict, base: dict, update: dict) -> tuple:
+    """(<held, update> / |update|^2, |held - update| / |update|) over the tensors `update` names,
+    where held = saved - base (the base rounded to each saved tensor's dtype first): the part of
+    the update the saved weights hold, and how far they are from holding it exactly."""
+    dot = norm2 = error2 = 0.0
+    for name, delta in update.items():
+        held = saved[name].double() - base[name].to(saved[name].dtype).double()
+        dot, norm2 = dot + float((held * delta).sum()), norm2 + float((delta * delta).sum())
+        error2 += float(((held - delta) ** 2).sum())
+    return dot / norm2, (error2 / norm2) ** 0.5
+
+
+def test_a_full_fine_tune_in_bfloat16_weights_is_refused_in_one_line(tmp_path):
+    """AdamW's updates to bfloat16 weights round away: the command trained and kept 0.9% of them."""
+    from conftest import cli
+
+    done = cli("peft=none", "hardware.dtype=bfloat16", "sft.learning_rate=1e-6", "sft.max_steps=20", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode != 0 and not (tmp_path / "run" / "final").exists()
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("error: hardware.dtype=bfloat16 with peft=none:") and "hardware.dtype=float32" in line
+
+
+def test_the_gpu_presets_train_whole_models_in_float32_master_weights(tmp_path):
+    """`hardware=gpu peft=none` (here on the CPU) loads float32 weights under bfloat16 autocast: its
+    saved final/ holds most of a 1e-6 update, which bfloat16 weights rounded away (0.9% of entries
+    changed). The exact update is the same run in float32 throughout."""
+    from rlhf.tiny_model import ensure_tiny_model
+
+    common = ("peft=none", "sft.learning_rate=1e-6", "sft.max_steps=20", "dataset.test_size=0", "sft.save_strategy=no")
+    train(tmp_path / "exact", *common)  # the tiny model on the CPU preset: float32, no autocast
+    train(tmp_path / "gpu", *common, *GPU_PRESET_ON_CPU)
+    assert json.loads((tmp_path / "gpu" / "env.json").read_text())["precision"] == "float32 weights, bfloat16 autocast"
+    base, saved = matrices(ensure_tiny_model()), matrices(tmp_path / "gpu" / "final")
+    exact = {name: tensor.double() - base[name].double() for name, tensor in matrices(tmp_path / "exact" / "final").items()}
+    assert all(tensor.dtype.is_floating_point and tensor.element_size() == 4 for tensor in saved.values())
+    assert share_kept(saved, base, exact)[0] > 0.5
+
+
+def test_a_full_fine_tune_on_a_gpu_preset_folds_upstream_lora_in_float32(tmp_path):
+    """A `peft=none` run started from a LoRA run folds that adapter into its weights when it saves:
+    in float32 master weights all of it stays (a bfloat16 fold rounds every entry to a bfloat16
+    step of its weight: on SmolLM2 it kept 28% of the adapter's update). One step at a
+    learning rate far under a float32 step of any weight moves nothing else."""
+    from rlhf.tiny_model import ensure_tiny_model
+
+    train(tmp_path / "sft", "sft.max_steps=5", "dataset.test_size=0", "sft.save_strategy=no")
+    full = ("peft=none", f"model.init_from={tmp_path / 'sft'}", "sft.max_steps=1", "sft.learning_rate=1e-12", "dataset.test_size=0")
+    train(tmp_path / "full", *full, "sft.save_strategy=no", *GPU_PRESET_ON_CPU)
+    adapter = matrices(tmp_path / "sft" / "final")
+    settings = json.loads((tmp_path / "sft" / "final" / "adapter_config.json").read_text())
+    update = {  # scaling B A, by the name of the weight it adapts
+        name.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight"): settings["lora_alpha"]
+        / settings["r"]
+        * adapter[name.replace("lora_A", "lora_B")].double()
+        @ a.double()
+        for name, a in adapter.items()
+        if name.endswith(".lora_A.weight")
+    }
+    assert update and max(delta.abs().max() for delta in update.values()) > 0
+    share, error = share_kept(matrices(tmp_path / "full" / "final"), matrices(ensure_tiny_model()), update)
+    assert share == pytest.approx(1, abs=1e-3) and error < 1e-3  # rounding to bfloat16 keeps the share near 1 on average, not each entry
+
+
+def test_float32_paths_compute_the_output_layer_in_float32_over_bfloat16_weights(tmp_path):
+    """DPO's held-out implicit rewards and eval's KL are differences of nearly equal log-probs.
+    Over bfloat16 weights (the GPU presets' LoRA runs) the decoder computes in bfloat16, but the
+    logits must not be rounded to bfloat16: checked against the bfloat16 decoder's last hidden
+    state times the output layer in float64, by hand."""
+    import torch
+
+    from rlhf.compat import float32_forward, prepare_inputs
+    from rlhf.lifecycle import load_inputs, trainer_kwargs
+    from rlhf.trainers import KLDPOTrainer
+
+    cfg = compose_config("stage=dpo", "hardware.dtype=bfloat16", "dpo.max_steps=4", "dpo.learning_rate=1e-3", "dpo.ref_cache=false")
+    inputs = load_inputs(cfg, data_kind="preference")
+    trainer = KLDPOTrainer(ref_model=None, **trainer_kwargs(cfg, cfg.dpo, inputs, tmp_path))
+    trainer.train()
+    policy = trainer.accelerator.unwrap_model(trainer.model).eval()
+    batch = prepare_inputs(trainer, next(iter(trainer.get_eval_dataloader())))
+    rows = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inner = policy.get_base_model()
+    assert inner.get_output_embeddings().weight.dtype == torch.bfloat16
+
+    def by_hand(model) -> tuple:  # (logits, summed completion log-probs), the output layer in float64
+        hidden = inner.model(**rows).last_hidden_state  # peft's layers are inside: the adapter applies when enabled
+        logits = hidden.double() @ inner.get_output_embeddings().weight.double().T
+        token_logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        return logits, (token_logps * batch["completion_mask"][:, 1:]).sum(dim=1)
+
+    with torch.no_grad():
+        expected_logits, policy_logps = by_hand(policy)
+        with policy.disable_adapter():
+            _, reference_logps = by_hand(policy)
+        with float32_forward(policy):
+            logits = policy(**rows).logits
+        chosen, rejected = trainer.pair_scores(policy, batch)
+        after = policy(**rows).logits  # the block leaves the model as it was
+    assert logits.dtype == torch.float32 and after.dtype == torch.bfloat16
+    assert (logits.double() - expected_logits).abs().max() < 1e-4  # bfloat16 logits were off by ~1e-2
+    margins = (trainer.beta * (policy_logps - reference_logps)).chunk(2)
+    assert margins[0].abs().max() > 1e-3  # the policy moved: there is a margin to get right
+    for got, expected in zip((chosen, rejected), margins):
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-4)

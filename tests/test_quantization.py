@@ -1,6 +1,8 @@
 """QLoRA on the CPU: 4-bit and 8-bit base weights train a LoRA adapter, with evaluation
 between training steps (the AVX512-BF16 pitfall of bitsandbytes' CPU path included)."""
 
+import math
+
 import pytest
 from conftest import train
 
@@ -52,3 +54,30 @@ def test_every_stage_trains_quantized_also_on_top_of_lora_runs(tmp_path):
 
     lineage = json.loads((tmp_path / "ppo" / "final" / "lineage.json").read_text())["trained_on"]
     assert lineage["adapters_applied"] == "stacked beside the base"  # merged into 4-bit weights it would round away
+
+
+def test_eval_loads_qlora_policies_and_reward_models_over_the_4bit_base_they_trained_on(tmp_path):
+    """An adapter trained over 4-bit weights is evaluated over them (it was loaded over the
+    unquantized base, another model than the one trained), and so is a reward model that scores."""
+    from bitsandbytes.nn import Linear4bit
+    from conftest import compose_config
+
+    from rlhf.lifecycle import load_reward_model
+    from rlhf.lineage import POLICY_STAGES, TrainedRun
+    from rlhf.stages.eval import load_policy_and_reference
+
+    quick = ("quantization=4bit", "dataset.test_size=0")
+    train(tmp_path / "sft", "stage=sft", *quick, "sft.max_steps=2", "sft.save_strategy=no")
+    train(tmp_path / "rm", "stage=rm", *quick, "rm.max_steps=2", "rm.save_strategy=no", "rm.eval_strategy=no")
+    evaluation = ("stage=eval", f"eval.policy={tmp_path / 'sft'}", f"eval.reward_model={tmp_path / 'rm'}", "eval.num_prompts=4")
+    cfg = compose_config(*evaluation)
+    assert cfg.quantization is None  # eval's own setting: the runs it loads say how they trained
+
+    def quantized(model) -> bool:
+        return any(isinstance(module, Linear4bit) for module in model.modules())
+
+    policy, reference = load_policy_and_reference(TrainedRun.of(tmp_path / "sft", "eval.policy", POLICY_STAGES), cfg)
+    assert quantized(policy) and reference is None  # the reference is the same 4-bit base, adapter disabled
+    assert quantized(load_reward_model(str(tmp_path / "rm"), cfg, key="eval.reward_model").model)
+    metrics = train(tmp_path / "eval", *evaluation, "eval.max_new_tokens=8")
+    assert 0 <= metrics["eval_win_rate"] <= 1 and math.isfinite(metrics["eval_kl"])

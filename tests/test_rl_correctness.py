@@ -266,3 +266,81 @@ def test_reward_inputs_longer_than_the_rm_was_trained_on_are_cut_from_the_left(t
     output = "".join(capfd.readouterr())
     assert "longer than the specified maximum sequence length" not in output
     assert metrics["data/reward_cut_inputs"] == 4 + 4 + 4  # one step's 4 answers, the 4 held-out answers before and after
+
+
+@pytest.fixture(scope="module")
+def eos_padded(tmp_path_factory):
+    """A copy of the tiny model set up as models shipped without a pad token are (Llama-3, `</s>`
+    models): the tokenizer pads with its EOS, and the chat template ends an answer with EOS; an RM
+    trained on it."""
+    from rlhf.tiny_model import ensure_tiny_model
+
+    root = tmp_path_factory.mktemp("eos_padded")
+    model = root / "model"
+    shutil.copytree(ensure_tiny_model(), model)
+    for name in ("config.json", "generation_config.json"):
+        settings = json.loads((model / name).read_text())
+        settings.pop("pad_token_id", None)
+        (model / name).write_text(json.dumps(settings))
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    tokenizer_config["pad_token"] = None  # none: a missing key would get the tokenizer class's default
+    (model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    template = (model / "chat_template.jinja").read_text()
+    assert "{% endgeneration %}{{- '\\n' }}" in template
+    (model / "chat_template.jinja").write_text(template.replace("{% endgeneration %}{{- '\\n' }}", "{% endgeneration %}"))
+    base = ("model=custom", f"model.name_or_path={model}", "dataset.test_size=8", "dataset.max_samples=64")
+    float32 = "hardware.training_args.bf16=false"  # on any CPU: the RM merged exactly, its scores compared to 1e-5
+    train(root / "rm", "stage=rm", *base, float32, "rm.max_steps=2", "rm.eval_strategy=no", "rm.save_strategy=no", "rm.max_length=256")
+    return root
+
+
+def test_reward_model_scores_where_it_trained_when_the_tokenizer_pads_with_eos(eos_padded):
+    """RM training calls the classifier, which reads its score at the last token that is not the pad
+    id: with pad = EOS and a template ending in EOS, the token before that EOS. PPO, GRPO, RLOO and
+    eval score through RewardModel.scores, which must read the same position (it read the EOS)."""
+    from conftest import compose_config
+
+    from rlhf.lifecycle import load_reward_model
+
+    cfg = compose_config("model=custom", f"model.name_or_path={eos_padded / 'model'}", "hardware.training_args.bf16=false")
+    reward = load_reward_model(str(eos_padded / "rm"), cfg)
+    tokenizer, model = reward.tokenizer, reward.model
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == model.config.pad_token_id
+    prompts, responses = [SHORT, LONG], ["好的。", "我最喜欢秋天，因为天气凉爽，树叶变成金黄色，而且空气很清新。"]
+    scored = reward.scores(prompts, responses, torch.device("cpu"))  # batched: the short row is padded with EOS
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        assert ids[0, -1] == tokenizer.eos_token_id  # the template ends the answer with EOS
+        with torch.no_grad():
+            per_position = model.score(model.model(input_ids=ids).last_hidden_state)[0, :, 0]
+            as_trained = model(input_ids=ids).logits[0, 0]  # the classifier's own pooling, as TRL's RewardTrainer calls it
+        assert as_trained.item() == pytest.approx(per_position[-2].item(), abs=1e-5)  # the token before EOS
+        assert (per_position[-1] - per_position[-2]).abs() > 1e-3  # reading the EOS instead would differ
+        assert scored[i].item() == pytest.approx(per_position[-2].item(), abs=1e-4)
+
+
+def test_sampling_stops_at_every_eos_id_the_model_declares():
+    """A checkpoint may declare several EOS ids in generation_config (Qwen: <|im_end|> and
+    <|endoftext|>); a response ends at the first of any of them, as TRL's samplers end it."""
+    from omegaconf import OmegaConf
+
+    from rlhf.generation import SamplingSettings, sample
+    from rlhf.models import load_model, load_tokenizer
+    from rlhf.tiny_model import ensure_tiny_model
+
+    path = str(ensure_tiny_model())
+    model_cfg = OmegaConf.create({"trust_remote_code": False, "name_or_path": path})
+    tokenizer = load_tokenizer(path, model_cfg)
+    model = load_model(path, model_cfg, None, OmegaConf.create({"dtype": "float32"})).eval()
+    settings, device = SamplingSettings(max_new_tokens=24, temperature=0), torch.device("cpu")  # greedy: the same tokens again
+    prompt = [[{"role": "user", "content": "请介绍一下秋天。"}]]
+    free = sample(model, tokenizer, prompt, settings, device)
+    tokens = free.responses[0][free.response_mask[0].bool()].tolist()
+    stops = [k for k in range(2, len(tokens)) if tokens[k] != tokenizer.eos_token_id and tokens[k] not in tokens[:k]]
+    assert stops, f"the greedy answer {tokens} has no token to declare as a second EOS"
+    k = stops[0]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokens[k]]
+    stopped = sample(model, tokenizer, prompt, settings, device)
+    assert int(stopped.response_mask[0].sum()) == k + 1 and bool(stopped.ended_with_eos[0])
+    assert stopped.texts[0] == tokenizer.decode(tokens[: k + 1], skip_special_tokens=True)

@@ -203,8 +203,18 @@ def test_composition_errors_become_one_line(argv, expected):
         (("stage=ppo", "ppo.mini_batch_size=0"), "ppo.mini_batch_size=0: must be an integer >= 1"),
         (("stage=ppo", "ppo.batch_size=30"), "ppo.batch_size=30: must be a multiple of ppo.mini_batch_size=8"),
         (
-            ("stage=ppo", "model=smollm2-135m", "ppo.batch_size=1"),
-            "ppo.batch_size=1: ppo.whiten_scores=true needs at least 2 answers per update (or set it false)",
+            ("stage=ppo", "model=smollm2-135m", "ppo.batch_size=1", "ppo.mini_batch_size=1"),
+            "ppo.batch_size=1: PPO whitens each update's advantages and, with ppo.whiten_scores=true, its scores over the batch, "
+            "which needs at least 2 answers",
+        ),
+        (  # advantages are whitened whatever ppo.whiten_scores says: a one-token answer failed mid-run
+            ("stage=ppo", "ppo.batch_size=1", "ppo.mini_batch_size=1", "ppo.whiten_scores=false", "ppo.max_new_tokens=1"),
+            "ppo.batch_size=1: PPO whitens each update's advantages over the batch, which needs at least 2 answers",
+        ),
+        (
+            ("peft=none", "hardware.dtype=bfloat16"),
+            "hardware.dtype=bfloat16 with peft=none: every weight would train in bfloat16, where AdamW's small updates round away; "
+            "train whole models in float32 weights (hardware.dtype=float32, with hardware.training_args.bf16=true for bfloat16 compute)",
         ),
         (("stage=ppo", "ppo.learning_rate=0"), "ppo.learning_rate=0: must be > 0"),
         (("stage=ppo", "ppo.kl_coef=-1"), "ppo.kl_coef=-1: must be >= 0"),

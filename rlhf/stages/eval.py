@@ -190,7 +190,7 @@ def reference_cache_path(run: TrainedRun, tokenizer, settings, prompts: list, se
     seed, the device type and the libraries that sample)."""
     key = json.dumps(
         {
-            "reference": run.start.identity(precision(cfg), None),
+            "reference": run.start.identity(precision(cfg), run.quantization),
             "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template],
             "prompts": hashlib.sha256(json.dumps(prompts, ensure_ascii=False, sort_keys=True).encode()).hexdigest(),
             "sampling": [
@@ -219,6 +219,6 @@ def load_policy_and_reference(run: TrainedRun, cfg):
             f"eval.policy={run.final.parent}: trained with peft.bias={bias}, so its adapter disabled is not the policy it started from; "
             "retrain it with peft.bias=none to compare it with its start"
         )
-    policy = run.load(cfg.hardware)
+    policy = run.load(cfg.hardware, run.quantization)  # a QLoRA adapter over the 4-bit base it trained on
     reference = None if run.adapter is not None else run.start.load(cfg.hardware)
     return policy, reference
