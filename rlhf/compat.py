@@ -51,6 +51,7 @@ version, before any training test does.
 
 import contextlib
 import errno
+import logging
 import re
 import time
 import warnings
@@ -59,6 +60,18 @@ import warnings
 # still read on every trainer they build: a FutureWarning on each run that no setting of ours
 # causes or can avoid. Ignored by its exact message, so that any other warning still shows.
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+# bitsandbytes (the [quantization] extra), imported by peft on every command, asks the `kernels`
+# package for a hub kernel on CPUs with AVX512-BF16; offline, or with the hub kernel untrusted, both
+# log a warning and bitsandbytes computes 4-bit layers with its own CPU code, which is what the
+# project tests. (logger, the start of the message's text): dropped by that text only, so any
+# other message of those loggers still shows.
+QUIET_LOG_MESSAGES = (
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    ("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"),
+)
+for _logger, _text in QUIET_LOG_MESSAGES:
+    logging.getLogger(_logger).addFilter(lambda record, text=_text: not str(record.msg).startswith(text))
 
 # (object, attribute) pairs tests/test_compat.py checks on the installed versions.
 PRIVATE_ATTRIBUTES = {
@@ -142,23 +155,27 @@ def float32_output_layer(model):
         yield
         return
 
-    def upcast(module, inputs, output):
+    def upcast(module, inputs, output):  # for TRL's fused head, which reads the hidden state without calling the head
         if isinstance(output, tuple):
             return (output[0].float(), *output[1:])
-        output.last_hidden_state = output.last_hidden_state.float()
+        if torch.is_tensor(getattr(output, "last_hidden_state", None)):
+            output.last_hidden_state = output.last_hidden_state.float()
         return output
 
     def float32_head(hidden):
         bias = head.bias.float() if head.bias is not None else None
         return F.linear(hidden.float(), head.weight.float(), bias)
 
-    hook = inner.get_decoder().register_forward_hook(upcast)
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    hooked = isinstance(decoder, torch.nn.Module) and decoder is not inner
+    hook = decoder.register_forward_hook(upcast) if hooked else None
     previous = head.__dict__.get("forward")  # set when a float32_forward block on this model is open around this one
     head.forward = float32_head
     try:
         yield
     finally:
-        hook.remove()
+        if hook is not None:
+            hook.remove()
         if previous is None:
             del head.forward
         else:

@@ -4,6 +4,7 @@ before any training test fails in a less readable way."""
 
 import inspect
 from importlib import metadata
+from importlib import util as importlib_util
 
 import pytest
 
@@ -129,3 +130,24 @@ def test_hydra_composition_errors_say_what_compat_reads(override, expected):
         with pytest.raises(Exception) as raised:
             compose("config", overrides=["stage=dpo", override])
     assert hydra_override_error(str(raised.value)) == expected, f"{moved('composition error text', 'hydra-core')}: {raised.value}"
+
+
+def test_the_cpu_kernel_fallback_of_bitsandbytes_is_not_reported_but_other_messages_are(caplog):
+    """On CPUs with AVX512-BF16, importing bitsandbytes (peft does, on every command) logged that it
+    could not fetch a hub kernel (and, offline, that it skipped the kernel's trust check), then fell
+    back to its own CPU code: noise on every command."""
+    import logging
+
+    from rlhf.compat import QUIET_LOG_MESSAGES
+
+    for logger_name, text in QUIET_LOG_MESSAGES:
+        module = logger_name if importlib_util.find_spec(logger_name.split(".")[0]) else None
+        if module is not None:  # the text compat drops is the installed version's
+            source = open(importlib_util.find_spec(module).origin, encoding="utf-8").read()
+            assert text.split("'")[0] in source, (logger_name, metadata.version(module.split(".")[0]))
+        logger = logging.getLogger(logger_name)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            logger.warning(f"{text}: %s.", "details")
+            logger.warning("another message")
+        assert [record.getMessage() for record in caplog.records if record.name == logger_name] == ["another message"]
