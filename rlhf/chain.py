@@ -24,7 +24,7 @@ from omegaconf import open_dict
 from rlhf import compare
 from rlhf.compose import compose
 from rlhf.errors import UserError
-from rlhf.runs import finished_with, is_main_process, prepare_run_dir
+from rlhf.runs import finished_with, holding_run_dir, is_main_process, prepare_run_dir
 from rlhf.stages import available_stages
 
 STEP_REFERENCE = "@"
@@ -49,8 +49,9 @@ def run(cfg, run_dir: Path, run_stage) -> dict:
         else:
             print(f"chain: {name} -> {step_dir}", flush=True)
             # As for a single run: never resume or replace a step run of another config unless resume=overwrite.
-            prepare_run_dir(step_cfg, step_dir, overrides, write=is_main_process())
-            step_metrics = run_stage(step_cfg, step_dir, overrides)
+            with holding_run_dir(step_dir):
+                prepare_run_dir(step_cfg, step_dir, overrides, write=is_main_process())
+                step_metrics = run_stage(step_cfg, step_dir, overrides)
         metrics.update({f"{name}/{key}": value for key, value in step_metrics.items()})
     if is_main_process():  # the steps side by side: table, compare.csv, report.html (an aligner comparison's too)
         compare.main([str(run_dir)])

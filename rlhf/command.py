@@ -10,7 +10,6 @@ In a multirun a failing job records its failure in status.json and the sweep goe
 import contextlib
 import functools
 import json
-import logging
 import os
 import platform
 import shlex
@@ -26,13 +25,11 @@ from hydra.types import RunMode
 from rlhf import PROJECT_ROOT, chain, compat, package_versions, precision, preemption
 from rlhf.errors import UserError
 from rlhf.reuse import reuse_or_train
-from rlhf.runs import finished_with, is_main_process, last_complete_checkpoint, prepare_run_dir, write_json, write_status
-from rlhf.stages import get_stage, runs_steps
+from rlhf.runs import finished_with, holding_run_dir, is_main_process, last_complete_checkpoint, prepare_run_dir, write_json, write_status
+from rlhf.stages import STAGES, get_stage, runs_steps
 from rlhf.tracking import finish_tracking, replay_tracking, start_tracking
 from rlhf.validate import check_gpu_present, validate
 
-# bitsandbytes warns on every import that an optional CPU kernel package is missing: noise before every one-line error.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 RECORDED_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "hydra-core", "omegaconf")
 
 
@@ -44,13 +41,13 @@ def main(cfg, run_dir: Path | None = None):
     adopt_slurm_ranks()
     in_sweep = hydra is not None and hydra.mode == RunMode.MULTIRUN
     try:
-        with preemption.handled():
+        with preemption.handled(interrupt=checkpoints(cfg.stage)):
             try:
                 return run_or_skip(cfg, run_dir, hydra, in_sweep)
-            except preemption.Preempted as stop:  # before UserError, which it is: a sweep stops too, the allocation is ending
+            except preemption.Preempted as stop:  # before UserError, which it is: a sweep stops too (allocation ending, or Ctrl-C)
                 print(f"{run_dir}: {stop}", file=sys.stderr, flush=True)
                 preemption.hand_over()  # a launcher's own handler (submitit: requeue this job) now that the checkpoint is safe
-                raise SystemExit(preemption.EXIT_CODE) from None
+                raise SystemExit(stop.exit_code) from None
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         if not in_sweep:
@@ -62,15 +59,22 @@ def main(cfg, run_dir: Path | None = None):
     return float("nan") if cfg.get("objective") else None
 
 
+def checkpoints(stage) -> bool:
+    """Whether stage `stage` stops at a step boundary with a checkpoint when asked (it trains, or
+    its steps do): there Ctrl-C waits for that; elsewhere it stops at once."""
+    return stage in STAGES and (STAGES[stage].makes is not None or STAGES[stage].steps)
+
+
 def run_or_skip(cfg, run_dir: Path, hydra, in_sweep: bool):
     """The run's metrics' objective: a finished run of this config in a sweep or chain directory is
     left as it is; otherwise claim the directory and run the stage."""
-    if (in_sweep or runs_steps(cfg.stage)) and cfg.get("resume", "auto") == "auto" and finished_with(run_dir, cfg):
-        # Re-running a sweep or a chain into its directory: what finished with this config stays as it is.
-        print(f"{run_dir}: already finished with this config; skipped", flush=True)
-        return objective(cfg, json.loads((run_dir / "metrics.json").read_text()))
-    prepare_run_dir(cfg, run_dir, hydra.overrides.task if hydra else [], hydra, write=is_main_process())
-    metrics = run_stage(cfg, run_dir, hydra.overrides.task if hydra else [])
+    with holding_run_dir(run_dir):  # one process per run directory, from before anything there is read or written
+        if (in_sweep or runs_steps(cfg.stage)) and cfg.get("resume", "auto") == "auto" and finished_with(run_dir, cfg):
+            # Re-running a sweep or a chain into its directory: what finished with this config stays as it is.
+            print(f"{run_dir}: already finished with this config; skipped", flush=True)
+            return objective(cfg, json.loads((run_dir / "metrics.json").read_text()))
+        prepare_run_dir(cfg, run_dir, hydra.overrides.task if hydra else [], hydra, write=is_main_process())
+        metrics = run_stage(cfg, run_dir, hydra.overrides.task if hydra else [])
     if is_main_process():
         print(f"final metrics ({run_dir}):\n" + json.dumps(metrics, indent=2, ensure_ascii=False))
     return objective(cfg, metrics)
@@ -104,7 +108,7 @@ def run_stage(cfg, run_dir: Path, overrides=()) -> dict:
         return reused
     except preemption.Preempted as stop:
         if main_process:
-            write_status(run_dir, "preempted", str(stop), step=stop.step)
+            write_status(run_dir, stop.status, str(stop), step=stop.step)
         raise
     except BaseException as err:
         failure = user_facing(err, run_dir)

@@ -5,6 +5,7 @@ holds only its recipe. Around it, `rlhf.command` opens and closes the tracker an
 status and metrics; every model loaded for a bfloat16-autocast run sums its adapters in float32
 from the start (`rlhf.models.load_model`)."""
 
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from rlhf.compat import (
     trained_tokens,
 )
 from rlhf.data import Splits, load_splits
-from rlhf.errors import NonFiniteLoss
+from rlhf.errors import NonFiniteLoss, UserError
 from rlhf.generation import RewardModel
 from rlhf.lineage import Lineage, TrainedRun, write_final_lineage
 from rlhf.models import fold_stacked_updates
@@ -34,10 +35,11 @@ from rlhf.runs import (
     append_history,
     is_main_process,
     last_complete_checkpoint,
+    read_json,
     resume_point,
     write_json,
 )
-from rlhf.stages import REWARD_MODEL, making
+from rlhf.stages import REWARD_MODEL, STAGES, making
 from rlhf.tracking import run_name
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class StageInputs:
     peft_config: object  # peft.LoraConfig, or None for full fine-tuning
     lineage: Lineage  # what the model stands on: its base and the earlier runs merged into it
     head: str  # "causal_lm" (a policy) or "reward" (a sequence classifier)
+    identity: dict | None = None  # what the run's checkpoints hold only for (`inputs_identity`), once checked
 
 
 def load_inputs(cfg, data_kind: str, head: str = "causal_lm") -> StageInputs:
@@ -95,6 +98,61 @@ def reward_model_identity(run: TrainedRun, cfg, tokenizer=None) -> str:
     return json.dumps([run.lineage.identity(precision(cfg), run.quantization), reward_model_max_length(run, tokenizer)])
 
 
+def inputs_identity(cfg, inputs: StageInputs, rows: str | None = None) -> dict:
+    """What a checkpoint holds only for, by content: the rows the run trains on and scores (`rows`,
+    or a digest of the loaded splits), the starting policy's weights with the precision and
+    quantization it computes in, and every reward model the stage reads (weights, precision,
+    max_length). Every checkpoint mark records it; a resume onto other inputs is refused
+    (`refuse_other_inputs`): the config alone does not fix them (a data file edited, an upstream
+    run retrained into the same directory)."""
+    identity = {
+        "data": rows or fingerprint(inputs.data.train, inputs.data.eval),
+        "start": inputs.lineage.identity(precision(cfg), cfg.quantization),
+    }
+    for key, (made, _) in STAGES[cfg.stage].reads.items():
+        path = OmegaConf.select(cfg, key)
+        if made == REWARD_MODEL and path:
+            identity[key] = reward_model_identity(reward_model_run(path, key), cfg)
+    return identity
+
+
+def fingerprint(*splits) -> str:
+    """A digest of the rows of `splits` (lists or datasets of dicts; None: no such split), in order."""
+    digest = hashlib.sha256()
+    for split in splits:
+        for row in split if split is not None else ():
+            digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8") + b"\n")
+        digest.update(b"\0")  # where a split ends
+    return digest.hexdigest()
+
+
+def refuse_other_inputs(checkpoint: Path, recorded: dict, identity: dict, cfg) -> None:
+    """Stop, in one line naming what differs, before resuming `checkpoint` (whose mark `recorded`
+    the `inputs_identity` it was written with) onto other inputs: going on would train one run on
+    two sets of inputs."""
+    differ = [describe_input(name, cfg) for name, value in identity.items() if name in recorded and recorded[name] != value]
+    unrecorded = [describe_input(name, cfg) for name in identity if name not in recorded]
+    if differ or unrecorded:
+        why = ([f"its {' and '.join(differ)} differ"] if differ else []) + (
+            [f"it recorded no {' or '.join(unrecorded)} (an older checkpoint)"] if unrecorded else []
+        )
+        raise UserError(
+            f"{checkpoint} was written for other inputs than this run's: {'; '.join(why)}. Going on would mix two runs; "
+            "pass resume=overwrite to start this run over"
+        )
+
+
+def describe_input(name: str, cfg) -> str:
+    """An `inputs_identity` entry as the refusal names it: with the setting that points at it."""
+    if name == "data":
+        return f"training data ({'dataset.path=' + str(cfg.dataset.path) if cfg.dataset.get('path') else 'built-in data'})"
+    if name == "start":
+        init_from = cfg.model.get("init_from")
+        where = f"model.init_from={init_from}" if init_from else f"model.name_or_path={cfg.model.name_or_path}"
+        return f"starting policy's weights or precision ({where})"
+    return f"reward model's weights, precision or max_length ({name}={OmegaConf.select(cfg, name)})"
+
+
 def save_final(run_dir: Path, model, inputs: StageInputs, cfg, trainer=None) -> Path:
     """final/: the trained adapter or model, the tokenizer, and what they stand on
     (`rlhf.lineage`); written by the main process only. A Trainer stage saves through its
@@ -115,6 +173,10 @@ def trainer_kwargs(cfg, stage_cfg, inputs: StageInputs, run_dir: Path, evaluate:
     """The arguments every TRL trainer takes the same way: model, settings, data, tokenizer,
     LoRA config and the history callback; `evaluate=False` keeps the held-out split from TRL."""
     held_out = inputs.data.eval if evaluate else None
+    inputs.identity = inputs_identity(cfg, inputs)
+    checkpoint = last_complete_checkpoint(run_dir) if cfg.get("resume", "auto") == "auto" else None
+    if checkpoint is not None:  # before the trainer is built: TRL computes reference log-probs as it is
+        refuse_other_inputs(checkpoint, read_json(checkpoint / CHECKPOINT_MARK, {}).get("inputs", {}), inputs.identity, cfg)
     score_labelled_positions_on_cpu()  # TRL's log-probs on the CPU: completions only, not prompt and padding
     return {
         "model": inputs.model,
@@ -196,8 +258,9 @@ class RunGuard(TrainerCallback):
     running loss total, so that only complete checkpoints are resumed from and a resumed run
     reports the same train_loss as an uninterrupted one."""
 
-    def __init__(self, trainer):
+    def __init__(self, trainer, identity: dict):
         self.trainer = trainer
+        self.identity = identity  # the run's inputs (`inputs_identity`), recorded in every mark
 
     def on_step_end(self, args, state, control, **kwargs):
         # Before every log and checkpoint. The weights, not the logged loss: transformers replaces
@@ -219,7 +282,8 @@ class RunGuard(TrainerCallback):
         # carries both on (rlhf.compat says why no public counter serves).
         total, tokens = running_loss_total(self.trainer), trained_tokens(self.trainer)
         if checkpoint.is_dir() and state.is_world_process_zero:
-            write_json(checkpoint / CHECKPOINT_MARK, {"step": state.global_step, "loss_total": total, "num_tokens": tokens})
+            mark = {"step": state.global_step, "loss_total": total, "num_tokens": tokens, "inputs": self.identity}
+            write_json(checkpoint / CHECKPOINT_MARK, mark)
 
 
 class StopWhenAsked(TrainerCallback):
@@ -250,11 +314,13 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
     evaluate on the held-out split, save the adapter/model and tokenizer to final/, and return
     the final metrics as one flat dict."""
     dropped = dropped_by_trainer(trainer, inputs.data)
+    identity = inputs.identity or inputs_identity(cfg, inputs)  # trainer_kwargs checked it against the checkpoint
     stop = StopWhenAsked()
     trainer.add_callback(stop)  # before RunGuard: the checkpoint it asks for is checked for finite weights too
-    trainer.add_callback(RunGuard(trainer))
+    trainer.add_callback(RunGuard(trainer, identity))
     checkpoint, mark = resume_point(cfg, run_dir)
     if checkpoint is not None:
+        refuse_other_inputs(checkpoint, mark.get("inputs", {}), identity, cfg)
         restore_trained_tokens(trainer, mark["num_tokens"])
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stop.at_step is not None:

@@ -2,9 +2,11 @@
 status, its checkpoints, the summary of a sweep, and finding finished runs that a stage starts
 from (`model.init_from`, `ppo.reward_model`; `rlhf.lineage` reads what they stand on)."""
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -119,6 +121,40 @@ def read_status(run_dir: Path) -> str | None:
         return json.loads((run_dir / "status.json").read_text())["status"]
     except (OSError, ValueError, KeyError):
         return "done" if (run_dir / "metrics.json").is_file() else None
+
+
+RUN_LOCK = ".rlhf_run.lock"  # held by the process running in the directory; names it (host, pid, since when)
+
+
+@contextlib.contextmanager
+def holding_run_dir(run_dir: Path):
+    """Hold `run_dir` for the block, for one process: two runs writing one directory (the same
+    command in two terminals) would each write checkpoints, history and final/ there. A second
+    process is refused in one line naming the first. The kernel drops the lock when its holder
+    dies, so a killed run never blocks the next. Under torchrun rank 0 holds it for the launch."""
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks (Windows): not guarded
+        fcntl = None
+    if fcntl is None or not is_main_process():
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / RUN_LOCK, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"{run_dir} is in use by {holder}; wait for that run to end, or choose another hydra.run.dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"host {socket.gethostname()} pid {os.getpid()} (since {time.strftime('%Y-%m-%dT%H:%M:%S')})")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def prepare_run_dir(cfg, run_dir: Path, overrides: list, hydra_node=None, write: bool = True) -> None:

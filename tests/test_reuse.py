@@ -149,3 +149,66 @@ def test_a_lock_left_by_a_killed_job_does_not_block(tmp_path):
     start = time.perf_counter()
     train(tmp_path / "after", "reuse=true", "seed=8", *TINY)
     assert trained_here(tmp_path / "after") and lock.is_file() and time.perf_counter() - start < 120
+
+
+def test_reuse_copies_share_no_file_and_are_checked_against_what_their_run_finished_with(tmp_path, capsys):
+    """A reused run's weights were hard links to the registered run's: a write into one run's
+    final/ changed the other's, and a file damaged in place was reused again by the next run."""
+    runs = {name: tmp_path / name for name in ("a", "b", "c")}
+    train(runs["a"], "reuse=true", "seed=9", *TINY)
+    train(runs["b"], "reuse=true", "seed=9", *TINY)
+    assert status(runs["b"])["reused_from"] == str(runs["a"].resolve())
+    weights = {name: run / "final" / "adapter_model.safetensors" for name, run in runs.items()}
+    assert not os.path.samefile(weights["a"], weights["b"])
+    original = weights["a"].read_bytes()
+
+    def damage(path: Path) -> None:  # a byte range rewritten in place, as a stray write or a bad disk would
+        with open(path, "r+b") as f:
+            f.seek(len(original) // 2)
+            f.write(bytes(64))
+
+    damage(weights["b"])
+    assert weights["a"].read_bytes() == original  # the reused copy is a file of its own
+    damage(weights["a"])  # the registered run itself
+    capsys.readouterr()
+    train(runs["c"], "reuse=true", "seed=9", *TINY)
+    expected = f"reuse: {runs['a'].resolve()} does not hold what it finished with (final/adapter_model.safetensors changed): training anew"
+    assert expected in capsys.readouterr().out
+    assert trained_here(runs["c"]) and weights["c"].read_bytes() == original  # trained again: the same weights as a's were
+
+
+def test_reuse_identity_covers_processes_tokenizer_and_config_files_and_the_reward_models_max_length(tmp_path, monkeypatch):
+    """A Trainer's global batch grows with the processes; a chat template, a tokenizer or a config
+    changes what a model reads and computes; PPO, GRPO, RLOO and eval cut rows to their reward
+    model's max_length. None of these was in the identity, so a run differing in one was reused."""
+    from rlhf.reuse import step_key
+    from rlhf.tiny_model import ensure_tiny_model
+
+    base = tmp_path / "base"
+    shutil.copytree(ensure_tiny_model(), base)
+    custom = ("model=custom", f"model.name_or_path={base}", *TINY)
+    key = step_key(compose_config(*custom))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert step_key(compose_config(*custom)) != key
+    monkeypatch.delenv("WORLD_SIZE")
+    assert step_key(compose_config(*custom)) == key
+    template = base / "chat_template.jinja"
+    template.write_text(template.read_text().replace("<|im_start|>", "<|im_start|> "))
+    assert step_key(compose_config(*custom)) != key
+
+    train(tmp_path / "sft", *TINY)
+    train(tmp_path / "rm", "stage=rm", "rm.max_steps=2", "dataset.test_size=0.2", "rm.max_length=256")
+    for run in ("sft", "rm"):
+        shutil.copytree(tmp_path / run, tmp_path / f"{run}-copy")
+    evaluation = ("stage=eval", f"eval.policy={tmp_path / 'sft'}", "eval.num_prompts=4")
+    key = step_key(compose_config(*evaluation, f"eval.reward_model={tmp_path / 'rm'}"))
+    assert step_key(compose_config(*evaluation, f"eval.reward_model={tmp_path / 'rm-copy'}")) == key  # the same run elsewhere
+    saved = tmp_path / "rm-copy" / ".hydra" / "config.yaml"
+    saved.write_text(saved.read_text().replace("max_length: 256", "max_length: 128"))  # the same weights, cut shorter
+    assert step_key(compose_config(*evaluation, f"eval.reward_model={tmp_path / 'rm-copy'}")) != key
+
+    key = step_key(compose_config("stage=dpo", f"model.init_from={tmp_path / 'sft'}"))
+    assert step_key(compose_config("stage=dpo", f"model.init_from={tmp_path / 'sft-copy'}")) == key
+    tokenizer_config = tmp_path / "sft-copy" / "final" / "tokenizer_config.json"
+    tokenizer_config.write_text(tokenizer_config.read_text().replace('"model_max_length": 512', '"model_max_length": 256'))
+    assert step_key(compose_config("stage=dpo", f"model.init_from={tmp_path / 'sft-copy'}")) != key

@@ -141,13 +141,16 @@ def test_ppo_refuses_a_checkpoint_written_for_other_inputs(rlhf_chain, tmp_path,
             train(run_dir, *overrides)
     mark_file = run_dir / "checkpoints" / "checkpoint-1" / CHECKPOINT_MARK
     mark = json.loads(mark_file.read_text())
-    assert set(mark["keep"]) == {"prompts", "start", "reward_model", "held_out_before"}
+    assert set(mark["keep"]) == {"data", "start", "ppo.reward_model", "held_out_before"}
     capsys.readouterr()
 
     write_rows("What is 0 times 0?")  # one row edited: the config is the same, the prompts are not
     with pytest.raises(SystemExit):
         train(run_dir, *overrides)
-    assert "checkpoint-1 was written for other inputs than this run's: its prompts (" in capsys.readouterr().err
+    assert (
+        f"checkpoint-1 was written for other inputs than this run's: its training data (dataset.path={data}) differ"
+        in capsys.readouterr().err
+    )
     write_rows("What is 0 plus 0?")
 
     adapter = reward_model / "final" / "adapter_model.safetensors"
@@ -156,13 +159,13 @@ def test_ppo_refuses_a_checkpoint_written_for_other_inputs(rlhf_chain, tmp_path,
     save_file({name: tensor + 0.01 for name, tensor in weights.items()}, adapter)  # the reward model retrained in place
     with pytest.raises(SystemExit):
         train(run_dir, *overrides)
-    assert "its reward model's weights, precision or max_length (ppo.reward_model) differ" in capsys.readouterr().err
+    assert f"its reward model's weights, precision or max_length (ppo.reward_model={reward_model}) differ" in capsys.readouterr().err
     adapter.write_bytes(saved)
 
     mark_file.write_text(json.dumps({**mark, "keep": {"held_out_before": mark["keep"]["held_out_before"]}}))  # an older checkpoint
     with pytest.raises(SystemExit):
         train(run_dir, *overrides)
-    assert "it recorded no prompts" in capsys.readouterr().err
+    assert "it recorded no training data" in capsys.readouterr().err
 
     mark_file.write_text(json.dumps(mark))  # the same inputs: it resumes
     assert train(run_dir, *overrides)["eval_scores_before"] == pytest.approx(sum(mark["keep"]["held_out_before"]) / 4)

@@ -10,8 +10,6 @@ an uninterrupted one would (weights, optimizer, KL coefficient, random state).
 """
 
 import copy
-import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -20,10 +18,18 @@ from peft import get_peft_model
 from safetensors.torch import save_file
 from transformers import set_seed
 
-from rlhf import distributed, precision
-from rlhf.errors import UserError
+from rlhf import distributed
 from rlhf.generation import fitted_prompts
-from rlhf.lifecycle import autocast, device_for, load_inputs, load_reward_model, reward_model_identity, reward_model_run, save_final
+from rlhf.lifecycle import (
+    autocast,
+    device_for,
+    fingerprint,
+    inputs_identity,
+    load_inputs,
+    load_reward_model,
+    refuse_other_inputs,
+    save_final,
+)
 from rlhf.metrics import paired_gain
 from rlhf.ppo.trainer import PPOModels, PPOTrainer, ValueHead
 from rlhf.runs import is_main_process, resume_point
@@ -43,14 +49,10 @@ def train_ppo(cfg, run_dir: Path) -> dict:
     inputs, cut_prompts = ppo_inputs(cfg, settings)
     held_out = [row["prompt"] for row in inputs.data.eval][: settings.eval_prompts] if inputs.data.eval is not None else []
     train_prompts = [row["prompt"] for row in inputs.data.train]
-    inputs_identity = {
-        "prompts": fingerprint(train_prompts, held_out),
-        "start": inputs.lineage.identity(precision(cfg), cfg.quantization),  # the starting policy's weights by content, its precision
-        "reward_model": reward_model_identity(reward_model_run(settings.reward_model), cfg),
-    }
+    identity = inputs_identity(cfg, inputs, rows=fingerprint(train_prompts, held_out))  # the prompts as fitted and sampled
     checkpoint, mark = resume_point(cfg, run_dir)
     if checkpoint is not None:  # before the reward model and the value head load
-        refuse_other_inputs(checkpoint, mark["keep"], inputs_identity)
+        refuse_other_inputs(checkpoint, mark["keep"], identity, cfg)
     models = ppo_models(cfg, settings, inputs, device)
 
     log = UpdateLog(cfg, run_dir)
@@ -60,7 +62,7 @@ def train_ppo(cfg, run_dir: Path) -> dict:
         if checkpoint is not None:  # an interrupted run: go on from its last complete checkpoint
             kept = trainer.resume(checkpoint, mark)
         else:  # the held-out prompts are sampled under the same seeds before and after: paired scores
-            kept = {**inputs_identity, **({"held_out_before": trainer.score_held_out(held_out, cfg.seed)} if held_out else {})}
+            kept = {**identity, **({"held_out_before": trainer.score_held_out(held_out, cfg.seed)} if held_out else {})}
         metrics = trainer.train(train_prompts, seed=cfg.seed, checkpoints=run_dir / "checkpoints", keep=kept)
         if held_out:
             metrics.update(paired_gain(kept["held_out_before"], trainer.score_held_out(held_out, cfg.seed)))
@@ -74,42 +76,6 @@ def train_ppo(cfg, run_dir: Path) -> dict:
         save_file(models.value_head.state_dict(), str(final / "value_head.safetensors"))  # apart: final/ loads as a plain policy
     log.close()
     return metrics
-
-
-def fingerprint(train_prompts: list, held_out: list) -> str:
-    """A digest of the prompts a run trains on and scores, as sampled (after fitting), row by row."""
-    digest = hashlib.sha256()
-    for split in (train_prompts, held_out):
-        for prompt in split:
-            digest.update(json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
-        digest.update(b"\0")  # where the training prompts end
-    return digest.hexdigest()
-
-
-# What each part of a checkpoint's recorded inputs names, for the refusal's message
-RECORDED_INPUTS = {
-    "prompts": "prompts (the data, or how prompts are fitted)",
-    "start": "starting policy's weights or precision (model, model.init_from)",
-    "reward_model": "reward model's weights, precision or max_length (ppo.reward_model)",
-}
-
-
-def refuse_other_inputs(checkpoint: Path, kept: dict, inputs_identity: dict) -> None:
-    """A checkpoint carries the held-out scores sampled before training, which the final scores are
-    paired with, its place in the shuffled training prompts and weights trained against one reward
-    model from one starting policy: all hold only for the very inputs it was written with. The
-    config alone does not fix them (a data file edited, a run retrained into the same directory,
-    other code fitting the prompts)."""
-    differ = [RECORDED_INPUTS[name] for name, identity in inputs_identity.items() if name in kept and kept[name] != identity]
-    unrecorded = [RECORDED_INPUTS[name] for name in inputs_identity if name not in kept]
-    if differ or unrecorded:
-        why = ([f"its {' and '.join(differ)} differ"] if differ else []) + (
-            [f"it recorded no {' or '.join(unrecorded)} (an older checkpoint)"] if unrecorded else []
-        )
-        raise UserError(
-            f"{checkpoint} was written for other inputs than this run's: {'; '.join(why)}. Going on would mix two runs; "
-            "pass resume=overwrite to start this run over"
-        )
 
 
 def ppo_inputs(cfg, settings) -> tuple:
