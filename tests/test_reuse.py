@@ -84,7 +84,7 @@ def test_an_identical_run_is_reused_and_loads_like_the_one_that_trained(tmp_path
     ids = torch.tensor([[5, 6, 7, 8]])
     logits = [AutoPeftModelForCausalLM.from_pretrained(tmp_path / run / "final")(ids).logits for run in ("a", "b")]
     assert torch.equal(logits[0], logits[1])
-    # Deleting the run that trained leaves the copy whole (its weights are links, not references).
+    # Deleting the run that trained leaves the copy whole (its files are copies, not references).
     shutil.rmtree(tmp_path / "a")
     assert torch.equal(AutoPeftModelForCausalLM.from_pretrained(tmp_path / "b" / "final")(ids).logits, logits[0])
     # ... and the next identical run finds nothing registered to reuse: it trains.
