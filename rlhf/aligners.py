@@ -29,10 +29,15 @@ COLUMNS = (
     "setting",
     "proxy_win_rate",
     "proxy_score",
+    "proxy_gain",
+    "proxy_gain_lc",
     "judge_win_rate",
     "judge_score",
+    "judge_gain",
+    "judge_gain_lc",
     "kl",
     "length",
+    "length_change",
     "wall_seconds",
     "proxy_score_sft",
     "judge_score_sft",
@@ -59,10 +64,15 @@ def rows(eval_dirs: list, name_base: Path) -> list:
                 "setting": f"{stage}.{strength}={value}" if value is not None else "",
                 "proxy_win_rate": metrics["eval_win_rate"],
                 "proxy_score": metrics["eval_score_policy"],
+                "proxy_gain": metrics["eval_score_gain"],
+                "proxy_gain_lc": metrics.get("eval_score_gain_lc"),  # at equal answer length; absent in older evaluations
                 "judge_win_rate": metrics["eval_judge_win_rate"],
                 "judge_score": metrics["eval_score_judge_policy"],
+                "judge_gain": metrics["eval_judge_score_gain"],
+                "judge_gain_lc": metrics.get("eval_judge_score_gain_lc"),
                 "kl": metrics["eval_kl"],
                 "length": metrics["eval_length_policy"],
+                "length_change": metrics.get("eval_length_change"),
                 "wall_seconds": policy_metrics.get("stage_runtime"),
                 "proxy_score_sft": metrics["eval_score_reference"],
                 "judge_score_sft": metrics["eval_score_judge_reference"],
@@ -93,19 +103,27 @@ def write_csv(table: list, path: Path) -> None:
 
 
 def format_table(table: list) -> str:
-    """The rows as aligned text: the policy, its setting, proxy and judge win rate and score, KL, length, time."""
-    header = ("policy", "setting", "proxy win", "proxy score", "judge win", "judge score", "KL", "length", "time (s)")
+    """The rows as aligned text: the policy, its setting, proxy and judge win rate and score gain
+    over the SFT policy (raw, and at equal answer length), KL, length and its change, time."""
+    header = ("policy", "setting", "proxy win", "proxy gain", "@len", "judge win", "judge gain", "@len", "KL", "length", "+len", "time (s)")
+
+    def number(value, digits: int = 3) -> str:
+        return f"{value:.{digits}f}" if value is not None else "-"
+
     lines = [
         (
             f"{row['run']}/{row['policy']}" if row["run"] != "." else row["policy"],
             row["setting"],
-            f"{row['proxy_win_rate']:.3f}",
-            f"{row['proxy_score']:.3f}",
-            f"{row['judge_win_rate']:.3f}",
-            f"{row['judge_score']:.3f}",
-            f"{row['kl']:.3f}",
-            f"{row['length']:.1f}",
-            f"{row['wall_seconds']:.0f}" if row["wall_seconds"] is not None else "-",
+            number(row["proxy_win_rate"]),
+            number(row["proxy_gain"]),
+            number(row["proxy_gain_lc"]),
+            number(row["judge_win_rate"]),
+            number(row["judge_gain"]),
+            number(row["judge_gain_lc"]),
+            number(row["kl"]),
+            number(row["length"], 1),
+            number(row["length_change"], 1),
+            number(row["wall_seconds"], 0),
         )
         for row in table
     ]

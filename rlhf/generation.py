@@ -305,27 +305,30 @@ def scores_at_last_token(reward_model, input_ids: torch.Tensor, attention_mask: 
 @torch.no_grad()
 def held_out_scores(
     policy, tokenizer, reward: RewardModel, prompts: list, settings: SamplingSettings, device, batch_size: int, seed: int, **library_sampler
-) -> list:
-    """The reward-model score of one sampled response per prompt (the held-out prompts before and
-    after training): `held_out_answers`, scored `batch_size` at a time."""
-    answers = held_out_answers(policy, tokenizer, prompts, settings, device, batch_size, seed, **library_sampler)
-    return reward.batched_scores(prompts, answers, device, batch_size)
+) -> tuple:
+    """(the reward-model score of one sampled response per prompt, each response's length in
+    tokens): the held-out prompts before and after training, `held_out_answers` scored
+    `batch_size` at a time."""
+    answers, lengths = held_out_answers(policy, tokenizer, prompts, settings, device, batch_size, seed, **library_sampler)
+    return reward.batched_scores(prompts, answers, device, batch_size), lengths
 
 
 @torch.no_grad()
 def held_out_answers(
     policy, tokenizer, prompts: list, settings: SamplingSettings, device, batch_size: int, seed: int, **library_sampler
-) -> list:
-    """One sampled response per prompt, without dropout. Batch k is sampled under seed + k *
-    batch_size, so two calls on the same prompts and seed - before and after training - are
-    paired draws."""
-    training, answers = policy.training, []
+) -> tuple:
+    """(one sampled response per prompt, its length in tokens up to and including its EOS),
+    without dropout. Batch k is sampled under seed + k * batch_size, so two calls on the same
+    prompts and seed - before and after training - are paired draws."""
+    training, answers, lengths = policy.training, [], []
     policy.eval()
     for start in range(0, len(prompts), batch_size):
         with seeded(seed + start, device):
-            answers += sample(policy, tokenizer, prompts[start : start + batch_size], settings, device, **library_sampler).texts
+            drawn = sample(policy, tokenizer, prompts[start : start + batch_size], settings, device, **library_sampler)
+        answers += drawn.texts
+        lengths += drawn.response_mask.sum(dim=1).int().tolist()
     policy.train(training)
-    return answers
+    return answers, lengths
 
 
 @contextlib.contextmanager

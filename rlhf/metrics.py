@@ -57,15 +57,52 @@ def wilson_lower_bound(successes: float, trials: int, z: float = 1.96) -> float:
     return wilson_interval(successes, trials, z)[0]
 
 
-def paired_gain(before: list, after: list, prefix: str = "eval_") -> dict:
+def paired_gain(before: list, after: list, prefix: str = "eval_", lengths: tuple | None = None) -> dict:
     """How much a policy's held-out scores moved: the mean of before and after
     (`<prefix>scores_before`, `<prefix>scores`), and the mean paired difference after - before
     (the same prompts, sampled under the same seeds) with its 95% Student t interval over prompts
-    (from 2 prompts on), and how many pairs. A gain whose interval includes 0 is not a gain."""
+    (from 2 prompts on), and how many pairs. A gain whose interval includes 0 is not a gain. With
+    `lengths` (the answers' lengths before, after) also the gain at equal length
+    (`length_controlled_gain`)."""
     if len(before) != len(after) or not before:
         raise ValueError(f"need as many scores after as before, and some: got {len(before)} and {len(after)}")
     means = {f"{prefix}scores_before": sum(before) / len(before), f"{prefix}scores": sum(after) / len(after)}
-    return {**means, **score_gain(before, after, prefix=prefix), f"{prefix}score_pairs": len(before)}
+    controlled = length_controlled_gain(before, after, *lengths, prefix=prefix) if lengths is not None else {}
+    return {**means, **score_gain(before, after, prefix=prefix), **controlled, f"{prefix}score_pairs": len(before)}
+
+
+def length_controlled_gain(before: list, after: list, lengths_before: list, lengths_after: list, prefix: str = "eval_") -> dict:
+    """How much of a score gain is not answer length. Reward models favour longer answers, so a
+    policy can gain by growing its answers alone. Per prompt, the gain d = after - before is
+    regressed on the length change x = length_after - length_before (least squares, d = a + b x):
+    `<prefix>score_gain_lc` is a, the gain at zero length change, with `<prefix>score_gain_lc_ci95`
+    its 95% t interval (n - 2 degrees of freedom); `<prefix>score_per_token` is b, and
+    `<prefix>length_change` the mean length change with its interval. A regression on the length
+    difference, the idea of AlpacaEval's length-controlled win rate (Dubois et al. 2024) applied
+    to paired scores. Where every length change is the same, a is the mean gain when that change
+    is 0 and cannot be told apart from length otherwise (no `_lc` keys then)."""
+    if not (len(before) == len(after) == len(lengths_before) == len(lengths_after)) or not before:
+        raise ValueError("need one score and one length before and after per prompt, and some prompts")
+    gains = [b - a for a, b in zip(before, after)]
+    changes = [float(b - a) for a, b in zip(lengths_before, lengths_after)]
+    n = len(gains)
+    mean_change, mean_gain = sum(changes) / n, sum(gains) / n
+    result = {f"{prefix}length_change": mean_change}
+    if n > 1:
+        result[f"{prefix}length_change_ci95"] = mean_interval(changes)
+    spread = sum((x - mean_change) ** 2 for x in changes)
+    if spread == 0:
+        if mean_change == 0:  # no length changed: the gain is all length-controlled
+            result.update({key.replace("score_gain", "score_gain_lc"): value for key, value in score_gain(before, after, prefix).items()})
+        return result
+    slope = sum((x - mean_change) * (y - mean_gain) for x, y in zip(changes, gains)) / spread
+    intercept = mean_gain - slope * mean_change
+    result.update({f"{prefix}score_gain_lc": intercept, f"{prefix}score_per_token": slope})
+    if n > 2:
+        residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(changes, gains)) / (n - 2)
+        half = t_quantile(0.975, n - 2) * math.sqrt(residual * (1 / n + mean_change**2 / spread))
+        result[f"{prefix}score_gain_lc_ci95"] = [intercept - half, intercept + half]
+    return result
 
 
 def score_gain(before: list, after: list, prefix: str = "eval_") -> dict:

@@ -89,9 +89,12 @@ def run(cfg, run_dir: Path, trainer_class) -> dict:
     cut_in_training = reward.cut_inputs - cut_before_training if reward is not None else 0  # this process's answers only
     metrics["data/cut_prompts"] = cut_prompts
     if score:  # the same prompts and seeds before and after
-        for prefix, after in score().items():
-            pairs = [(b, a) for b, a in zip(before[prefix], after) if b is not None and a is not None]  # a function may abstain
-            metrics.update(paired_gain([b for b, _ in pairs], [a for _, a in pairs], prefix=prefix) if pairs else {})
+        (scores_before, lengths_before), (scores_after, lengths_after) = before, score()
+        for prefix, after in scores_after.items():
+            # a function may abstain: the prompts both of whose answers it scored
+            kept = [i for i, (b, a) in enumerate(zip(scores_before[prefix], after)) if b is not None and a is not None]
+            lengths = ([lengths_before[i] for i in kept], [lengths_after[i] for i in kept])
+            metrics.update(paired_gain([scores_before[prefix][i] for i in kept], [after[i] for i in kept], prefix, lengths) if kept else {})
     if reward is not None:  # rows longer than the reward model was trained on, cut to its rm.max_length: every process's
         # training answers, and the held-out answers once (each process scores all of them, the same ones)
         trained = int(distributed.all_sum(torch.tensor(float(cut_in_training))).item())
@@ -168,15 +171,17 @@ def held_out_scorer(cfg, settings, inputs, trainer, reward, functions):
     trl_sampler = {"top_k": args.top_k, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty}
     batch_size = args.per_device_eval_batch_size
 
-    def score() -> dict:
+    def score() -> tuple:
         with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it
-            answers = held_out_answers(trainer.model, inputs.tokenizer, held_out, sampling, device, batch_size, cfg.seed, **trl_sampler)
+            answers, lengths = held_out_answers(
+                trainer.model, inputs.tokenizer, held_out, sampling, device, batch_size, cfg.seed, **trl_sampler
+            )
             scores = {}
             if reward is not None:
                 scores["eval_"] = reward.batched_scores(held_out, answers, device, batch_size)
         for function in functions:
             scores[f"eval_{function.name}_"] = function(held_out, answers, **columns)
-        return scores
+        return scores, lengths
 
     return score
 

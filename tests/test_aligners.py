@@ -18,8 +18,10 @@ def test_compare_aligners_leaves_its_table_frontier_and_report_and_resumes(tmp_p
     for row in rows.values():
         for column in ("proxy_win_rate", "judge_win_rate"):
             assert 0 <= float(row[column]) <= 1
-        for column in ("proxy_score", "judge_score", "kl", "length", "wall_seconds"):
+        for column in ("proxy_score", "judge_score", "kl", "length", "wall_seconds", "proxy_gain", "judge_gain"):
             float(row[column])  # a number
+        for column in ("proxy_gain_lc", "judge_gain_lc", "length_change"):  # the gains at equal answer length
+            float(row[column])
     assert (tmp_path / "frontier.png").stat().st_size > 1000
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "reward-KL frontier" in page and "https://" not in page

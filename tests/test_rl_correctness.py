@@ -170,9 +170,9 @@ def test_held_out_scores_are_paired_draws(qwen_like):
         return held_out_scores(policy, tokenizer, reward, prompts, settings, torch.device("cpu"), 4, seed=7)
 
     state = torch.get_rng_state()
-    before, after = scores(), scores()
+    (before, lengths), (after, lengths_again) = scores(), scores()
     assert torch.equal(torch.get_rng_state(), state)
-    assert before == after and len(set(before)) > 1
+    assert before == after and len(set(before)) > 1 and lengths == lengths_again and all(1 <= n <= 12 for n in lengths)
     gain = paired_gain(before, after)
     assert gain["eval_score_gain"] == 0 and gain["eval_score_gain_ci95"] == [0, 0]
 
@@ -210,6 +210,48 @@ def test_rlhf_chain_reports_a_paired_held_out_gain(rlhf_chain):
     assert low <= metrics["eval_score_gain"] <= high
     assert metrics["eval_score_gain"] == pytest.approx(metrics["eval_scores"] - metrics["eval_scores_before"])
     assert low > 0  # the tiny model's PPO gain is a gain
+    low, high = metrics["eval_score_gain_lc_ci95"]  # and what of it is not answer length, with the mean length change
+    assert low <= metrics["eval_score_gain_lc"] <= high and "eval_length_change_ci95" in metrics
+
+
+def test_a_gain_that_is_only_longer_answers_is_no_length_controlled_gain():
+    """A hand-built policy whose answers only grow longer at equal quality, scored by a reward
+    model that favours length: the raw gain is real, the gain at equal length is not. Checked
+    against least squares by hand: (X'X)^-1 X'y, its covariance s^2 (X'X)^-1 with s^2 = SSE / (n - 2),
+    and t(0.975, 38) = 2.024394 from published tables."""
+    import random
+
+    from rlhf.metrics import length_controlled_gain, paired_gain
+
+    generator = random.Random(0)
+    n = 40
+    quality = [generator.gauss(0, 1) for _ in range(n)]  # the same answer quality before and after
+    lengths_before = [generator.randint(10, 60) for _ in range(n)]
+    lengths_after = [length + generator.randint(5, 40) for length in lengths_before]  # answers only grow
+
+    def score(q: float, length: int) -> float:  # the proxy's length bias, and its noise
+        return q + 0.03 * length + generator.gauss(0, 0.3)
+
+    before = [score(q, length) for q, length in zip(quality, lengths_before)]
+    after = [score(q, length) for q, length in zip(quality, lengths_after)]
+    gain = paired_gain(before, after, lengths=(lengths_before, lengths_after))
+    assert gain["eval_score_gain_ci95"][0] > 0  # a "gain" whose interval is above 0
+    low, high = gain["eval_score_gain_lc_ci95"]
+    assert low < 0 < high  # none of it at equal length
+    assert gain["eval_length_change"] > 5 and gain["eval_length_change_ci95"][0] > 0
+
+    x = torch.tensor([float(b - a) for a, b in zip(lengths_before, lengths_after)], dtype=torch.float64)
+    y = torch.tensor([b - a for a, b in zip(before, after)], dtype=torch.float64)
+    design = torch.stack([torch.ones(n, dtype=torch.float64), x], dim=1)
+    inverse = torch.linalg.inv(design.T @ design)
+    intercept, slope = (inverse @ design.T @ y).tolist()
+    residual = float(((y - design @ torch.tensor([intercept, slope], dtype=torch.float64)) ** 2).sum()) / (n - 2)
+    half = 2.024394 * (residual * float(inverse[0, 0])) ** 0.5
+    assert gain["eval_score_gain_lc"] == pytest.approx(intercept, abs=1e-9)
+    assert gain["eval_score_per_token"] == pytest.approx(slope, abs=1e-9)
+    assert gain["eval_score_gain_lc_ci95"] == pytest.approx([intercept - half, intercept + half], abs=1e-5)
+    unchanged = length_controlled_gain(before, after, lengths_before, lengths_before)  # no length changed: all of it counts
+    assert unchanged["eval_score_gain_lc"] == pytest.approx(gain["eval_score_gain"]) and unchanged["eval_length_change"] == 0
 
 
 def test_reward_inputs_longer_than_the_rm_was_trained_on_are_cut_from_the_left(tmp_path, capfd):

@@ -141,7 +141,7 @@ def test_ppo_refuses_a_checkpoint_written_for_other_inputs(rlhf_chain, tmp_path,
             train(run_dir, *overrides)
     mark_file = run_dir / "checkpoints" / "checkpoint-1" / CHECKPOINT_MARK
     mark = json.loads(mark_file.read_text())
-    assert set(mark["keep"]) == {"data", "start", "ppo.reward_model", "held_out_before"}
+    assert set(mark["keep"]) == {"data", "start", "ppo.reward_model", "held_out_before", "held_out_lengths_before"}
     capsys.readouterr()
 
     write_rows("What is 0 times 0?")  # one row edited: the config is the same, the prompts are not

@@ -357,14 +357,16 @@ class PPOTrainer:
     # ---- evaluation ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def score_held_out(self, prompts: list, seed: int) -> list:
-        """The reward-model score of a sampled response to each of `prompts` (the held-out ones),
-        in their order; the prompts are shared out between the processes in contiguous blocks, and
-        each block is sampled under seeds fixed by its position, so the scores before and after
-        training are paired draws."""
+    def score_held_out(self, prompts: list, seed: int) -> tuple:
+        """(the reward-model score of a sampled response to each of `prompts` (the held-out ones),
+        each response's length in tokens), in their order; the prompts are shared out between the
+        processes in contiguous blocks, and each block is sampled under seeds fixed by its
+        position, so the scores before and after training are paired draws."""
         block = -(-len(prompts) // distributed.world_size())
         first = distributed.rank() * block
         mine = prompts[first : first + block]
         models = (self.policy, self.tokenizer, self.reward)
-        scores = held_out_scores(*models, mine, self.settings, self.device, self.settings.batch_size, seed + first) if mine else []
-        return distributed.all_gather_list(scores)
+        scores, lengths = (
+            held_out_scores(*models, mine, self.settings, self.device, self.settings.batch_size, seed + first) if mine else ([], [])
+        )
+        return distributed.all_gather_list(scores), distributed.all_gather_list(lengths)

@@ -34,7 +34,7 @@ from rlhf.errors import UserError
 from rlhf.generation import SamplingSettings, as_reference, fit_prompts, response_logprobs, sample, seeded
 from rlhf.lifecycle import autocast, device_for, load_reward_model
 from rlhf.lineage import POLICY_STAGES, TrainedRun
-from rlhf.metrics import agreement, score_gain, wilson_interval
+from rlhf.metrics import agreement, length_controlled_gain, score_gain, wilson_interval
 from rlhf.runs import read_json, write_json
 
 
@@ -95,12 +95,15 @@ def run(cfg, run_dir: Path) -> dict:
 
 def judged(rows: list, prefix: str) -> dict:
     """One reward model's verdict: the win rate of policy over reference (ties count half) with its
-    95% Wilson interval, and the mean paired score difference with its 95% t interval (each prompt's
-    two answers were sampled under the same seed)."""
+    95% Wilson interval, the mean paired score difference with its 95% t interval (each prompt's
+    two answers were sampled under the same seed), and that difference at equal answer length
+    (`length_controlled_gain`: `eval_<prefix>score_gain_lc`, the mean length change)."""
     policy, reference = [row[f"score_{prefix}policy"] for row in rows], [row[f"score_{prefix}reference"] for row in rows]
     wins = sum(agreement(p - r) for p, r in zip(policy, reference))
     metrics = {f"eval_{prefix}win_rate": wins / len(rows), f"eval_{prefix}win_rate_ci95": wilson_interval(wins, len(rows))}
-    return {**metrics, **score_gain(reference, policy, prefix=f"eval_{prefix}")}
+    lengths = ([row["length_reference"] for row in rows], [row["length_policy"] for row in rows])
+    controlled = length_controlled_gain(reference, policy, *lengths, prefix=f"eval_{prefix}")
+    return {**metrics, **score_gain(reference, policy, prefix=f"eval_{prefix}"), **controlled}
 
 
 def answer_and_score(prompts: list, settings, device, models: tuple, judges: dict, seed: int, references: dict) -> list:

@@ -62,10 +62,14 @@ def train_ppo(cfg, run_dir: Path) -> dict:
         if checkpoint is not None:  # an interrupted run: go on from its last complete checkpoint
             kept = trainer.resume(checkpoint, mark)
         else:  # the held-out prompts are sampled under the same seeds before and after: paired scores
-            kept = {**identity, **({"held_out_before": trainer.score_held_out(held_out, cfg.seed)} if held_out else {})}
+            kept = dict(identity)
+            if held_out:
+                kept["held_out_before"], kept["held_out_lengths_before"] = trainer.score_held_out(held_out, cfg.seed)
         metrics = trainer.train(train_prompts, seed=cfg.seed, checkpoints=run_dir / "checkpoints", keep=kept)
         if held_out:
-            metrics.update(paired_gain(kept["held_out_before"], trainer.score_held_out(held_out, cfg.seed)))
+            scores, lengths = trainer.score_held_out(held_out, cfg.seed)
+            before_lengths = kept.get("held_out_lengths_before")  # None in a checkpoint written before lengths were kept
+            metrics.update(paired_gain(kept["held_out_before"], scores, lengths=(before_lengths, lengths) if before_lengths else None))
     metrics["data/skipped_rows"] = inputs.data.skipped_rows
     metrics["data/cut_prompts"] = cut_prompts
     # (prompt, response) rows longer than the reward model was trained on, cut to its rm.max_length, over every process
