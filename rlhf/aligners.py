@@ -64,11 +64,11 @@ def rows(eval_dirs: list, name_base: Path) -> list:
                 "setting": f"{stage}.{strength}={value}" if value is not None else "",
                 "proxy_win_rate": metrics["eval_win_rate"],
                 "proxy_score": metrics["eval_score_policy"],
-                "proxy_gain": metrics["eval_score_gain"],
+                "proxy_gain": metrics.get("eval_score_gain"),
                 "proxy_gain_lc": metrics.get("eval_score_gain_lc"),  # at equal answer length; absent in older evaluations
                 "judge_win_rate": metrics["eval_judge_win_rate"],
                 "judge_score": metrics["eval_score_judge_policy"],
-                "judge_gain": metrics["eval_judge_score_gain"],
+                "judge_gain": metrics.get("eval_judge_score_gain"),
                 "judge_gain_lc": metrics.get("eval_judge_score_gain_lc"),
                 "kl": metrics["eval_kl"],
                 "length": metrics["eval_length_policy"],

@@ -216,3 +216,31 @@ def test_an_aligner_comparison_gets_its_table_frontier_and_report(tmp_path, caps
     page = (run_dir / "report.html").read_text(encoding="utf-8")
     assert "reward-KL frontier" in page and page.count("data:image/png;base64,") == 1  # the frontier (no curves logged here)
     assert "judge win" in capsys.readouterr().out  # the aligner table on stdout
+
+
+def test_runs_that_differ_only_in_seed_are_grouped_with_intervals_and_a_noise_verdict(tmp_path, capsys):
+    """A 2-seed x 2-beta sweep (overrides as Hydra writes them): two groups, each with its mean
+    over the seeds and the 95% t interval of that mean (1 degree of freedom: t = 12.7062 from
+    published tables), and the best against the next with the Welch interval of the difference.
+    A third seed of a tight pair and a far group: 'beyond noise'."""
+    sweep = tmp_path / "sweep"
+    values = {("0.1", "1"): 0.70, ("0.1", "2"): 0.60, ("0.3", "1"): 0.58, ("0.3", "2"): 0.56}
+    for job, ((beta, seed), win_rate) in enumerate(values.items()):
+        make_run(sweep / str(job), [f"dpo.beta={beta}", f"seed={seed}"], {"eval_win_rate": win_rate}, status={"status": "done"})
+    assert main([str(sweep), "--sort", "eval_win_rate"]) == 0
+    out = capsys.readouterr().out
+    # beta 0.1: mean 0.65, sd of the mean 0.05; beta 0.3: mean 0.57, sd of the mean 0.01
+    assert "dpo.beta=0.1: 2 seeds, 0.65 [0.01469, 1.285]" in out  # 0.65 -+ 12.7062 x 0.05
+    assert "dpo.beta=0.3: 2 seeds, 0.57 [0.4429, 0.6971]" in out  # 0.57 -+ 12.7062 x 0.01
+    assert "- dpo.beta=0.3: +0.08 [" in out and "within noise" in out
+    rows = list(csv.DictReader((sweep / "compare_seeds.csv").open(newline="")))
+    assert [row["group"] for row in rows] == ["dpo.beta=0.1", "dpo.beta=0.3"] and rows[0]["verdict"] == "within noise"
+    assert "runs that differ only in their seed" in (sweep / "report.html").read_text(encoding="utf-8")
+
+    tight = tmp_path / "tight"
+    spread = {("0.1", "1"): 0.80, ("0.1", "2"): 0.81, ("0.1", "3"): 0.79, ("0.3", "1"): 0.50, ("0.3", "2"): 0.52, ("0.3", "3"): 0.51}
+    for job, ((beta, seed), win_rate) in enumerate(spread.items()):
+        make_run(tight / str(job), [f"dpo.beta={beta}", f"seed={seed}"], {"eval_win_rate": win_rate}, status={"status": "done"})
+    assert main([str(tight), "--sort", "eval_win_rate"]) == 0
+    # equal variances (sd 0.01 each, 3 seeds): Welch's df = 4, t = 2.7764; difference 0.29 -+ 2.7764 x sqrt(2 x 0.01^2 / 3)
+    assert "- dpo.beta=0.3: +0.29 [0.2673, 0.3127], beyond noise" in capsys.readouterr().out
