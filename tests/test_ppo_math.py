@@ -384,3 +384,27 @@ def test_adaptive_kl_controller_compounds():
     ctl.update(current_kl=1.1, n_steps=10)  # error 0.1: * 1.01
     ctl.update(current_kl=0.5, n_steps=50)  # error -0.5 -> -0.2: * 0.9
     assert ctl.value == pytest.approx(0.2 * 1.01 * 0.9, rel=1e-12)
+
+
+def test_a_kl_controller_that_cannot_reach_its_target_is_said_at_the_start(capsys):
+    """Ziegler's horizon of 10000 samples at the real-model batch of 8: every update at the clip
+    moves kl_coef by (1 +- 0.2 x 8 / 10000), 1.6% up over 100 updates - it holds no target."""
+    from rlhf.ppo.trainer import PPOConfig, say_if_the_kl_controller_cannot_move
+
+    settings = PPOConfig(batch_size=8, mini_batch_size=1, total_updates=100, kl_coef=0.1, target=6.0, horizon=10000)
+    controller = AdaptiveKLController(settings.kl_coef, settings.target, settings.horizon)
+    up, down = controller.reach(settings.batch_size, settings.total_updates)
+    assert up == pytest.approx(1.00016**100, rel=1e-12) and down == pytest.approx(0.99984**100, rel=1e-12)
+    for _ in range(100):  # the controller itself, at the clip every update
+        controller.update(current_kl=100.0, n_steps=8)
+    assert controller.value == pytest.approx(0.1 * up, rel=1e-9)
+    say_if_the_kl_controller_cannot_move(AdaptiveKLController(0.1, 6.0, 10000), settings)
+    line = capsys.readouterr().out.strip()
+    suggested = 0.2 * 8 / (10 ** (1 / 100) - 1)  # the horizon at which 100 updates can grow it 10x: about 69 samples
+    expected = (
+        f"ppo: kl_coef cannot follow ppo.target=6.0: over 100 updates of 8 samples, ppo.horizon=10000 lets it move by at most "
+        f"x{up:.3f} up and x{down:.3f} down; ppo.horizon={suggested:.0f} lets it grow 10x"
+    )
+    assert line == expected
+    say_if_the_kl_controller_cannot_move(AdaptiveKLController(0.1, 6.0, suggested), settings)
+    assert capsys.readouterr().out == ""  # one that can move says nothing

@@ -212,6 +212,7 @@ def test_rlhf_chain_reports_a_paired_held_out_gain(rlhf_chain):
     assert low > 0  # the tiny model's PPO gain is a gain
     low, high = metrics["eval_score_gain_lc_ci95"]  # and what of it is not answer length, with the mean length change
     assert low <= metrics["eval_score_gain_lc"] <= high and "eval_length_change_ci95" in metrics
+    assert metrics["objective/kl_coef_final"] > 0  # where the KL controller left kl_coef
 
 
 def test_a_gain_that_is_only_longer_answers_is_no_length_controlled_gain():

@@ -239,3 +239,13 @@ class AdaptiveKLController:
         """One controller step after a batch of `n_steps` samples whose mean KL was `current_kl`."""
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
+
+    def reach(self, n_steps: int, updates: int) -> tuple:
+        """(the most beta can grow, the most it can shrink) over `updates` steps of `n_steps`
+        samples, as factors: every step at the clip, (1 +- 0.2 n_steps / horizon) ** updates."""
+        step = 0.2 * n_steps / self.horizon
+        return (1.0 + step) ** updates, max(1.0 - step, 0.0) ** updates
+
+    def horizon_to_reach(self, n_steps: int, updates: int, factor: float = 10.0) -> float:
+        """The horizon at which beta can grow by `factor` over `updates` steps of `n_steps`."""
+        return 0.2 * n_steps / (factor ** (1.0 / updates) - 1.0)

@@ -146,6 +146,26 @@ def rollout_statistics(rollout: Rollout, kl: torch.Tensor, rewards: torch.Tensor
     return {**{name: value / responses for name, value in zip(sums, summed)}, "objective/entropy": entropy / tokens}
 
 
+MIN_REACH = 2.0  # an adaptive controller that cannot at least double or halve kl_coef over the run steers nothing
+
+
+def say_if_the_kl_controller_cannot_move(controller, settings) -> None:
+    """One line at the start when the adaptive KL controller cannot reach its target within the
+    run: Ziegler et al.'s horizon (10000 samples) at a batch of 8 moves kl_coef by under 2% over
+    100 updates, so the KL ends where kl_coef puts it, not at ppo.target."""
+    up, down = controller.reach(settings.batch_size, settings.total_updates)
+    if up >= MIN_REACH and down <= 1 / MIN_REACH:
+        return
+    suggested = controller.horizon_to_reach(settings.batch_size, settings.total_updates)
+    if is_main_process():
+        print(
+            f"ppo: kl_coef cannot follow ppo.target={settings.target}: over {settings.total_updates} updates of "
+            f"{settings.batch_size} samples, ppo.horizon={settings.horizon:g} lets it move by at most x{up:.3f} up and "
+            f"x{down:.3f} down; ppo.horizon={suggested:.0f} lets it grow 10x",
+            flush=True,
+        )
+
+
 class PPOTrainer:
     def __init__(self, models: PPOModels, settings: PPOConfig, device, log):
         """`log(record)` receives one dict of metrics per logged update."""
@@ -157,6 +177,7 @@ class PPOTrainer:
         self.trainable = trainable
         if settings.adaptive_kl:
             self.kl_controller = core.AdaptiveKLController(settings.kl_coef, settings.target, settings.horizon)
+            say_if_the_kl_controller_cannot_move(self.kl_controller, settings)
         else:
             self.kl_controller = core.FixedKLController(settings.kl_coef)
         distributed.broadcast_parameters(trainable)  # every process starts from rank 0's weights
@@ -201,7 +222,8 @@ class PPOTrainer:
         ran = self.settings.total_updates - self.done_updates  # updates timed in this process (>= 1: see resume)
         timing = {f"time/{phase}_per_update": seconds / ran for phase, seconds in self.seconds.items()}
         timing["time/generated_tokens_per_second"] = self.generated_tokens / self.seconds["generation"]
-        return {**{key: value for key, value in last.items() if key != "step"}, **timing}
+        final = {"objective/kl_coef_final": self.kl_controller.value}  # after the last update's controller step
+        return {**{key: value for key, value in last.items() if key != "step"}, **final, **timing}
 
     def local_share(self) -> slice:
         """This process's part of each global batch: batch_size / processes prompts."""
