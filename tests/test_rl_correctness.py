@@ -6,6 +6,7 @@ and held-out scores before and after training are paired."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,20 +16,25 @@ SHORT = [{"role": "user", "content": "你好"}]
 LONG = [{"role": "user", "content": "请用三句话介绍一下你最喜欢的季节，并说明为什么喜欢它。"}]
 
 
-@pytest.fixture(scope="module")
-def qwen_like(tmp_path_factory):
-    """A copy of the tiny model set up as Qwen2.5/Qwen3 ship: no pad id in the config, and a
-    tokenizer that pads with <|endoftext|>, not with its EOS <|im_end|>; an RM and a policy
-    trained on it."""
+def tiny_copy_without_a_pad_id(model: Path) -> Path:
+    """A copy of the tiny model at `model` whose config and generation config name no pad id."""
     from rlhf.tiny_model import ensure_tiny_model
 
-    root = tmp_path_factory.mktemp("qwen_like")
-    model = root / "model"
     shutil.copytree(ensure_tiny_model(), model)
     for name in ("config.json", "generation_config.json"):
         settings = json.loads((model / name).read_text())
         settings.pop("pad_token_id", None)
         (model / name).write_text(json.dumps(settings))
+    return model
+
+
+@pytest.fixture(scope="module")
+def qwen_like(tmp_path_factory):
+    """A copy of the tiny model set up as Qwen2.5/Qwen3 ship: no pad id in the config, and a
+    tokenizer that pads with <|endoftext|>, not with its EOS <|im_end|>; an RM and a policy
+    trained on it."""
+    root = tmp_path_factory.mktemp("qwen_like")
+    model = tiny_copy_without_a_pad_id(root / "model")
     tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
     assert tokenizer_config["pad_token"] != tokenizer_config["eos_token"]
     base = ("model=custom", f"model.name_or_path={model}", "dataset.test_size=8", "dataset.max_samples=64")
@@ -316,15 +322,8 @@ def eos_padded(tmp_path_factory):
     """A copy of the tiny model set up as models shipped without a pad token are (Llama-3, `</s>`
     models): the tokenizer pads with its EOS, and the chat template ends an answer with EOS; an RM
     trained on it."""
-    from rlhf.tiny_model import ensure_tiny_model
-
     root = tmp_path_factory.mktemp("eos_padded")
-    model = root / "model"
-    shutil.copytree(ensure_tiny_model(), model)
-    for name in ("config.json", "generation_config.json"):
-        settings = json.loads((model / name).read_text())
-        settings.pop("pad_token_id", None)
-        (model / name).write_text(json.dumps(settings))
+    model = tiny_copy_without_a_pad_id(root / "model")
     tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
     tokenizer_config["pad_token"] = None  # none: a missing key would get the tokenizer class's default
     (model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
