@@ -374,6 +374,7 @@ def test_fixed_kl_controller_never_changes():
 )
 def test_adaptive_kl_controller_step(kl, expected):
     ctl = AdaptiveKLController(init_kl_coef=0.1, target=6.0, horizon=10000)
+    ctl.engaged = True  # the KL reached the target before: Ziegler's rule runs both ways
     ctl.update(current_kl=kl, n_steps=256)
     assert ctl.value == pytest.approx(expected, rel=1e-12)
     assert (ctl.value > 0.1) == (kl > 6.0) and (ctl.value < 0.1) == (kl < 6.0)
@@ -386,6 +387,18 @@ def test_adaptive_kl_controller_compounds():
     assert ctl.value == pytest.approx(0.2 * 1.01 * 0.9, rel=1e-12)
 
 
+def test_adaptive_kl_controller_holds_kl_coef_until_the_kl_first_reaches_the_target():
+    """Anti-windup: a run starts at KL 0 and the policy needs updates to move; lowering kl_coef
+    meanwhile (at the clip, 20% an update at horizon = batch) only lets the KL overshoot."""
+    ctl = AdaptiveKLController(init_kl_coef=0.05, target=3.0, horizon=32)
+    for kl in (0.0, 0.5, 1.5, 2.9):  # climbing from the reference
+        ctl.update(current_kl=kl, n_steps=32)
+    assert ctl.value == 0.05 and not ctl.engaged
+    ctl.update(current_kl=3.3, n_steps=32)  # reached: error 0.1, * 1.1
+    ctl.update(current_kl=1.5, n_steps=32)  # from now on both ways: error -0.5 -> -0.2, * 0.8
+    assert ctl.engaged and ctl.value == pytest.approx(0.05 * 1.1 * 0.8, rel=1e-12)
+
+
 def test_a_kl_controller_that_cannot_reach_its_target_is_said_at_the_start(capsys):
     """Ziegler's horizon of 10000 samples at the real-model batch of 8: every update at the clip
     moves kl_coef by (1 +- 0.2 x 8 / 10000), 1.6% up over 100 updates - it holds no target."""
@@ -395,7 +408,7 @@ def test_a_kl_controller_that_cannot_reach_its_target_is_said_at_the_start(capsy
     controller = AdaptiveKLController(settings.kl_coef, settings.target, settings.horizon)
     up, down = controller.reach(settings.batch_size, settings.total_updates)
     assert up == pytest.approx(1.00016**100, rel=1e-12) and down == pytest.approx(0.99984**100, rel=1e-12)
-    for _ in range(100):  # the controller itself, at the clip every update
+    for _ in range(100):  # the controller itself, at the clip every update (above the target: engaged from the first)
         controller.update(current_kl=100.0, n_steps=8)
     assert controller.value == pytest.approx(0.1 * up, rel=1e-9)
     say_if_the_kl_controller_cannot_move(AdaptiveKLController(0.1, 6.0, 10000), settings)

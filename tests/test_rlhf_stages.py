@@ -383,3 +383,23 @@ def test_sampling_refuses_a_prompt_longer_than_its_limit():
     assert encode_prompts(tokenizer, [longest], length, torch.device("cpu"))["input_ids"].shape[1] == length
     with pytest.raises(ValueError, match=f"a prompt of {length} templated tokens exceeds max_prompt_length={length - 1}"):
         encode_prompts(tokenizer, [longest], length - 1, torch.device("cpu"))
+
+
+def test_the_adaptive_kl_controller_holds_a_target_below_the_unconstrained_kl(rlhf_chain, tmp_path):
+    """PPO from kl_coef 0.02 runs its KL up to about 12 nats; with ppo.target=3 and a horizon of one
+    batch the controller raises kl_coef and the KL of the last 10 updates ends within 25% of 3.
+    (Without its anti-windup it cut kl_coef 10x while the policy had not moved yet, and the KL
+    ended 60% over.)"""
+    chain_dir, _ = rlhf_chain
+    common = ("stage=ppo", f"model.init_from={chain_dir / 'sft'}", f"ppo.reward_model={chain_dir / 'rm'}", "ppo.kl_coef=0.02")
+    common += ("ppo.eval_prompts=0",)
+
+    def recent_kl(run_dir) -> float:  # the KL the run ends at: its last 10 updates, as history.jsonl reports them
+        kls = [json.loads(line)["objective/kl"] for line in (run_dir / "history.jsonl").read_text().splitlines()]
+        return sum(kls[-10:]) / 10
+
+    train(tmp_path / "free", *common, "ppo.adaptive_kl=false")
+    held = train(tmp_path / "held", *common, "ppo.target=3", "ppo.horizon=32")
+    assert recent_kl(tmp_path / "free") > 2 * 3  # the target is well below where the KL goes unconstrained
+    assert recent_kl(tmp_path / "held") == pytest.approx(3, rel=0.25)
+    assert held["objective/kl_coef_final"] > 2 * 0.02  # raised to hold it

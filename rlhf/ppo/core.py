@@ -214,6 +214,7 @@ class FixedKLController:
 
     def __init__(self, kl_coef: float):
         self.value = kl_coef
+        self.engaged = False  # never adapts
 
     def update(self, current_kl: float, n_steps: int) -> None:
         """No-op: the coefficient is fixed."""
@@ -226,6 +227,12 @@ class AdaptiveKLController:
       beta <- beta * (1 + K_beta * e),   with K_beta = n_steps / horizon
     A log-space proportional controller: beta rises while KL is above target and falls while it
     is below; the clip bounds the per-update change, and `horizon` (in samples) sets how fast.
+
+    Held until the KL first reaches the target (anti-windup): a run starts at the reference, KL 0,
+    and the policy needs updates to move, so the rule above would lower beta at every one of them
+    - on the tiny model 10x in the first 10 updates at horizon = batch - and the KL then overshot
+    the target while beta climbed back. Once the KL has reached the target the rule runs both ways.
+    A target the KL never reaches leaves beta where it started.
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: float):
@@ -234,9 +241,13 @@ class AdaptiveKLController:
         self.value = init_kl_coef
         self.target = target
         self.horizon = horizon
+        self.engaged = False  # the KL has reached the target: the rule runs
 
     def update(self, current_kl: float, n_steps: int) -> None:
         """One controller step after a batch of `n_steps` samples whose mean KL was `current_kl`."""
+        self.engaged = self.engaged or float(current_kl) >= self.target
+        if not self.engaged:
+            return
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
 

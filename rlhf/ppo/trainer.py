@@ -267,7 +267,8 @@ class PPOTrainer:
         distributed.barrier()  # every process's part is on disk before the mark says so
         if not is_main_process():
             return
-        mark = {"step": update, "kl_coef": self.kl_controller.value, "keep": keep, "processes": distributed.world_size()}
+        mark = {"step": update, "kl_coef": self.kl_controller.value, "kl_engaged": self.kl_controller.engaged, "keep": keep}
+        mark["processes"] = distributed.world_size()
         write_json(path / CHECKPOINT_MARK, mark)
         older = sorted((p for p in path.parent.glob("checkpoint-*") if p != path), key=checkpoint_step)
         for stale in older[: max(len(older) - self.settings.save_total_limit + 1, 0)]:
@@ -294,6 +295,7 @@ class PPOTrainer:
         if random_state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(random_state["cuda_rng"])
         self.kl_controller.value = mark["kl_coef"]
+        self.kl_controller.engaged = mark.get("kl_engaged", mark["kl_coef"] != self.settings.kl_coef)  # older marks: it moved
         self.done_updates = mark["step"]
         return mark["keep"]
 
