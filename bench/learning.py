@@ -8,7 +8,9 @@ sizes (rows, steps, lengths, batch sizes under --smoke), on `../shared/data`:
 
 1. SFT on the chosen replies (`dataset=hh_rlhf_sft`): held-out loss before and after;
 2. a proxy reward model from the SFT policy on the pairs, and a judge reward model on other,
-   disjoint pairs (`dataset.skip_rows`): held-out accuracy with its Wilson bound;
+   disjoint pairs (`dataset.skip_rows`) from the base model with its own seed (JUDGE_SEED), so
+   that it shares no training with the proxy and the policies: held-out accuracy with its Wilson
+   bound;
 3. DPO from the SFT policy on the proxy's pairs: held-out reward accuracy, with its Wilson bound;
 4. PPO, GRPO and RLOO from the SFT policy against the proxy RM, on as many sampled answers each
    (PPO: `ppo_updates` updates of 8 prompts with one answer each, its default batch; GRPO/RLOO:
@@ -86,6 +88,7 @@ SMOKE = {
     "batch": ["{stage}.per_device_train_batch_size=2", "{stage}.gradient_accumulation_steps=1"],
 }
 ONLINE = ("ppo", "grpo", "rloo")
+JUDGE_SEED = 4242  # the judge RM's own seed, as experiment=compare_aligners's chain.judge_seed
 SMOKE_SIZES = {  # the smallest batches each online stage accepts
     "ppo": ["ppo.batch_size=2", "ppo.mini_batch_size=1", "ppo.ppo_epochs=1"],
     "grpo": ["grpo.num_generations=2"],
@@ -154,7 +157,8 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list, seed
         f"dataset.test_size={sizes['held_out']}",
         "dataset.skip_invalid=true",
     ]  # a few published rows are malformed
-    judge_rows = [*rows, f"dataset.skip_rows={sizes['rows']}"]  # the next rows: pairs the proxy never saw
+    # The next rows: pairs the proxy never saw; the judge's own seed, whatever the run's.
+    judge_rows = [*(row for row in rows if not row.startswith("seed=")), f"seed={JUDGE_SEED}", f"dataset.skip_rows={sizes['rows']}"]
 
     def sized(stage: str) -> list:
         reward_model = stage == "rm"  # the reward models have sizes of their own
@@ -191,7 +195,7 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list, seed
     runs["sft"] = train(work / "sft", env, "stage=sft", "dataset=hh_rlhf_sft", *rows, *sized("sft"), "+sft.eval_on_start=true")
     sft = str(work / "sft")
     runs["rm"] = train(work / "rm", env, "stage=rm", "dataset=hh_rlhf", *rows, *sized("rm"), f"model.init_from={sft}")
-    runs["judge_rm"] = train(work / "judge_rm", env, "stage=rm", "dataset=hh_rlhf", *judge_rows, *sized("rm"), f"model.init_from={sft}")
+    runs["judge_rm"] = train(work / "judge_rm", env, "stage=rm", "dataset=hh_rlhf", *judge_rows, *sized("rm"))  # from the base model
     runs["dpo"] = train(work / "dpo", env, "stage=dpo", "dataset=hh_rlhf", *rows, *sized("dpo"), f"model.init_from={sft}")
     proxy = work / "rm"
     for stage in ONLINE:
@@ -302,8 +306,17 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list, seed
                 f"{a}_judge_win_rate_ci95": judged["eval_judge_win_rate_ci95"],
                 f"{a}_proxy_win_rate": judged["eval_win_rate"],
                 f"{a}_proxy_win_rate_ci95": judged["eval_win_rate_ci95"],
+                # the gains at equal answer length (rlhf.metrics.length_controlled_gain), and the length change
+                f"{a}_eval_score_gain_lc": judged.get("eval_score_gain_lc"),
+                f"{a}_eval_score_gain_lc_ci95": judged.get("eval_score_gain_lc_ci95"),
+                f"{a}_judge_score_gain_lc": judged.get("eval_judge_score_gain_lc"),
+                f"{a}_judge_score_gain_lc_ci95": judged.get("eval_judge_score_gain_lc_ci95"),
+                f"{a}_length_change": judged.get("eval_length_change"),
+                f"{a}_length_change_ci95": judged.get("eval_length_change_ci95"),
             }
         )
+    result["ppo_kl_coef_final"] = m["ppo"].get("objective/kl_coef_final")  # where PPO's KL controller left kl_coef
+    result["judge_start"] = f"the base model, seed {JUDGE_SEED}"
     result["ppo_train_kl"] = m["ppo"]["objective/kl"]  # PPO's own estimate on its last batch, what the adaptive target steers
     # The share of held-out pairs ranked right is eval_win_rate (TRL's accuracies are means over eval
     # batches, where a short last batch weighs as much as a full one); the Wilson bound is taken on it.

@@ -83,6 +83,8 @@ def test_learning_benchmark_smoke_runs_every_step(tmp_path):
     keys += [f"{a}_{key}" for a in ("ppo", "grpo", "rloo") for key in ("eval_score_gain", "eval_score_gain_ci95", "kl")]
     keys += [f"{a}_judge_win_rate{ci}" for a in ("ppo", "grpo", "rloo") for ci in ("", "_ci95")]
     keys += ["arith_accuracy_before", "arith_accuracy", "arith_prompts", "arith_gain_ci95", "ppo_phase_ratios", "grpo_peak_rss_mib"]
+    keys += [f"{a}_{key}" for a in ("ppo", "grpo", "rloo") for key in ("eval_score_gain_lc", "eval_score_gain_lc_ci95", "length_change")]
+    keys += ["ppo_kl_coef_final", "judge_start"]
     assert all(key in result for key in keys), set(keys) - set(result)
     assert result["rm_eval_pairs"] > 0 and result["dpo_eval_pairs"] > 0 and result["arith_prompts"] > 0
     assert 0 <= result["arith_accuracy_before"] <= 1 and 0 <= result["arith_accuracy"] <= 1
