@@ -94,18 +94,18 @@ def main(argv=None) -> int:
         runs = sort_runs(runs, sort_metric, ascending)
         print(format_table(runs, columns))
         print_errors(runs)
-        groups = seed_groups(runs, sort_metric, ascending)
-        if groups:
-            print("\n" + format_seed_groups(groups, sort_metric))
+        seeds = seed_rows(seed_groups(runs, sort_metric, ascending), sort_metric)
+        if seeds:
+            print("\n" + format_seed_rows(seeds, sort_metric))
         out_dir = Path(args.paths[0])
         write_csv(runs, out_dir / CSV_NAME)
         print(f"wrote {out_dir / CSV_NAME}", file=sys.stderr)
-        if groups:
-            write_seed_csv(groups, sort_metric, out_dir / SEED_CSV_NAME)
+        if seeds:
+            write_seed_csv(seeds, out_dir / SEED_CSV_NAME)
             print(f"wrote {out_dir / SEED_CSV_NAME}", file=sys.stderr)
         if plots.plot_curves(runs, args.metric or sort_metric, out_dir / PNG_NAME, explicit=args.metric is not None):
             print(f"wrote {out_dir / PNG_NAME}", file=sys.stderr)
-        write_report(runs, columns, args.paths, out_dir, seed_rows(groups, sort_metric))
+        write_report(runs, columns, args.paths, out_dir, seeds)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -393,9 +393,9 @@ def seed_rows(groups: list, metric: str) -> list:
     return rows
 
 
-def format_seed_groups(groups: list, metric: str) -> str:
+def format_seed_rows(rows: list, metric: str) -> str:
     lines = [f"runs that differ only in their seed: {metric}, mean over the seeds [95% interval]"]
-    for row in seed_rows(groups, metric):
+    for row in rows:
         lines.append(f"  {row['group']}: {row['seeds']} seeds, {row['mean']:.4g} [{row['ci95_low']:.4g}, {row['ci95_high']:.4g}]")
         if row["vs_next"] is not None:
             gap = f"{row['difference']:+.4g} [{row['diff_ci95_low']:.4g}, {row['diff_ci95_high']:.4g}]"
@@ -403,12 +403,12 @@ def format_seed_groups(groups: list, metric: str) -> str:
     return "\n".join(lines)
 
 
-def write_seed_csv(groups: list, metric: str, path: Path) -> None:
+def write_seed_csv(rows: list, path: Path) -> None:
     try:
         with path.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=SEED_COLUMNS)
             writer.writeheader()
-            writer.writerows(seed_rows(groups, metric))
+            writer.writerows(rows)
     except OSError as err:
         raise UserError(f"cannot write {path}: {err.strerror or err}") from None
 

@@ -137,6 +137,13 @@ def float32_forward(model):
             model.forward = wrapped
 
 
+def transformers_model(model):
+    """The transformers model under any peft or DDP wrapper."""
+    while hasattr(model, "module") or hasattr(model, "get_base_model"):
+        model = model.module if hasattr(model, "module") else model.get_base_model()
+    return model
+
+
 @contextlib.contextmanager
 def float32_output_layer(model):
     """For the block, a causal LM whose output layer is 16-bit computes its logits in float32: the
@@ -147,9 +154,7 @@ def float32_output_layer(model):
     import torch
     import torch.nn.functional as F
 
-    inner = model
-    while hasattr(inner, "module") or hasattr(inner, "get_base_model"):  # under DDP and peft wrappers
-        inner = inner.module if hasattr(inner, "module") else inner.get_base_model()
+    inner = transformers_model(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear or head.weight.dtype == torch.float32:
         yield

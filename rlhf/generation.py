@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf.compat import transformers_model
+
 
 @dataclass
 class SamplingSettings:
@@ -162,13 +164,6 @@ def generation_config(settings: SamplingSettings, tokenizer, stop: list | None =
         return GenerationConfig(do_sample=False, **ids)
     options = {"top_k": 0, "repetition_penalty": 1.0, **{key: value for key, value in library_sampler.items() if value is not None}}
     return GenerationConfig(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, **options, **ids)
-
-
-def transformers_model(model):
-    """The transformers model under any peft or DDP wrapper."""
-    while hasattr(model, "module") or hasattr(model, "get_base_model"):
-        model = model.module if hasattr(model, "module") else model.get_base_model()
-    return model
 
 
 def stop_ids(model, tokenizer) -> list:

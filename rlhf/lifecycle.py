@@ -78,7 +78,7 @@ def load_reward_model(rm_run, cfg, key: str = "ppo.reward_model") -> RewardModel
     model = run.load(cfg.hardware, run.quantization, head="reward", merge=True)
     model.requires_grad_(False)
     tokenizer = run.start.tokenizer()
-    max_length = reward_model_max_length(run, tokenizer)
+    max_length = run.input_length(tokenizer)
     return RewardModel(model.eval(), tokenizer, max_length=max_length, identity=reward_model_identity(run, cfg, tokenizer))
 
 
@@ -87,15 +87,10 @@ def reward_model_run(rm_run, key: str = "ppo.reward_model") -> TrainedRun:
     return TrainedRun.of(rm_run, key, stages=making(REWARD_MODEL))
 
 
-def reward_model_max_length(run: TrainedRun, tokenizer=None) -> int:
-    """The length a reward model cuts its inputs to: its run's rm.max_length, else its tokenizer's."""
-    return int(run.cfg.rm.get("max_length") or (tokenizer or run.start.tokenizer()).model_max_length)
-
-
 def reward_model_identity(run: TrainedRun, cfg, tokenizer=None) -> str:
     """What a reward model's scores depend on, without loading it: its weights by content (the
     lineage with its own adapter), the precision it computes in and the length it cuts inputs to."""
-    return json.dumps([run.lineage.identity(precision(cfg), run.quantization), reward_model_max_length(run, tokenizer)])
+    return json.dumps([run.lineage.identity(precision(cfg), run.quantization), run.input_length(tokenizer)])
 
 
 def inputs_identity(cfg, inputs: StageInputs, rows: str | None = None) -> dict:
@@ -314,13 +309,12 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
     evaluate on the held-out split, save the adapter/model and tokenizer to final/, and return
     the final metrics as one flat dict."""
     dropped = dropped_by_trainer(trainer, inputs.data)
-    identity = inputs.identity or inputs_identity(cfg, inputs)  # trainer_kwargs checked it against the checkpoint
+    identity = inputs.identity or inputs_identity(cfg, inputs)  # trainer_kwargs computed it and checked the checkpoint against it
     stop = StopWhenAsked()
     trainer.add_callback(stop)  # before RunGuard: the checkpoint it asks for is checked for finite weights too
     trainer.add_callback(RunGuard(trainer, identity))
     checkpoint, mark = resume_point(cfg, run_dir)
     if checkpoint is not None:
-        refuse_other_inputs(checkpoint, mark.get("inputs", {}), identity, cfg)
         restore_trained_tokens(trainer, mark["num_tokens"])
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stop.at_step is not None:

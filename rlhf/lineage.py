@@ -206,6 +206,10 @@ class TrainedRun:
         the model to use it, not to train on it (eval's policy, a reward model), loads it so."""
         return self.cfg.get("quantization")
 
+    def input_length(self, tokenizer=None) -> int:
+        """The length a reward model cuts its inputs to: its run's rm.max_length, else its tokenizer's."""
+        return int(self.cfg.rm.get("max_length") or (tokenizer or self.start.tokenizer()).model_max_length)
+
     def load(self, hardware_cfg, quantization_cfg=None, head: str = "causal_lm", merge: bool = False):
         """The model exactly as the run trained it: its start loaded as the run loaded it with the
         adapter on top (a PeftModel, or folded in with merge=True where merging is exact), or the

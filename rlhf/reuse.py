@@ -165,7 +165,6 @@ def step_key(cfg) -> str:
 def step_identity(cfg) -> dict:
     """Everything a run's result depends on, with paths replaced by the content they name."""
     from rlhf.data import data_files
-    from rlhf.lifecycle import reward_model_max_length
     from rlhf.lineage import TrainedRun, weights_digest
     from rlhf.models import resolve_model_path
 
@@ -184,7 +183,7 @@ def step_identity(cfg) -> dict:
                 [model_files_digest(directory) for directory in (lineage.base_path(), *lineage.adapters)],  # config, tokenizer
             ]
             if run.head == "reward":  # PPO, GRPO, RLOO and eval cut (prompt, answer) rows to the length it trained on
-                upstream[key].append(reward_model_max_length(run))
+                upstream[key].append(run.input_length())
             parent, _, leaf = key.rpartition(".")
             settings[parent][leaf] = None
     model = cfg.get("model")
