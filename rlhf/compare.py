@@ -39,19 +39,17 @@ samples/steps per second, token counts) and raw DPO logits/logps, plus the sort 
 `--columns a,b,c` chooses. compare.csv always has every metric.
 
 Seeds: runs whose overrides differ only in `seed=` (`python train.py ... seed=1,2,3 -m`) form a
-group; below the table each group with at least two seeds shows the mean of the sort metric over
-its seeds with a 95% Student t interval over the seeds (each seed's value carries its own
-prompts' noise, so the spread between seeds covers both), and each group against the next best
-with the interval of their difference (Welch) - marked "within noise" when it crosses 0: a
-winner by less than that is not a winner. With 2 seeds the interval has 1 degree of freedom
-and is wide; that is what 2 seeds can tell. compare_seeds.csv and report.html hold the same.
+group; below the table each group with at least two seeds shows the mean of the sort metric with
+a 95% interval - a bootstrap over seeds x prompts for stage=eval runs, Student's t over the seeds
+otherwise - and each group against the next best with the interval of their difference, marked
+"within noise" when it crosses 0: a winner by less than that is not a winner (rlhf/seeds.py).
+compare_seeds.csv and report.html hold the same.
 
 Imports neither torch nor transformers: a whole sweep takes about a second, plot included.
 """
 
 import argparse
 import csv
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,8 +58,9 @@ import yaml
 
 from rlhf import aligners, plots, report
 from rlhf.errors import UserError
-from rlhf.metrics import is_number, mean_interval, t_quantile
+from rlhf.metrics import is_number
 from rlhf.runs import read_history, read_json
+from rlhf.seeds import SEED_COLUMNS, SEED_CSV_NAME, format_seed_rows, seed_groups, seed_rows, write_seed_csv
 
 CSV_NAME = "compare.csv"
 PNG_NAME = "compare.png"
@@ -315,103 +314,6 @@ def write_csv(runs, path: Path) -> None:
 
 
 # --- runs that differ only in their seed ------------------------------------------------------
-
-SEED_CSV_NAME = "compare_seeds.csv"
-SEED_COLUMNS = (
-    "group",
-    "seeds",
-    "metric",
-    "mean",
-    "ci95_low",
-    "ci95_high",
-    "vs_next",
-    "difference",
-    "diff_ci95_low",
-    "diff_ci95_high",
-    "verdict",
-)
-
-
-@dataclass
-class SeedGroup:
-    label: str  # the overrides its runs share
-    values: list  # the metric of each seed's run
-    mean: float
-    interval: list  # 95% t interval of the mean over the seeds
-
-
-def seed_of(run: Run) -> str:
-    found = [item.split("=", 1)[1] for item in run.overrides if item.lstrip("+").startswith("seed=")]
-    return found[-1] if found else "default"
-
-
-def seed_groups(runs, metric: str, ascending: bool) -> list:
-    """The groups of runs whose overrides differ only in `seed=`, with at least two seeds that
-    report `metric`, best mean first."""
-    members = {}
-    for run in runs:
-        if is_number(run.metrics.get(metric)):
-            label = " ".join(item for item in run.overrides if not item.lstrip("+").startswith("seed=")) or "(defaults)"
-            members.setdefault(label, {})[seed_of(run)] = run.metrics[metric]  # one value per seed
-    groups = [
-        SeedGroup(label, list(values.values()), sum(values.values()) / len(values), mean_interval(list(values.values())))
-        for label, values in members.items()
-        if len(values) >= 2
-    ]
-    return sorted(groups, key=lambda group: group.mean, reverse=not ascending)
-
-
-def difference(first: SeedGroup, second: SeedGroup) -> tuple:
-    """(mean of first - mean of second, its 95% Welch interval): the seeds of each group are
-    independent draws, with variances of their own."""
-
-    def share(group):  # variance of the group's mean
-        n = len(group.values)
-        return sum((v - group.mean) ** 2 for v in group.values) / (n - 1) / n
-
-    gap, v1, v2 = first.mean - second.mean, share(first), share(second)
-    if v1 + v2 == 0:
-        return gap, [gap, gap]
-    freedom = (v1 + v2) ** 2 / (v1**2 / (len(first.values) - 1) + v2**2 / (len(second.values) - 1))
-    half = t_quantile(0.975, freedom) * math.sqrt(v1 + v2)
-    return gap, [gap - half, gap + half]
-
-
-def seed_rows(groups: list, metric: str) -> list:
-    """One row per group (SEED_COLUMNS): its mean and interval, and its difference from the next
-    best group with that interval and the verdict."""
-    rows = []
-    for index, group in enumerate(groups):
-        row = {"group": group.label, "seeds": len(group.values), "metric": metric, "mean": group.mean}
-        row.update({"ci95_low": group.interval[0], "ci95_high": group.interval[1]})
-        if index + 1 < len(groups):
-            gap, (low, high) = difference(group, groups[index + 1])
-            verdict = "within noise" if low <= 0 <= high else "beyond noise"
-            row.update({"vs_next": groups[index + 1].label, "difference": gap, "diff_ci95_low": low, "diff_ci95_high": high})
-            row["verdict"] = verdict
-        rows.append({column: row.get(column) for column in SEED_COLUMNS})
-    return rows
-
-
-def format_seed_rows(rows: list, metric: str) -> str:
-    lines = [f"runs that differ only in their seed: {metric}, mean over the seeds [95% interval]"]
-    for row in rows:
-        lines.append(f"  {row['group']}: {row['seeds']} seeds, {row['mean']:.4g} [{row['ci95_low']:.4g}, {row['ci95_high']:.4g}]")
-        if row["vs_next"] is not None:
-            gap = f"{row['difference']:+.4g} [{row['diff_ci95_low']:.4g}, {row['diff_ci95_high']:.4g}]"
-            lines.append(f"    - {row['vs_next']}: {gap}, {row['verdict']}")
-    return "\n".join(lines)
-
-
-def write_seed_csv(rows: list, path: Path) -> None:
-    try:
-        with path.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=SEED_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-    except OSError as err:
-        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
-
 
 # --- the aligner comparison and the HTML report ----------------------------------------------
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.compat import transformers_model
+from rlhf.compat import float32_forward, transformers_model
 
 
 @dataclass
@@ -243,6 +243,27 @@ def response_logprobs(model, samples: Samples, temperature: float) -> torch.Tens
     return logprobs_from_logits(logits, samples.responses)
 
 
+def token_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log pi - log ref at each sampled response token, 0 on padding ([B, R]). Summed over a
+    response it is the project's one estimate of KL(policy || reference) of that response, in nats
+    (the "k1" estimator: unbiased, because the tokens are the policy's own samples): PPO's penalty
+    and `objective/kl`, its held-out `eval_kl` and stage=eval's `eval_kl` all take it, at the
+    temperature the policy sampled its training answers at."""
+    return torch.where(mask.bool(), logprobs - ref_logprobs, torch.zeros_like(logprobs))
+
+
+@torch.no_grad()
+def sampled_kl(policy, reference, samples: Samples, temperature: float) -> torch.Tensor:
+    """KL(policy || reference) of each of the policy's sampled responses ([B], nats): `token_kl`
+    summed, at `temperature`. In float32 even under bfloat16 autocast: the sum adds differences of
+    nearly equal log-probs, which bfloat16's rounding swamps."""
+    with float32_forward(policy):
+        with as_reference(policy, reference) as ref, float32_forward(ref):
+            ref_logprobs = response_logprobs(ref, samples, temperature)
+        logprobs = response_logprobs(policy, samples, temperature)
+    return token_kl(logprobs, ref_logprobs, samples.response_mask).sum(dim=1)
+
+
 @dataclass
 class RewardModel:
     """A frozen reward model, its own tokenizer (and chat template), and the longest input it
@@ -299,31 +320,44 @@ def scores_at_last_token(reward_model, input_ids: torch.Tensor, attention_mask: 
 
 @torch.no_grad()
 def held_out_scores(
-    policy, tokenizer, reward: RewardModel, prompts: list, settings: SamplingSettings, device, batch_size: int, seed: int, **library_sampler
+    policy, tokenizer, reward: RewardModel, prompts: list, settings: SamplingSettings, device, batch_size: int, seed: int, **options
 ) -> tuple:
     """(the reward-model score of one sampled response per prompt, each response's length in
-    tokens): the held-out prompts before and after training, `held_out_answers` scored
-    `batch_size` at a time."""
-    answers, lengths = held_out_answers(policy, tokenizer, prompts, settings, device, batch_size, seed, **library_sampler)
-    return reward.batched_scores(prompts, answers, device, batch_size), lengths
+    tokens, its KL where asked): the held-out prompts before and after training,
+    `held_out_answers` scored `batch_size` at a time."""
+    answers, lengths, kls = held_out_answers(policy, tokenizer, prompts, settings, device, batch_size, seed, **options)
+    return reward.batched_scores(prompts, answers, device, batch_size), lengths, kls
 
 
 @torch.no_grad()
 def held_out_answers(
-    policy, tokenizer, prompts: list, settings: SamplingSettings, device, batch_size: int, seed: int, **library_sampler
+    policy,
+    tokenizer,
+    prompts: list,
+    settings: SamplingSettings,
+    device,
+    batch_size: int,
+    seed: int,
+    measure_kl: bool = False,
+    reference=None,
+    **library_sampler,
 ) -> tuple:
-    """(one sampled response per prompt, its length in tokens up to and including its EOS),
-    without dropout. Batch k is sampled under seed + k * batch_size, so two calls on the same
-    prompts and seed - before and after training - are paired draws."""
-    training, answers, lengths = policy.training, [], []
+    """(one sampled response per prompt, its length in tokens up to and including its EOS, and
+    with `measure_kl` its KL to `reference` at the sampling temperature (`sampled_kl`; reference
+    None = the peft policy with its adapter disabled), else []), without dropout. Batch k is
+    sampled under seed + k * batch_size, so two calls on the same prompts and seed - before and
+    after training - are paired draws."""
+    training, answers, lengths, kls = policy.training, [], [], []
     policy.eval()
     for start in range(0, len(prompts), batch_size):
         with seeded(seed + start, device):
             drawn = sample(policy, tokenizer, prompts[start : start + batch_size], settings, device, **library_sampler)
         answers += drawn.texts
         lengths += drawn.response_mask.sum(dim=1).int().tolist()
+        if measure_kl:
+            kls += sampled_kl(policy, reference, drawn, settings.temperature).tolist()
     policy.train(training)
-    return answers, lengths
+    return answers, lengths, kls
 
 
 @contextlib.contextmanager

@@ -173,7 +173,7 @@ def held_out_scorer(cfg, settings, inputs, trainer, reward, functions):
 
     def score() -> tuple:
         with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it
-            answers, lengths = held_out_answers(
+            answers, lengths, _ = held_out_answers(
                 trainer.model, inputs.tokenizer, held_out, sampling, device, batch_size, cfg.seed, **trl_sampler
             )
             scores = {}

@@ -244,3 +244,46 @@ def test_runs_that_differ_only_in_seed_are_grouped_with_intervals_and_a_noise_ve
     assert main([str(tight), "--sort", "eval_win_rate"]) == 0
     # equal variances (sd 0.01 each, 3 seeds): Welch's df = 4, t = 2.7764; difference 0.29 -+ 2.7764 x sqrt(2 x 0.01^2 / 3)
     assert "- dpo.beta=0.3: +0.29 [0.2673, 0.3127], beyond noise" in capsys.readouterr().out
+
+
+def eval_run(run_dir: Path, overrides: list, gains: list, lengths: tuple = (10, 10)) -> Path:
+    """A stage=eval run whose prompts gained `gains` (policy score - reference score, the reference
+    scoring 0): samples.jsonl as eval writes it, metrics.json with the mean."""
+    make_run(run_dir, overrides, {"eval_score_gain": sum(gains) / len(gains)}, status={"status": "done"})
+    rows = [
+        {"score_policy": g, "score_reference": 0.0, "length_policy": lengths[1], "length_reference": lengths[0], "kl": 1.0} for g in gains
+    ]
+    (run_dir / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return run_dir
+
+
+def test_seed_groups_of_evaluations_take_their_interval_over_seeds_and_prompts(tmp_path, capsys):
+    """Evaluations leave one row per prompt: a group's interval is the bootstrap over seeds x
+    prompts. By hand: when every prompt of a seed gained the same, only the seed draw varies - with
+    2 seeds the pooled mean is v1 (1/4 of draws), (v1+v2)/2 (1/2) or v2 (1/4), so the 95% interval
+    is exactly [v1, v2]; the t interval over the two seeds would be 12.7 times their half-spread."""
+    sweep = tmp_path / "sweep"
+    per_prompt = {("0.1", "1"): [0.2] * 30, ("0.1", "2"): [0.6] * 30, ("0.3", "1"): [0.0] * 30, ("0.3", "2"): [0.1] * 30}
+    for job, ((beta, seed), gains) in enumerate(per_prompt.items()):
+        eval_run(sweep / str(job), [f"dpo.beta={beta}", f"seed={seed}"], gains)
+    assert main([str(sweep), "--sort", "eval_score_gain"]) == 0
+    out = capsys.readouterr().out
+    assert "dpo.beta=0.1: 2 seeds, 0.4 [0.2, 0.6] (bootstrap over seeds x prompts)" in out
+    assert "dpo.beta=0.3: 2 seeds, 0.05 [0, 0.1] (bootstrap over seeds x prompts)" in out
+    # the difference's draws: (0.2, 0.4 or 0.6) - (0, 0.05 or 0.1), all above 0
+    assert "- dpo.beta=0.3: +0.35 [" in out and "beyond noise" in out
+    rows = list(csv.DictReader((sweep / "compare_seeds.csv").open(newline="")))
+    assert rows[0]["interval"] == "bootstrap over seeds x prompts" and float(rows[0]["diff_ci95_low"]) > 0
+
+    # Seeds that agree on the same prompts, prompts that vary: the interval is the prompts' (about mean -+ 1.96 sd / sqrt(60)):
+    # one draw of prompts serves both seeds, so 2 seeds of the same 60 prompts are not 120 independent prompts
+    noisy = tmp_path / "noisy"
+    gains = [(-1.0) ** i * (1 + i % 3) / 3 for i in range(60)]  # mean 0 +- a little, sd about 0.68
+    for job, seed in enumerate(("1", "2")):
+        eval_run(noisy / str(job), [f"seed={seed}"], gains)
+    assert main([str(noisy), "--sort", "eval_score_gain"]) == 0
+    [row] = list(csv.DictReader((noisy / "compare_seeds.csv").open(newline="")))
+    mean = sum(gains) / len(gains)
+    half = 1.96 * (sum((g - mean) ** 2 for g in gains) / (len(gains) - 1)) ** 0.5 / len(gains) ** 0.5
+    assert float(row["ci95_low"]) == pytest.approx(mean - half, abs=0.25 * half)
+    assert float(row["ci95_high"]) == pytest.approx(mean + half, abs=0.25 * half)

@@ -197,10 +197,12 @@ def test_dpo_scores_held_out_pairs_in_float32_when_it_trains_in_bfloat16(tmp_pat
         torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-5)
 
 
-def test_eval_computes_its_kl_in_float32_when_it_samples_in_bfloat16(rlhf_chain, monkeypatch):
+def test_eval_computes_its_kl_in_float32_at_the_training_temperature(rlhf_chain, monkeypatch):
     """eval's KL sums log pi - log ref over the policy's answers: under bfloat16 autocast the
-    rounding of two nearly equal log-probs swamps it. The KL of each answer must be the float32
-    one, whatever precision sampled the answer."""
+    rounding of two nearly equal log-probs swamps it, so each answer's KL must be the float32 one,
+    whatever precision sampled it. And it is measured where PPO's target steers it: on answers
+    sampled at the policy's training temperature (1.0), not at eval's 0.7; the judged answers' own
+    KL, at 0.7, is the second key."""
     import torch
     from hydra.utils import instantiate
 
@@ -212,28 +214,35 @@ def test_eval_computes_its_kl_in_float32_when_it_samples_in_bfloat16(rlhf_chain,
     chain_dir, _ = rlhf_chain
     cfg = compose_config("stage=eval", "hardware.training_args.bf16=true", "eval.batch_size=6")
     run = TrainedRun.of(chain_dir / "ppo", "policy", POLICY_STAGES)
+    assert evaluation.training_temperature(run) == 1.0 != cfg.eval.temperature  # PPO samples at 1.0, eval at 0.7
     (policy, reference), tokenizer = evaluation.load_policy_and_reference(run, cfg), run.start.tokenizer()
-    sampled, sample = [], evaluation.sample  # the policy's answers, as the evaluation drew them
+    sampled, sample = [], evaluation.sample  # the policy's answers, as the evaluation drew them, and at what temperature
 
-    def recorded(*args, **kwargs):
-        sampled.append(sample(*args, **kwargs))
-        return sampled[-1]
+    def recorded(model, tokenizer, prompts, settings, device):
+        sampled.append((settings.temperature, sample(model, tokenizer, prompts, settings, device)))
+        return sampled[-1][1]
 
     monkeypatch.setattr(evaluation, "sample", recorded)
     prompts = [[{"role": "user", "content": f"What is {n} plus {n}?"}] for n in range(6)]
     no_reference = {"texts": [""] * 6, "lengths": [1] * 6, "scores": {}}
     device = torch.device("cpu")
+    models = (policy, reference, tokenizer)
     with autocast(cfg, device):
-        rows = evaluation.answer_and_score(prompts, instantiate(cfg.eval), device, (policy, reference, tokenizer), {}, 0, no_reference)
-    [answers] = sampled
-    temperature = cfg.eval.temperature
-    with torch.no_grad():
-        policy_logprobs = response_logprobs(policy, answers, temperature)
-        with policy.disable_adapter():
-            reference_logprobs = response_logprobs(policy, answers, temperature)
-    by_hand = ((policy_logprobs - reference_logprobs) * answers.response_mask).sum(dim=1)
-    assert by_hand.abs().max() > 1e-3  # the policy moved from its start: there is a KL to get right
-    assert [row["kl"] for row in rows] == pytest.approx(by_hand.tolist(), abs=1e-5)
+        rows = evaluation.answer_and_score(prompts, instantiate(cfg.eval), device, models, {}, 0, no_reference, kl_temperature=1.0)
+    assert [temperature for temperature, _ in sampled] == [0.7, 1.0]  # the judged answers, then the ones for the KL
+
+    def kl_by_hand(answers, temperature):
+        with torch.no_grad():
+            policy_logprobs = response_logprobs(policy, answers, temperature)
+            with policy.disable_adapter():
+                reference_logprobs = response_logprobs(policy, answers, temperature)
+        return ((policy_logprobs - reference_logprobs) * answers.response_mask).sum(dim=1)
+
+    judged, for_kl = (kl_by_hand(answers, temperature) for temperature, answers in sampled)
+    assert judged.abs().max() > 1e-3  # the policy moved from its start: there is a KL to get right
+    assert [row["kl"] for row in rows] == pytest.approx(for_kl.tolist(), abs=1e-5)
+    assert [row["kl_at_sampling_temperature"] for row in rows] == pytest.approx(judged.tolist(), abs=1e-5)
+    assert judged.tolist() != pytest.approx(for_kl.tolist(), abs=1e-3)  # two temperatures, two quantities
 
 
 # ---- whole-model training and float32 paths over 16-bit weights -----------------------------

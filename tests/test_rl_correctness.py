@@ -176,7 +176,8 @@ def test_held_out_scores_are_paired_draws(qwen_like):
         return held_out_scores(policy, tokenizer, reward, prompts, settings, torch.device("cpu"), 4, seed=7)
 
     state = torch.get_rng_state()
-    (before, lengths), (after, lengths_again) = scores(), scores()
+    (before, lengths, no_kl), (after, lengths_again, _) = scores(), scores()
+    assert no_kl == []  # not asked for
     assert torch.equal(torch.get_rng_state(), state)
     assert before == after and len(set(before)) > 1 and lengths == lengths_again and all(1 <= n <= 12 for n in lengths)
     gain = paired_gain(before, after)
@@ -219,6 +220,9 @@ def test_rlhf_chain_reports_a_paired_held_out_gain(rlhf_chain):
     low, high = metrics["eval_score_gain_lc_ci95"]  # and what of it is not answer length, with the mean length change
     assert low <= metrics["eval_score_gain_lc"] <= high and "eval_length_change_ci95" in metrics
     assert metrics["objective/kl_coef_final"] > 0  # where the KL controller left kl_coef
+    # The held-out answers' KL: the estimator and temperature of objective/kl (on other prompts), so of its size
+    logged = [json.loads(line)["objective/kl"] for line in (run_dir / "ppo" / "history.jsonl").read_text().splitlines()][-5:]
+    assert 0.33 < metrics["eval_kl"] / (sum(logged) / len(logged)) < 3, (metrics["eval_kl"], logged)
 
 
 def test_a_gain_that_is_only_longer_answers_is_no_length_controlled_gain():

@@ -263,6 +263,9 @@ def test_eval_stage_judges_the_ppo_policy_against_its_reference(rlhf_chain, tmp_
     assert metrics["eval_score_policy"] > metrics["eval_score_reference"]  # PPO's answers please the reward model more
     assert metrics["eval_win_rate"] > 0.5
     assert metrics["eval_kl"] == pytest.approx(sum(s["kl"] for s in samples) / 24)
+    # PPO trained at temperature 1.0, eval samples at 0.7: eval_kl is the KL at 1.0, the judged answers' KL the second key
+    assert metrics["eval_kl_temperature"] == 1.0
+    assert metrics["eval_kl_at_sampling_temperature"] == pytest.approx(sum(s["kl_at_sampling_temperature"] for s in samples) / 24)
 
 
 def test_evaluations_from_one_start_share_the_reference_answers_they_would_sample(rlhf_chain, tmp_path):

@@ -22,7 +22,7 @@ there.
 
 import torch
 
-from rlhf.generation import at_least_float32  # statistics and targets never in half precision
+from rlhf.generation import at_least_float32, token_kl  # at_least_float32: statistics and targets never in half precision
 
 WHITEN_EPS = 1e-8
 
@@ -110,8 +110,7 @@ def kl_penalized_rewards(
 
     Returns (rewards, kl), both [batch, response_len] and 0 on padding.
     """
-    real = mask.bool()
-    kl = torch.where(real, logprobs - ref_logprobs, torch.zeros_like(logprobs))
+    kl = token_kl(logprobs, ref_logprobs, mask)  # the estimator every stage reports
     rewards = -kl_coef * kl
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last_token_index(mask)] += scores.to(rewards.dtype)

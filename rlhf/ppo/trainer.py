@@ -381,16 +381,20 @@ class PPOTrainer:
     # ---- evaluation ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def score_held_out(self, prompts: list, seed: int) -> tuple:
+    def score_held_out(self, prompts: list, seed: int, measure_kl: bool = False) -> tuple:
         """(the reward-model score of a sampled response to each of `prompts` (the held-out ones),
-        each response's length in tokens), in their order; the prompts are shared out between the
-        processes in contiguous blocks, and each block is sampled under seeds fixed by its
-        position, so the scores before and after training are paired draws."""
+        each response's length in tokens, with `measure_kl` its KL to the reference - the estimator
+        and temperature of `objective/kl` - else []), in their order; the prompts are shared out
+        between the processes in contiguous blocks, and each block is sampled under seeds fixed by
+        its position, so the scores before and after training are paired draws."""
         block = -(-len(prompts) // distributed.world_size())
         first = distributed.rank() * block
         mine = prompts[first : first + block]
         models = (self.policy, self.tokenizer, self.reward)
-        scores, lengths = (
-            held_out_scores(*models, mine, self.settings, self.device, self.settings.batch_size, seed + first) if mine else ([], [])
+        options = {"measure_kl": measure_kl, "reference": self.ref_policy}
+        held_out = (
+            held_out_scores(*models, mine, self.settings, self.device, self.settings.batch_size, seed + first, **options)
+            if mine
+            else ([], [], [])
         )
-        return distributed.all_gather_list(scores), distributed.all_gather_list(lengths)
+        return tuple(distributed.all_gather_list(values) for values in held_out)

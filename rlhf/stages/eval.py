@@ -3,10 +3,15 @@ reference (the policy it started from), and let a reward model judge them.
 
 Reports the reward model's win rate of policy over reference (ties count half, with its 95%
 Wilson interval), both mean scores and their paired difference (with its 95% t interval), the
-mean KL(policy || reference) of the policy's own samples (sum over response tokens of
-log pi - log ref: unbiased, because the tokens are the policy's samples; in float32 whatever the
-precision of the sampling), and the mean response
-lengths. With `eval.judge_model=<rm run>` a second reward model - one the policy
+mean KL(policy || reference) of the policy's own samples (`rlhf.generation.sampled_kl`, the
+estimator PPO's penalty and logs use), and the mean response lengths. The KL is measured where the
+policy's stage measured it: on answers sampled at the temperature it trained on (its
+`<stage>.temperature`; 1.0, the model's own distribution, for SFT and DPO), so that `eval_kl` of
+a PPO run is the quantity its `ppo.target` steers. Where eval samples at another temperature
+(`eval.temperature`, 0.7 by default), the policy answers each prompt once more at the training
+temperature for `eval_kl`, and the KL of the judged answers themselves is
+`eval_kl_at_sampling_temperature` (the two differ: a lower temperature sharpens both
+distributions). With `eval.judge_model=<rm run>` a second reward model - one the policy
 was not optimised against, trained on other pairs - scores the same answers (`eval_judge_*`):
 a proxy reward that rises while the judge's falls is over-optimisation (Gao et al. 2022).
 Every generation goes to samples.jsonl in the run directory.
@@ -17,6 +22,7 @@ scores (`eval.ref_cache`), so a comparison of several aligners from one SFT run,
 evaluations, samples and scores the reference once (`eval_reference_from_cache` says which).
 """
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -28,10 +34,9 @@ from omegaconf import OmegaConf
 
 from rlhf import package_versions, precision
 from rlhf.cache import EVAL_REFERENCES, cache_dir
-from rlhf.compat import float32_forward
 from rlhf.data import load_splits
 from rlhf.errors import UserError
-from rlhf.generation import SamplingSettings, as_reference, fit_prompts, response_logprobs, sample, seeded
+from rlhf.generation import SamplingSettings, as_reference, fit_prompts, sample, sampled_kl, seeded
 from rlhf.lifecycle import autocast, device_for, load_reward_model
 from rlhf.lineage import POLICY_STAGES, TrainedRun
 from rlhf.metrics import agreement, length_controlled_gain, score_gain, wilson_interval
@@ -74,14 +79,16 @@ def run(cfg, run_dir: Path) -> dict:
         started = time.perf_counter()
         references = reference_answers(prompts, settings, device, models, judges, cfg.seed, cache)
         reference_seconds = time.perf_counter() - started
-        rows = answer_and_score(prompts, settings, device, models, judges, cfg.seed, references)
+        rows = answer_and_score(prompts, settings, device, models, judges, cfg.seed, references, training_temperature(trained))
     with open(run_dir / "samples.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     metrics = {}
     for prefix in judges:  # eval_win_rate, eval_score_gain, ... and the same with eval_judge_
         metrics.update(judged(rows, prefix))
-    keys = ("score_policy", "score_reference", "score_judge_policy", "score_judge_reference", "kl", "length_policy", "length_reference")
+    keys = ("score_policy", "score_reference", "score_judge_policy", "score_judge_reference", "kl", "kl_at_sampling_temperature")
+    keys += ("length_policy", "length_reference")
     metrics.update({f"eval_{key}": sum(row[key] for row in rows) / len(rows) for key in keys if key in rows[0]})
+    metrics["eval_kl_temperature"] = training_temperature(trained)  # what eval_kl was measured at
     cut = {f"data/{prefix}reward_cut_inputs": judge.cut_inputs for prefix, judge in judges.items()}  # rows cut to the RM's max_length
     return {
         **metrics,
@@ -106,26 +113,30 @@ def judged(rows: list, prefix: str) -> dict:
     return {**metrics, **score_gain(reference, policy, prefix=f"eval_{prefix}"), **controlled}
 
 
-def answer_and_score(prompts: list, settings, device, models: tuple, judges: dict, seed: int, references: dict) -> list:
+def answer_and_score(
+    prompts: list, settings, device, models: tuple, judges: dict, seed: int, references: dict, kl_temperature: float
+) -> list:
     """One row per prompt: the policy's and the reference's answers (`references`), each reward
-    model's score of both (`judges`: prefix -> RewardModel), the KL of the policy's answer and both
-    lengths. Both answers to a batch are sampled under the same seed (seed + the batch's first
-    index): paired draws."""
+    model's score of both (`judges`: prefix -> RewardModel), the KL of the policy's answers at
+    `kl_temperature` (the one it trained at: see the module's docstring) and both lengths. Both
+    answers to a batch are sampled under the same seed (seed + the batch's first index): paired
+    draws."""
     policy, reference, tokenizer = models
-    # The KL of the distributions sampled from; greedy decoding (temperature 0) compares the
-    # untempered ones rather than dividing the logits by ~0.
-    kl_temperature = settings.temperature or 1.0
+    at_kl_temperature = dataclasses.replace(settings, temperature=kl_temperature)
     rows = []
     for start in range(0, len(prompts), settings.batch_size):
         batch = prompts[start : start + settings.batch_size]
         with seeded(seed + start, device):
             from_policy = sample(policy, tokenizer, batch, settings, device)
-        # In float32 even under bfloat16 autocast: the KL sums differences of nearly equal log-probs,
-        # which bfloat16's rounding swamps (see rlhf.trainers.KLDPOTrainer.pair_scores).
-        with float32_forward(policy):
-            with as_reference(policy, reference) as ref, float32_forward(ref):
-                ref_logprobs = response_logprobs(ref, from_policy, kl_temperature)
-            kl = ((response_logprobs(policy, from_policy, kl_temperature) - ref_logprobs) * from_policy.response_mask).sum(dim=1)
+        kl = {}
+        if settings.temperature != kl_temperature:
+            if settings.temperature > 0:  # greedy answers are no sample of any distribution: no KL of them
+                kl["kl_at_sampling_temperature"] = sampled_kl(policy, reference, from_policy, settings.temperature)
+            with seeded(seed + start, device):
+                for_kl = sample(policy, tokenizer, batch, at_kl_temperature, device)
+        else:
+            for_kl = from_policy
+        kl["kl"] = sampled_kl(policy, reference, for_kl, kl_temperature)
         scores = {f"score_{prefix}policy": judge.scores(batch, from_policy.texts, device).tolist() for prefix, judge in judges.items()}
         for i, prompt in enumerate(batch):
             row = start + i
@@ -136,12 +147,19 @@ def answer_and_score(prompts: list, settings, device, models: tuple, judges: dic
                     "reference": references["texts"][row],
                     **{key: values[i] for key, values in scores.items()},
                     **{f"score_{prefix}reference": references["scores"][judge.identity]["scores"][row] for prefix, judge in judges.items()},
-                    "kl": kl[i].item(),
+                    **{key: values[i].item() for key, values in kl.items()},
                     "length_policy": int(from_policy.response_mask[i].sum()),
                     "length_reference": references["lengths"][row],
                 }
             )
     return rows
+
+
+def training_temperature(run: TrainedRun) -> float:
+    """The temperature the policy's stage sampled its training answers at (PPO, GRPO, RLOO:
+    `<stage>.temperature`); 1.0 - the model's own distribution - for stages trained on given
+    answers (SFT, DPO)."""
+    return float(OmegaConf.select(run.cfg, f"{run.cfg.stage}.temperature", default=None) or 1.0)
 
 
 def reference_answers(prompts: list, settings, device, models: tuple, judges: dict, seed: int, cache: Path | None) -> dict:

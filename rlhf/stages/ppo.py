@@ -64,12 +64,13 @@ def train_ppo(cfg, run_dir: Path) -> dict:
         else:  # the held-out prompts are sampled under the same seeds before and after: paired scores
             kept = dict(identity)
             if held_out:
-                kept["held_out_before"], kept["held_out_lengths_before"] = trainer.score_held_out(held_out, cfg.seed)
+                kept["held_out_before"], kept["held_out_lengths_before"], _ = trainer.score_held_out(held_out, cfg.seed)
         metrics = trainer.train(train_prompts, seed=cfg.seed, checkpoints=run_dir / "checkpoints", keep=kept)
         if held_out:
-            scores, lengths = trainer.score_held_out(held_out, cfg.seed)
+            scores, lengths, kls = trainer.score_held_out(held_out, cfg.seed, measure_kl=True)
             before_lengths = kept.get("held_out_lengths_before")  # None in a checkpoint written before lengths were kept
             metrics.update(paired_gain(kept["held_out_before"], scores, lengths=(before_lengths, lengths) if before_lengths else None))
+            metrics["eval_kl"] = sum(kls) / len(kls)  # the held-out answers' KL to the reference, as objective/kl measures it
     metrics["data/skipped_rows"] = inputs.data.skipped_rows
     metrics["data/cut_prompts"] = cut_prompts
     # (prompt, response) rows longer than the reward model was trained on, cut to its rm.max_length, over every process
