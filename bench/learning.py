@@ -108,6 +108,11 @@ def main() -> None:
         help="a departure from the shipped defaults for one stage's runs (repeatable; recorded, and named in the file)",
     )
     parser.add_argument(
+        "--skip-phases",
+        action="store_true",
+        help="leave out PPO's phase ratios (step 7): a property of the code, not of the seed - a second seed's run measures them twice",
+    )
+    parser.add_argument(
         "--seed",
         type=int,
         help="`seed=` for every run (training order, LoRA initialisation, sampling; the data split stays): a second "
@@ -127,7 +132,7 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     with tempfile.TemporaryDirectory(prefix="rlhf-learning-") as work:
         env["RLHF_CACHE"] = str(own_cache(Path(work)))
-        result = measure(Path(work), sizes, env, smoke=args.smoke, changes=args.set, seed=args.seed)
+        result = measure(Path(work), sizes, env, smoke=args.smoke, changes=args.set, seed=args.seed, phases=not args.skip_phases)
     suffix = ("-smoke" if args.smoke else "") + "".join(f"-{change.replace('=', '_')}" for change in args.set)
     suffix += f"-seed_{args.seed}" if args.seed is not None else ""
     write_results(args.out, f"{result['date'][:10]}-learning{suffix}", result, markdown(result))
@@ -146,7 +151,7 @@ def own_cache(work: Path) -> Path:
     return own
 
 
-def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list, seed: int | None = None) -> dict:
+def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list, seed: int | None = None, phases: bool = True) -> dict:
     started, start = time.localtime(), time.perf_counter()
     seeded = [] if seed is None else [f"seed={seed}"]
     rows = [
@@ -231,27 +236,7 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list, seed
         "grpo.save_strategy=no",
         *(SMOKE_SIZES["grpo"] + ["grpo.per_device_train_batch_size=2", "grpo.gradient_accumulation_steps=1"] if smoke else []),
     )
-    phases = work / "phases"
-    timed(
-        [
-            sys.executable,
-            "bench/ppo_phases.py",
-            "--sft",
-            sft,
-            "--rm",
-            str(proxy),
-            "--updates",
-            str(sizes["phase_updates"]),
-            f"--new-tokens={sizes['new_tokens']}",
-            f"--prompt-length={sizes['max_length']}",
-            "--out",
-            str(phases),
-            *(f"--set={o}" for o in (SMOKE_SIZES["ppo"] if smoke else []) + changed("ppo") + seeded),
-        ],
-        env,
-    )
-    [phase_file] = phases.glob("*.json")
-    ppo_phases = json.loads(phase_file.read_text())
+    ppo_phases = measure_phases(work, sft, proxy, sizes, env, smoke, changed("ppo") + seeded) if phases else None
 
     m = {name: run["metrics"] for name, run in runs.items()}
     sft_history = history(work / "sft")
@@ -276,14 +261,16 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list, seed
         "judge_rm_eval_pairs": m["judge_rm"]["eval_pairs"],
         "dpo_eval_accuracy": m["dpo"]["eval_win_rate"],
         "dpo_eval_pairs": m["dpo"]["eval_pairs"],
-        "ppo_kl_target": float(saved_config(work / "ppo")["ppo"]["target"]),  # what PPO's adaptive controller steered to
+        # PPO's KL controller: the KL it steers kl_coef towards, how fast (samples), from where
+        **{f"ppo_kl_{key}": float(saved_config(work / "ppo")["ppo"][key]) for key in ("target", "horizon")},
+        "ppo_kl_coef_start": float(saved_config(work / "ppo")["ppo"]["kl_coef"]),
         "eval_prompts": m["eval_ppo"]["eval_prompts"],
         "arith_accuracy_before": arith["eval_answer_match_scores_before"],
         "arith_accuracy": arith["eval_answer_match_scores"],
         "arith_prompts": arith["eval_answer_match_score_pairs"],
         "arith_gain_ci95": arith.get("eval_answer_match_score_gain_ci95"),
-        "ppo_phase_ratios": ppo_phases["ppo_phase_ratios"],
-        "ppo_phase_ratio_range": ppo_phases["ppo_phase_ratio_range"],
+        "ppo_phase_ratios": ppo_phases["ppo_phase_ratios"] if ppo_phases else None,  # None: --skip-phases
+        "ppo_phase_ratio_range": ppo_phases["ppo_phase_ratio_range"] if ppo_phases else None,
         "grpo_peak_rss_mib": runs["grpo"]["peak_rss_mib"],
         "dropped_rows": {stage: m[stage].get("data/dropped_rows", 0) for stage in ("sft", "rm", "judge_rm", "dpo")},
         "skipped_rows": m["sft"]["data/skipped_rows"],
@@ -301,7 +288,10 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list, seed
                 f"{a}_eval_score_gain_ci95": judged.get("eval_score_gain_ci95"),
                 f"{a}_judge_score_gain": judged["eval_judge_score_gain"],
                 f"{a}_judge_score_gain_ci95": judged.get("eval_judge_score_gain_ci95"),
-                f"{a}_kl": judged["eval_kl"],  # KL(policy || SFT) of its held-out answers, nats per answer: one estimator for all
+                # KL(policy || SFT) of its held-out answers, nats per answer: PPO's estimator, at the temperature the
+                # policy trained at (1.0: what ppo.target steers); and of the judged answers, at eval's 0.7
+                f"{a}_kl": judged["eval_kl"],
+                f"{a}_kl_at_eval_temperature": judged.get("eval_kl_at_sampling_temperature"),
                 f"{a}_judge_win_rate": judged["eval_judge_win_rate"],
                 f"{a}_judge_win_rate_ci95": judged["eval_judge_win_rate_ci95"],
                 f"{a}_proxy_win_rate": judged["eval_win_rate"],
@@ -318,6 +308,11 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list, seed
     result["ppo_kl_coef_final"] = m["ppo"].get("objective/kl_coef_final")  # where PPO's KL controller left kl_coef
     result["judge_start"] = f"the base model, seed {JUDGE_SEED}"
     result["ppo_train_kl"] = m["ppo"]["objective/kl"]  # PPO's own estimate on its last batch, what the adaptive target steers
+    ppo_history = [line for line in history(work / "ppo") if "objective/kl" in line]  # one line per update
+    result["ppo_kl_per_update"] = [line["objective/kl"] for line in ppo_history]
+    result["ppo_kl_coef_per_update"] = [line["objective/kl_coef"] for line in ppo_history]
+    # Each evaluation's rows, one per held-out prompt: bench/learning_seeds.py pools seeds from them
+    result["per_prompt"] = {a: prompt_rows(work / f"eval-{a}") for a in ONLINE}
     # The share of held-out pairs ranked right is eval_win_rate (TRL's accuracies are means over eval
     # batches, where a short last batch weighs as much as a full one); the Wilson bound is taken on it.
     for stage in ("rm", "judge_rm", "dpo"):
@@ -328,6 +323,40 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list, seed
     }
     result["total_seconds"] = time.perf_counter() - start
     return result
+
+
+def measure_phases(work: Path, sft: str, proxy: Path, sizes: dict, env: dict, smoke: bool, overrides: list) -> dict:
+    """PPO's phases against the bare operations (bench/ppo_phases.py) on the benchmark's SFT and RM."""
+    phases = work / "phases"
+    timed(
+        [
+            sys.executable,
+            "bench/ppo_phases.py",
+            "--sft",
+            sft,
+            "--rm",
+            str(proxy),
+            "--updates",
+            str(sizes["phase_updates"]),
+            f"--new-tokens={sizes['new_tokens']}",
+            f"--prompt-length={sizes['max_length']}",
+            "--out",
+            str(phases),
+            *(f"--set={o}" for o in (SMOKE_SIZES["ppo"] if smoke else []) + overrides),
+        ],
+        env,
+    )
+    [phase_file] = phases.glob("*.json")
+    return json.loads(phase_file.read_text())
+
+
+PER_PROMPT = ("score_policy", "score_reference", "score_judge_policy", "score_judge_reference", "length_policy", "length_reference", "kl")
+
+
+def prompt_rows(eval_dir: Path) -> list:
+    """An evaluation's rows (samples.jsonl) without the texts: the scores, lengths and KL of each prompt."""
+    rows = [json.loads(line) for line in (eval_dir / "samples.jsonl").read_text().splitlines()]
+    return [{key: row[key] for key in PER_PROMPT} for row in rows]
 
 
 def saved_config(run_dir: Path) -> dict:
@@ -354,6 +383,10 @@ def stage_cost(run: dict, run_dir: Path) -> dict:
 
 def interval(pair) -> str:
     return f"[{pair[0]:+.3f}, {pair[1]:+.3f}]" if pair else "[n/a]"
+
+
+def number(value, spec: str = "+.3f") -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def share(r: dict, key: str) -> str:
@@ -391,23 +424,35 @@ def markdown(r: dict) -> str:
         lines += [
             f"| {a.upper()} held-out proxy score, SFT -> {a.upper()} (paired gain, 95% interval) | "
             f"{before:.3f} -> {after:.3f} ({change:+.3f} {interval(r[f'{a}_eval_score_gain_ci95'])}) | interval above 0 |",
-            f"| {a.upper()} held-out judge score gain over SFT (95% interval) | "
-            f"{r[f'{a}_judge_score_gain']:+.3f} {interval(r[f'{a}_judge_score_gain_ci95'])} | reported |",
-            f"| {a.upper()} KL to SFT on held-out answers (nats per answer) | {r[f'{a}_kl']:.3f} | "
-            + (f"<= {r['ppo_kl_target']:g} |" if a == "ppo" else "small |"),
+            f"| {a.upper()} proxy gain at equal answer length (95% interval); mean length change, tokens | "
+            f"{number(r[f'{a}_eval_score_gain_lc'])} {interval(r[f'{a}_eval_score_gain_lc_ci95'])}; "
+            f"{number(r[f'{a}_length_change'])} {interval(r[f'{a}_length_change_ci95'])} | reported |",
+            f"| {a.upper()} held-out judge score gain over SFT (95% interval); at equal length | "
+            f"{r[f'{a}_judge_score_gain']:+.3f} {interval(r[f'{a}_judge_score_gain_ci95'])}; "
+            f"{number(r[f'{a}_judge_score_gain_lc'])} {interval(r[f'{a}_judge_score_gain_lc_ci95'])} | reported |",
+            f"| {a.upper()} KL to SFT on held-out answers at temperature 1.0 (at eval's 0.7), nats per answer | "
+            f"{r[f'{a}_kl']:.3f} ({number(r[f'{a}_kl_at_eval_temperature'], '.3f')}) | "
+            + (f"within 25% of ppo.target={r['ppo_kl_target']:g} |" if a == "ppo" else "reported |"),
             f"| {a.upper()} win rate over SFT: judge RM / proxy RM ({r['eval_prompts']} prompts; 95% Wilson) | "
             f"{share(r, f'{a}_judge_win_rate')} / {share(r, f'{a}_proxy_win_rate')} | reported |",
         ]
     arith_change = r["arith_accuracy"] - r["arith_accuracy_before"]
-    ratio = {
-        phase: f"{r['ppo_phase_ratios'][phase]:.2f} ({low:.2f}-{high:.2f})" for phase, (low, high) in r["ppo_phase_ratio_range"].items()
-    }
     lines += [
+        f"| PPO's KL controller: kl_coef start -> end (ppo.horizon) | {r['ppo_kl_coef_start']:g} -> "
+        f"{number(r['ppo_kl_coef_final'], '.4g')} ({r['ppo_kl_horizon']:g} samples) | moves once the KL reaches the target |",
         f"| GRPO on arithmetic: held-out exact match, before -> after ({r['arith_prompts']} prompts; paired 95% interval) | "
         f"{r['arith_accuracy_before']:.3f} -> {r['arith_accuracy']:.3f} ({arith_change:+.3f} {interval(r['arith_gain_ci95'])}) | "
         "interval above 0 |",
-        f"| PPO generation / bare generate (range over updates) | {ratio['generation']} | <= 1.3 |",
-        f"| PPO optimisation / bare forward+backward | {ratio['optimisation']} | <= 1.5 |",
+    ]
+    if r["ppo_phase_ratios"] is not None:  # None: measured by another run (--skip-phases)
+        ratio = {
+            phase: f"{r['ppo_phase_ratios'][phase]:.2f} ({low:.2f}-{high:.2f})" for phase, (low, high) in r["ppo_phase_ratio_range"].items()
+        }
+        lines += [
+            f"| PPO generation / bare generate (range over updates) | {ratio['generation']} | <= 1.3 |",
+            f"| PPO optimisation / bare forward+backward | {ratio['optimisation']} | <= 1.5 |",
+        ]
+    lines += [
         f"| GRPO peak RSS | {r['grpo_peak_rss_mib']:.0f} MiB | <= 8192 |",
         "",
         "| stage | wall time (process) | peak RSS | throughput |",
@@ -423,7 +468,8 @@ def markdown(r: dict) -> str:
         )
         lines.append(f"| {name} | {cost['process_seconds']:.0f} s | {cost['peak_rss_mib']:.0f} MiB | {speed} |")
     lines.append(
-        f"\nTotal: {r['total_seconds'] / 60:.1f} min (target <= 60). Rows dropped by the trainers for length: {r['dropped_rows']}; "
+        f"\nTotal: {r['total_seconds'] / 60:.1f} min (target <= 150 on 2 cores). "
+        f"Rows dropped by the trainers for length: {r['dropped_rows']}; "
         f"malformed published rows skipped: {r['skipped_rows']}."
     )
     return "\n".join(lines) + "\n"

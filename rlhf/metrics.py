@@ -86,7 +86,7 @@ def length_controlled_gain(before: list, after: list, lengths_before: list, leng
     gains = [b - a for a, b in zip(before, after)]
     changes = [float(b - a) for a, b in zip(lengths_before, lengths_after)]
     n = len(gains)
-    mean_change, mean_gain = sum(changes) / n, sum(gains) / n
+    mean_change = sum(changes) / n
     result = {f"{prefix}length_change": mean_change}
     if n > 1:
         result[f"{prefix}length_change_ci95"] = mean_interval(changes)
@@ -95,14 +95,26 @@ def length_controlled_gain(before: list, after: list, lengths_before: list, leng
         if mean_change == 0:  # no length changed: the gain is all length-controlled
             result.update({key.replace("score_gain", "score_gain_lc"): value for key, value in score_gain(before, after, prefix).items()})
         return result
-    slope = sum((x - mean_change) * (y - mean_gain) for x, y in zip(changes, gains)) / spread
-    intercept = mean_gain - slope * mean_change
+    intercept, slope = gain_at_equal_length(gains, changes)
     result.update({f"{prefix}score_gain_lc": intercept, f"{prefix}score_per_token": slope})
     if n > 2:
         residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(changes, gains)) / (n - 2)
         half = t_quantile(0.975, n - 2) * math.sqrt(residual * (1 / n + mean_change**2 / spread))
         result[f"{prefix}score_gain_lc_ci95"] = [intercept - half, intercept + half]
     return result
+
+
+def gain_at_equal_length(gains: list, changes: list) -> tuple:
+    """(a, b) of the least-squares line gain = a + b * length change (`length_controlled_gain`):
+    a is the gain at zero length change. Where every change is the same, (the mean gain, 0) if
+    that change is 0, else (NaN, NaN): gain and length cannot be told apart."""
+    n = len(gains)
+    mean_change, mean_gain = sum(changes) / n, sum(gains) / n
+    spread = sum((x - mean_change) ** 2 for x in changes)
+    if spread == 0:
+        return (mean_gain, 0.0) if mean_change == 0 else (math.nan, math.nan)
+    slope = sum((x - mean_change) * (y - mean_gain) for x, y in zip(changes, gains)) / spread
+    return mean_gain - slope * mean_change, slope
 
 
 def score_gain(before: list, after: list, prefix: str = "eval_") -> dict:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.errors import UserError
-from rlhf.metrics import agreement, is_number, length_controlled_gain, mean_interval, t_quantile
+from rlhf.metrics import agreement, gain_at_equal_length, is_number, mean_interval, t_quantile
 
 SEED_CSV_NAME = "compare_seeds.csv"
 SEED_COLUMNS = (
@@ -76,10 +76,9 @@ def prompt_statistic(metric: str):
     if what == "win_rate":
         return lambda rows: sum(agreement(row[policy] - row[reference]) for row in rows) / len(rows)
 
-    def controlled(rows):
-        scores = ([row[reference] for row in rows], [row[policy] for row in rows])
-        lengths = ([row["length_reference"] for row in rows], [row["length_policy"] for row in rows])
-        return length_controlled_gain(*scores, *lengths).get("eval_score_gain_lc", math.nan)
+    def controlled(rows):  # the gain at zero length change, without length_controlled_gain's intervals (a bootstrap calls it often)
+        gains = [row[policy] - row[reference] for row in rows]
+        return gain_at_equal_length(gains, [row["length_policy"] - row["length_reference"] for row in rows])[0]
 
     return controlled
 

@@ -84,7 +84,9 @@ def test_learning_benchmark_smoke_runs_every_step(tmp_path):
     keys += [f"{a}_judge_win_rate{ci}" for a in ("ppo", "grpo", "rloo") for ci in ("", "_ci95")]
     keys += ["arith_accuracy_before", "arith_accuracy", "arith_prompts", "arith_gain_ci95", "ppo_phase_ratios", "grpo_peak_rss_mib"]
     keys += [f"{a}_{key}" for a in ("ppo", "grpo", "rloo") for key in ("eval_score_gain_lc", "eval_score_gain_lc_ci95", "length_change")]
-    keys += ["ppo_kl_coef_final", "judge_start"]
+    keys += ["ppo_kl_coef_final", "ppo_kl_coef_start", "ppo_kl_horizon", "judge_start", "ppo_kl_per_update", "ppo_kl_coef_per_update"]
+    added = ("judge_score_gain_lc", "judge_score_gain_lc_ci95", "kl_at_eval_temperature")
+    keys += [f"{a}_{key}" for a in ("ppo", "grpo", "rloo") for key in added]
     assert all(key in result for key in keys), set(keys) - set(result)
     assert result["rm_eval_pairs"] > 0 and result["dpo_eval_pairs"] > 0 and result["arith_prompts"] > 0
     assert 0 <= result["arith_accuracy_before"] <= 1 and 0 <= result["arith_accuracy"] <= 1
@@ -97,6 +99,9 @@ def test_learning_benchmark_smoke_runs_every_step(tmp_path):
     assert result["eval_reference_from_cache"] == {"ppo": 0, "grpo": 1, "rloo": 1}  # the SFT answers: sampled once, in its own cache
     assert all(cost["peak_rss_mib"] > 0 and cost["process_seconds"] > 0 for cost in result["stages"].values())
     assert result["total_seconds"] > 0 and "| GRPO peak RSS |" in json_file.with_suffix(".md").read_text()
+    # every evaluation's rows, one per held-out prompt, for the seeds' summary (bench/learning_seeds.py)
+    assert all(len(result["per_prompt"][a]) == result["eval_prompts"] for a in ("ppo", "grpo", "rloo"))
+    assert len(result["ppo_kl_per_update"]) == len(result["ppo_kl_coef_per_update"]) == result["sizes"]["ppo_updates"]
 
 
 def test_padding_benchmark_measures_the_trainers_own_batches(tmp_path):
@@ -107,3 +112,45 @@ def test_padding_benchmark_measures_the_trainers_own_batches(tmp_path):
         measured = result["stages"][stage]
         assert measured["batches"] == 2 and 0 < measured["pad_share"] < 1, stage
         assert measured["min"] <= measured["median"] <= measured["max"], stage
+
+
+def fake_learning_result(seed: int, gains: list, ci95: list, lengths: tuple = (20, 20)) -> dict:
+    """The keys of a bench/learning.py JSON that bench/learning_seeds.py reads: every aligner
+    gained `gains` per prompt (the reference scoring 0) under both RMs, with the interval its run
+    reported; PPO's KL 2.2 against a target of 2."""
+    rows = [
+        {"score_policy": g, "score_reference": 0.0, "score_judge_policy": g, "score_judge_reference": 0.0}
+        | {"length_policy": lengths[1], "length_reference": lengths[0], "kl": 2.2}
+        for g in gains
+    ]
+    result = {"seed": seed, "date": "2026-12-07 12:00", "total_seconds": 600.0, "cpu_flags": "avx2", "sizes": {"rows": 1}, "data": "d"}
+    result |= {"ppo_kl": 2.2, "ppo_kl_target": 2.0, "ppo_kl_coef_final": 0.12, "per_prompt": {}}
+    for a in ("ppo", "grpo", "rloo"):
+        result["per_prompt"][a] = rows
+        for key in ("eval_score_gain", "judge_score_gain"):
+            result[f"{a}_{key}"], result[f"{a}_{key}_ci95"] = sum(gains) / len(gains), ci95
+    return result
+
+
+def test_learning_seeds_pools_two_seeds_and_says_which_claims_hold(tmp_path):
+    """Two seeds of the learning benchmark: a gain whose interval is above 0 at one seed and
+    crosses 0 at the other does not hold at every seed; pooled, every prompt gained 0.2 or 0.4,
+    so the seeds x prompts bootstrap's interval is [0.2, 0.4], above 0 ('pooled only')."""
+    paths = []
+    for seed, gains, ci95 in ((42, [0.4] * 40, [0.3, 0.5]), (1, [0.2] * 40, [-0.1, 0.5])):
+        paths.append(tmp_path / f"seed_{seed}.json")
+        paths[-1].write_text(json.dumps(fake_learning_result(seed, gains, ci95)))
+    bench("bench/learning_seeds.py", *map(str, paths), "--out", str(tmp_path / "out"))
+    [json_file] = (tmp_path / "out").glob("*-learning-seeds.json")
+    summary = json.loads(json_file.read_text())
+    [proxy] = [row for row in summary["rows"] if row["aligner"] == "ppo" and row["measure"] == "proxy gain"]
+    # the draws (seed 42 twice, both, seed 1 twice) pool to 0.4, 0.3 or 0.2: 2 seeds span [0.2, 0.4]
+    assert proxy["pooled"] == pytest.approx(0.3) and proxy["pooled_ci95"] == pytest.approx([0.2, 0.4])
+    assert proxy["verdict"] == "pooled only"
+    assert [entry["within_tolerance"] for entry in summary["ppo_kl"]] == [True, True]  # 2.2 is 10% above 2
+    assert "| PPO | proxy gain | +0.400 [+0.300, +0.500] | +0.200 [-0.100, +0.500] |" in json_file.with_suffix(".md").read_text()
+
+    one_seed_twice = subprocess.run(
+        [sys.executable, "bench/learning_seeds.py", str(paths[0]), str(paths[0])], cwd=ROOT, capture_output=True, text=True
+    )
+    assert one_seed_twice.returncode != 0 and "two files of the same seed" in one_seed_twice.stderr
