@@ -164,3 +164,32 @@ def test_tiny_model_keeps_its_fast_values_and_overrides_still_win():
 def test_qwen3_dpo_follows_its_reference_workflow():
     dpo = compose_config("model=qwen3-0.6b", "stage=dpo").dpo
     assert (dpo.learning_rate, dpo.max_length) == (5e-6, 512)
+
+
+@pytest.mark.parametrize("stage", ["ppo", "eval", "grpo", "rloo", "dpo", "sft", "rm"])
+def test_the_settings_dataclasses_default_to_what_stage_runs(stage):
+    """One source of defaults: every key the project's own settings classes declare holds, as its
+    dataclass default, the value `stage=<stage>` composes on a real model - so code (and a test)
+    building `PPOConfig()` gets what the command line runs. Library fields (trl's, transformers')
+    keep the library's defaults, which the YAML overrides on purpose."""
+    import dataclasses
+
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(f"stage={stage}", "model=smollm2-135m")
+    node = OmegaConf.to_container(cfg[stage], resolve=True)
+    settings_class = get_class(node.pop("_target_"))
+    own = {}
+    for klass in reversed(settings_class.__mro__):  # the project's classes in the MRO: their fields, the most derived last
+        if klass.__module__.startswith("rlhf.") and dataclasses.is_dataclass(klass):
+            own.update({f.name: f for f in dataclasses.fields(klass) if f.name in vars(klass).get("__annotations__", {})})
+    assert own or not settings_class.__module__.startswith("rlhf."), stage
+    differ = []
+    for name, declared in own.items():
+        default = declared.default_factory() if declared.default_factory is not dataclasses.MISSING else declared.default
+        if name not in node:  # only top_p: the sampling API's (rlhf.sample), no stage setting - they sample the whole softmax
+            assert name == "top_p" and default == 1.0, f"{settings_class.__name__}.{name} is not in the {stage} YAML"
+        elif node[name] != default:
+            differ.append(f"{settings_class.__name__}.{name}: dataclass {default!r}, YAML {node[name]!r}")
+    assert not differ, differ

@@ -41,15 +41,19 @@ from rlhf.runs import CHECKPOINT_MARK, checkpoint_step, is_main_process, write_j
 
 @dataclass
 class PPOConfig(SamplingSettings):
-    """Settings of `stage=ppo` (conf/ppo/default.yaml documents each key)."""
+    """Settings of `stage=ppo`, defaulting to what conf/ppo/default.yaml gives a real model (a
+    test holds them equal; the YAML documents each key)."""
 
     reward_model: str | None = None
-    total_updates: int = 40
-    batch_size: int = 32
-    mini_batch_size: int = 8
+    total_updates: int = 100
+    batch_size: int = 8
+    mini_batch_size: int = 1
     ppo_epochs: int = 4
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-5
     max_grad_norm: float = 1.0
+    max_prompt_length: int = 512
+    max_new_tokens: int = 128
+    temperature: float = 1.0
     missing_eos_penalty: float | None = None
     whiten_scores: bool = True
     kl_coef: float = 0.1
@@ -61,10 +65,10 @@ class PPOConfig(SamplingSettings):
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
+    eval_prompts: int = 128
     logging_steps: int = 1
     save_steps: int = 10
     save_total_limit: int = 1
-    eval_prompts: int = 128
 
 
 class ValueHead(nn.Module):

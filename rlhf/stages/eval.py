@@ -45,13 +45,16 @@ from rlhf.runs import read_json, write_json
 
 @dataclass
 class EvalConfig(SamplingSettings):
-    """Settings of `stage=eval` (conf/eval/default.yaml documents each key)."""
+    """Settings of `stage=eval`, defaulting to what conf/eval/default.yaml gives a real model (a
+    test holds them equal; the YAML documents each key)."""
 
     policy: str | None = None
     reward_model: str | None = None
     judge_model: str | None = None
     num_prompts: int = 64
     batch_size: int = 16
+    max_prompt_length: int = 512
+    max_new_tokens: int = 128
     temperature: float = 0.7
     ref_cache: bool = True
 
