@@ -12,6 +12,7 @@ import difflib
 import functools
 import inspect
 import math
+import os
 import re
 import types
 from pathlib import Path
@@ -112,11 +113,31 @@ def check_targets(cfg) -> None:
         check_target(target, path, resolve=target not in shipped_targets())
 
 
+USER_TARGETS_VARIABLE = "RLHF_ALLOW_TARGETS"  # the opt-in for a user's own modules (docs/layout.md, "How to add")
+
+
+def user_allowed_targets() -> tuple:
+    """The module prefixes the user allows besides the project's and its libraries'
+    (`RLHF_ALLOW_TARGETS=mypkg.rewards.,other.`): set in the environment of the command, so that a
+    config file - a shared experiment, a saved run - can name a target but never allow one."""
+    value = os.environ.get(USER_TARGETS_VARIABLE, "")
+    prefixes = tuple(part.strip() for part in value.split(",") if part.strip())
+    for prefix in prefixes:
+        if not re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*\.)+", prefix):
+            raise UserError(f"{USER_TARGETS_VARIABLE}={value}: '{prefix}' is not a module prefix ending in '.' (e.g. mypkg.rewards.)")
+    return prefixes
+
+
 def check_target(target, path: str, resolve: bool = True) -> None:
-    """Refuse `target` (found at key `path`) unless it is allowed; see ALLOWED_TARGETS."""
-    allowed = ALLOWED_TARGETS + (HYDRA_NODE_TARGETS if path.split(".", 1)[0] == "hydra" else ())
+    """Refuse `target` (found at key `path`) unless it is allowed; see ALLOWED_TARGETS and
+    `user_allowed_targets`."""
+    own = user_allowed_targets()
+    allowed = ALLOWED_TARGETS + own + (HYDRA_NODE_TARGETS if path.split(".", 1)[0] == "hydra" else ())
     refusal = f"refusing _target_={target} at {path}"
-    rule = f"only {', '.join(ALLOWED_TARGETS[:-1])} and Hydra plugin targets are instantiated"
+    rule = (
+        f"only {', '.join(ALLOWED_TARGETS[:-1])}{''.join(f', {prefix}' for prefix in own)} and Hydra plugin targets are "
+        f"instantiated (your own module's: {USER_TARGETS_VARIABLE}=<module>. in the command's environment, docs/layout.md)"
+    )
     if not isinstance(target, str) or not target.startswith(allowed):
         raise UserError(f"{refusal}: {rule}")
     if any(not part or part.startswith("__") for part in target.split(".")):  # __globals__, __builtins__, ...

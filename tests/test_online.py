@@ -168,3 +168,56 @@ def test_vllm_is_refused_where_it_cannot_run():
         pytest.skip("vLLM can run here")
     with pytest.raises(UserError, match=r"^grpo\.use_vllm=true needs .*set grpo\.use_vllm=false"):
         check_vllm(OmegaConf.create({"stage": "grpo", "grpo": {"use_vllm": True}}))
+
+
+USER_REWARD = '''
+from rlhf.rewards import RewardFunction
+
+
+class ShortAnswer(RewardFunction):
+    """A user's own reward: shorter answers score higher."""
+
+    name = "short_answer"
+
+    def score(self, text, index, columns):
+        return -len(text) / 100
+'''
+
+
+def test_a_users_own_reward_function_trains_grpo_only_with_the_opt_in(tmp_path):
+    """A reward function in the user's module (outside the package) trains GRPO when the command
+    allows its module (RLHF_ALLOW_TARGETS); without it the same _target_ is refused in one line,
+    on the command line and in a config file alike - a saved run's config re-run elsewhere cannot
+    allow its own targets."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "userrewards.py").write_text(USER_REWARD)
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "train.py", "experiment=grpo_arithmetic", "grpo.max_steps=2", "grpo.eval_prompts=0", "grpo.save_strategy=no"]
+    command += ["+grpo.reward_functions.short._target_=userrewards.ShortAnswer", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+
+    def run(*args, allowed: str | None = None):
+        granted = {**env, "RLHF_ALLOW_TARGETS": allowed} if allowed else {k: v for k, v in env.items() if k != "RLHF_ALLOW_TARGETS"}
+        return subprocess.run([*args], cwd=ROOT, env=granted, capture_output=True, text=True, timeout=600)
+
+    refused = run(*command)
+    assert refused.returncode != 0 and not run_dir.exists()
+    [line] = refused.stderr.strip().splitlines()
+    assert line.startswith("error: refusing _target_=userrewards.ShortAnswer at grpo.reward_functions.short._target_")
+    assert "RLHF_ALLOW_TARGETS=<module>." in line  # how to allow it
+
+    done = run(*command, allowed="userrewards.")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(history(run_dir, "rewards/short_answer/mean")) == 2  # TRL summed it with the shipped rewards and logged it
+
+    saved = [sys.executable, "train.py", "--config-path", str(run_dir / ".hydra"), "--config-name", "config"]
+    saved += [f"hydra.run.dir={tmp_path / 'again'}"]
+    again = run(*saved)
+    assert again.returncode != 0 and "refusing _target_=userrewards.ShortAnswer" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+
+    bad = run(*command, allowed="userrewards")  # not a prefix ending in "."
+    assert bad.returncode != 0 and "RLHF_ALLOW_TARGETS=userrewards: 'userrewards' is not a module prefix" in bad.stderr

@@ -333,7 +333,10 @@ def test_chain_steps_are_not_checked_as_a_whole():
 
 # ---- 4. the _target_ allowlist ----------------------------------------------------------------
 
-REFUSAL = "only rlhf., trl., peft., transformers., torch.optim. and Hydra plugin targets are instantiated"
+REFUSAL = (
+    "only rlhf., trl., peft., transformers., torch.optim. and Hydra plugin targets are instantiated "
+    "(your own module's: RLHF_ALLOW_TARGETS=<module>. in the command's environment, docs/layout.md)"
+)
 
 
 def test_foreign_target_in_a_hand_made_config_is_refused():
