@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from rlhf import PROJECT_ROOT, chain, compat, package_versions, precision, preemption
-from rlhf.errors import UserError
+from rlhf.errors import UserError, error_lines
 from rlhf.reuse import reuse_or_train
 from rlhf.runs import finished_with, holding_run_dir, is_main_process, last_complete_checkpoint, prepare_run_dir, write_json, write_status
 from rlhf.stages import STAGES, get_stage, runs_steps
@@ -49,7 +49,7 @@ def main(cfg, run_dir: Path | None = None):
                 preemption.hand_over()  # a launcher's own handler (submitit: requeue this job) now that the checkpoint is safe
                 raise SystemExit(stop.exit_code) from None
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(error_lines(err), file=sys.stderr)
         if not in_sweep:
             raise SystemExit(2) from None
     except Exception:

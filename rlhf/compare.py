@@ -57,7 +57,7 @@ from pathlib import Path
 import yaml
 
 from rlhf import aligners, plots, report
-from rlhf.errors import UserError
+from rlhf.errors import UserError, error_lines
 from rlhf.metrics import is_number
 from rlhf.runs import read_history, read_json
 from rlhf.seeds import SEED_COLUMNS, SEED_CSV_NAME, format_seed_rows, seed_groups, seed_rows, write_seed_csv
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
             print(f"wrote {out_dir / PNG_NAME}", file=sys.stderr)
         write_report(runs, columns, args.paths, out_dir, seeds)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(error_lines(err), file=sys.stderr)
         return 2
     return 0
 

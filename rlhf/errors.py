@@ -1,7 +1,8 @@
 """The one exception type for mistakes a user can fix: bad config, missing files, bad data.
 
 `rlhf.command` and the commands (`exit_on_user_error`) print its message as a single line and exit
-non-zero, with no traceback.
+non-zero, with no traceback; a command with several mistakes (`UserErrors`: validation collects
+them) prints one line for each.
 """
 
 import contextlib
@@ -14,6 +15,36 @@ class UserError(Exception):
 
 class NonFiniteLoss(UserError):
     """Training diverged (NaN or infinite loss or weights); the message names the step."""
+
+
+class UserErrors(UserError):
+    """Several mistakes of one command, reported together: one line each."""
+
+    def __init__(self, problems: list):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@contextlib.contextmanager
+def collecting(problems: list):
+    """Run the block; a mistake it raises joins `problems` instead of stopping the caller."""
+    try:
+        yield
+    except UserError as err:
+        problems.extend(str(err).splitlines())
+
+
+def raise_problems(problems: list) -> None:
+    """Raise what was collected: one UserError, several as UserErrors, nothing when none."""
+    if len(problems) == 1:
+        raise UserError(problems[0])
+    if problems:
+        raise UserErrors(problems)
+
+
+def error_lines(err: UserError) -> str:
+    """`error: <line>` for each mistake in `err`."""
+    return "\n".join(f"error: {line}" for line in str(err).splitlines() or [""])
 
 
 def first_line(err: Exception) -> str:
@@ -29,5 +60,5 @@ def exit_on_user_error():
     try:
         yield
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(error_lines(err), file=sys.stderr)
         raise SystemExit(2) from None

@@ -21,7 +21,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from rlhf import PROJECT_ROOT
-from rlhf.errors import UserError, first_line
+from rlhf.errors import UserError, collecting, first_line, raise_problems
 from rlhf.extras import VLLM, check_installed, install_command, installed
 from rlhf.model_sources import check_hub
 from rlhf.models import check_model_directory
@@ -36,14 +36,20 @@ TRAINING_ARGUMENTS = "transformers.TrainingArguments"  # what hardware.training_
 
 
 def validate(cfg, overrides=None) -> None:
-    """Raise UserError at the first problem; `overrides` default to those in cfg.hydra, if any."""
+    """Raise UserError (UserErrors: one line per mistake) for what is wrong with the command;
+    `overrides` default to those in cfg.hydra, if any. In layers, each reporting every mistake of
+    its own: what must hold before anything is imported or built (its first problem), then the
+    values' ranges (no import: a wrong value answers at once), then the keys (binding them to
+    their settings classes imports those), then the combinations of settings."""
     if overrides is None:
         overrides = OmegaConf.select(cfg, "hydra.overrides.task", default=None) or []
     check_before_launch(cfg)
-    check_vllm(cfg)  # needs no model and no trainer: said before the heavy imports below
-    check_values(cfg)  # before the keys: binding to a settings class imports it
-    check_keys(cfg, overrides)
-    check_combinations(cfg)
+    for layer in ((check_vllm, check_values), (functools.partial(check_keys, overrides=overrides),), (check_combinations,)):
+        problems = []
+        for check in layer:
+            with collecting(problems):
+                check(cfg)
+        raise_problems(problems)
 
 
 def check_before_launch(cfg) -> None:
@@ -225,16 +231,23 @@ NODE_RULES = {
 
 
 def check_values(cfg) -> None:
-    """Numbers in range: `dpo.beta=-1: must be > 0`."""
+    """Numbers in range: `dpo.beta=-1: must be > 0`; every one out of range is reported."""
+    problems = []
     for name in STAGES:
         if not runs_steps(name) and isinstance(cfg.get(name), DictConfig):
-            _check_rules(cfg, name, {**STAGE_RULES, **NODE_RULES.get(name, {})})
+            _check_rules(cfg, name, {**STAGE_RULES, **NODE_RULES.get(name, {})}, problems)
     if isinstance(OmegaConf.select(cfg, "hardware.training_args"), DictConfig):
-        _check_rules(cfg, "hardware.training_args", STAGE_RULES)
+        _check_rules(cfg, "hardware.training_args", STAGE_RULES, problems)
     for name in ("peft", "dataset"):
         if isinstance(cfg.get(name), DictConfig):
-            _check_rules(cfg, name, NODE_RULES[name])
-    ppo = cfg.get("ppo")
+            _check_rules(cfg, name, NODE_RULES[name], problems)
+    if not problems:  # reads batch sizes already in range
+        check_ppo_batch(cfg.get("ppo"))
+    raise_problems(problems)
+
+
+def check_ppo_batch(ppo) -> None:
+    """PPO's batch splits into its mini-batches and holds the 2 answers whitening needs."""
     if isinstance(ppo, DictConfig) and _is_int(ppo.get("batch_size")) and _is_int(ppo.get("mini_batch_size")):
         if ppo.batch_size % ppo.mini_batch_size:
             raise UserError(f"ppo.batch_size={ppo.batch_size}: must be a multiple of ppo.mini_batch_size={ppo.mini_batch_size}")
@@ -247,22 +260,27 @@ def check_values(cfg) -> None:
         )
 
 
-def _check_rules(cfg, path: str, rules: dict) -> None:
+def _check_rules(cfg, path: str, rules: dict, problems: list) -> None:
+    """Each key of the node at `path` that `rules` names against its rule; the mistakes join `problems`."""
     node = OmegaConf.select(cfg, path)
     for key, rule in rules.items():
-        if key not in node:
-            continue
-        try:
-            value = node[key]
-        except Exception as err:
-            raise UserError(f"{path}.{key}: cannot resolve its value ({first_line(err)})") from None
-        if value is None and rule.none_ok:
-            continue
-        if not (_is_int(value) if rule.integer else _is_number(value)):
-            kind = "an integer" if rule.integer else "a number"
-            raise UserError(f"{path}.{key}={value}: must be {kind} {rule.allowed.removeprefix('an integer ')}".rstrip())
-        if not rule.test(value):
-            raise UserError(f"{path}.{key}={value}: must be {rule.allowed}")
+        if key in node:
+            with collecting(problems):
+                _check_rule(node, f"{path}.{key}", key, rule)
+
+
+def _check_rule(node, where: str, key: str, rule) -> None:
+    try:
+        value = node[key]
+    except Exception as err:
+        raise UserError(f"{where}: cannot resolve its value ({first_line(err)})") from None
+    if value is None and rule.none_ok:
+        return
+    if not (_is_int(value) if rule.integer else _is_number(value)):
+        kind = "an integer" if rule.integer else "a number"
+        raise UserError(f"{where}={value}: must be {kind} {rule.allowed.removeprefix('an integer ')}".rstrip())
+    if not rule.test(value):
+        raise UserError(f"{where}={value}: must be {rule.allowed}")
 
 
 def _is_number(value) -> bool:
@@ -280,12 +298,13 @@ def check_keys(cfg, overrides) -> None:
     raw = OmegaConf.to_container(cfg, resolve=False)
     stage_node = raw.get(raw.get("stage")) if isinstance(raw.get("stage"), str) else None
     stage_target = stage_node.get("_target_") if isinstance(stage_node, dict) else None
+    problems = []
     for path, node in _settings_nodes(raw, ""):
         target = _training_arguments(stage_target) if path == "hardware.training_args" else node["_target_"]
         fields = init_keys(target)
         for key, value in node.items():
             if fields is not None and key not in fields and key not in INSTANTIATE_KEYS:
-                raise UserError(f"{path}.{key}={_show(value)}: unknown key, not a field of {target}{did_you_mean(path, key, fields)}")
+                problems.append(f"{path}.{key}={_show(value)}: unknown key, not a field of {target}{did_you_mean(path, key, fields)}")
     for line in overrides:
         key = line.lstrip("+").split("=", 1)[0]
         if not line.startswith("+") or "/" in key or "@" in key or key.split(".")[0] == "hydra":
@@ -294,7 +313,8 @@ def check_keys(cfg, overrides) -> None:
         node = OmegaConf.select(cfg, parent) if parent else cfg
         if isinstance(node, DictConfig) and leaf in node and "_target_" not in node and parent != "hardware.training_args":
             others = set(node) - {leaf} - INSTANTIATE_KEYS
-            raise UserError(f"{key}={_show(node[leaf])}: unknown key{did_you_mean(parent, leaf, others)}")
+            problems.append(f"{key}={_show(node[leaf])}: unknown key{did_you_mean(parent, leaf, others)}")
+    raise_problems(problems)
 
 
 def did_you_mean(parent: str, key: str, names, tail: list = ()) -> str:

@@ -445,3 +445,16 @@ def test_cli_refuses_a_foreign_callback_target_on_the_command_line(tmp_path):
     done = cli("+hydra.callbacks.evil._target_=os.system", f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: refusing _target_=os.system at hydra.callbacks.evil._target_")
+
+
+def test_a_command_with_three_mistakes_hears_of_all_three(tmp_path):
+    """Validation collects: three values out of range in three groups print three lines, each
+    naming its key, and nothing runs; one mistake still prints one line."""
+    done = cli("stage=dpo", "dpo.beta=-1", "dataset.test_size=-2", "peft.r=0", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), lines
+    assert [line.split("=")[0] for line in lines] == ["error: dpo.beta", "error: peft.r", "error: dataset.test_size"]
+    assert not (tmp_path / "run" / "final").exists()
+    one = cli("stage=dpo", "dpo.beta=-1", f"hydra.run.dir={tmp_path / 'one'}", timeout=120)
+    assert one.stderr.strip().splitlines() == ["error: dpo.beta=-1: must be > 0"]
