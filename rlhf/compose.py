@@ -25,7 +25,8 @@ from rlhf.compat import hydra_override_error
 from rlhf.errors import UserError
 from rlhf.extras import plugin_extra
 from rlhf.stages import available_stages
-from rlhf.validate import INSTANTIATE_KEYS, TRAINING_ARGUMENTS, check_before_launch, check_targets, did_you_mean, init_keys
+from rlhf.targets import check_targets
+from rlhf.validate import INSTANTIATE_KEYS, TRAINING_ARGUMENTS, check_before_launch, did_you_mean, init_keys
 
 
 def check_command_line(argv) -> None:

@@ -18,7 +18,8 @@ from omegaconf import OmegaConf, open_dict
 
 from rlhf.compose import check_command_line
 from rlhf.errors import UserError
-from rlhf.validate import check_target, validate
+from rlhf.targets import check_target
+from rlhf.validate import validate
 
 
 def refused(cfg) -> str:
