@@ -49,8 +49,9 @@ def cpu_flags() -> str:
 
 
 def history(run_dir: Path) -> list:
-    path = run_dir / "history.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    from rlhf.runs import read_history  # the project's reader (the benchmarks run where rlhf is installed)
+
+    return read_history(run_dir / "history.jsonl")
 
 
 def trained_tokens(run_dir: Path) -> int | None:

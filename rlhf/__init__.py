@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+BUILTIN_PREFIX = "builtin:"  # a name of the project's own: builtin:tiny (a model), builtin:sft_zh.jsonl (a dataset)
 
 # `${project_root:}` lets conf/config.yaml put the top-level sweeps/ folder on Hydra's search
 # path wherever the command is started from.

@@ -11,13 +11,10 @@ Reads run directories only (their .hydra/config.yaml and metrics.json); imports 
 nor transformers.
 """
 
-import csv
 from pathlib import Path
 
-import yaml
-
-from rlhf import plots
-from rlhf.runs import read_json
+from rlhf import plots, report
+from rlhf.runs import read_json, read_yaml, relative_name
 from rlhf.stages import STAGES
 
 CSV_NAME = "compare_aligners.csv"
@@ -58,7 +55,7 @@ def rows(eval_dirs: list, name_base: Path) -> list:
         value = (policy_config.get(stage) or {}).get(strength) if strength else None
         found.append(
             {
-                "run": display(eval_dir.parent, name_base),
+                "run": relative_name(eval_dir.parent, name_base),
                 "policy": policy_dir.name,
                 "stage": stage,
                 "setting": f"{stage}.{strength}={value}" if value is not None else "",
@@ -81,25 +78,8 @@ def rows(eval_dirs: list, name_base: Path) -> list:
     return found
 
 
-def display(path: Path, base: Path) -> str:
-    try:
-        return str(path.relative_to(base)) or "."
-    except ValueError:
-        return str(path)
-
-
-def read_yaml(path: Path):
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return None
-
-
 def write_csv(table: list, path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(table)
+    report.write_csv(path, COLUMNS, table)
 
 
 def format_table(table: list) -> str:

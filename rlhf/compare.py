@@ -49,17 +49,14 @@ Imports neither torch nor transformers: a whole sweep takes about a second, plot
 """
 
 import argparse
-import csv
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from rlhf import aligners, plots, report
 from rlhf.errors import UserError, error_lines
 from rlhf.metrics import is_number
-from rlhf.runs import read_history, read_json
+from rlhf.runs import read_history, read_json, read_yaml, relative_name
 from rlhf.seeds import SEED_COLUMNS, SEED_CSV_NAME, format_seed_rows, seed_groups, seed_rows, write_seed_csv
 
 CSV_NAME = "compare.csv"
@@ -147,7 +144,7 @@ def load_runs(paths) -> list:
         trained_in = Path((read_json(path / "status.json") or {}).get("reused_from") or path).resolve()
         if trained_in not in seen:
             seen.add(trained_in)
-            runs.append(load_run(path, display_name(path, base)))
+            runs.append(load_run(path, relative_name(path, base)))
     return runs
 
 
@@ -182,13 +179,6 @@ def name_base(first: Path) -> Path:
     return (first.parent if is_run_dir(first) else first).resolve()
 
 
-def display_name(path: Path, base: Path) -> str:
-    try:
-        return path.resolve().relative_to(base).as_posix()
-    except ValueError:
-        return path.as_posix()
-
-
 def load_run(path: Path, name: str) -> Run:
     metrics = read_json(path / "metrics.json")
     status_file = read_json(path / "status.json") or {}
@@ -210,10 +200,7 @@ def run_status(status_file: dict, metrics) -> str:
 
 
 def read_overrides(run_dir: Path) -> list:
-    try:
-        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return []
+    overrides = read_yaml(run_dir / ".hydra" / "overrides.yaml")
     return [str(item) for item in overrides] if isinstance(overrides, list) else []
 
 
@@ -302,15 +289,10 @@ def print_errors(runs) -> None:
 
 
 def write_csv(runs, path: Path) -> None:
-    names = all_metric_names(runs)
-    try:
-        with path.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["run", "status", "overrides", *names])
-            for run in runs:
-                writer.writerow([run.name, run.status, " ".join(run.overrides), *(run.metrics.get(name, "") for name in names)])
-    except OSError as err:
-        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+    """Every final metric of every run, after its name, status and overrides."""
+    columns = ["run", "status", "overrides", *all_metric_names(runs)]
+    rows = [{**run.metrics, "run": run.name, "status": run.status, "overrides": " ".join(run.overrides)} for run in runs]
+    report.write_csv(path, columns, [{key: row.get(key, "") for key in columns} for row in rows])
 
 
 # --- runs that differ only in their seed ------------------------------------------------------

@@ -53,11 +53,6 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def all_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of `tensor` over all processes."""
-    return all_sum(tensor) / world_size()
-
-
 def sum_gradients(parameters: list) -> None:
     """Replace each parameter's gradient by its sum over the processes (one all-reduce of all
     gradients flattened together): every process then takes the same optimizer step. Summed, not

@@ -26,9 +26,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from rlhf import BUILTIN_PREFIX
 from rlhf.cache import MERGED_LINEAGE_PREFIX, build_once, cache_dir, sha256_file
 from rlhf.errors import UserError
-from rlhf.models import BUILTIN_PREFIX, load_model, load_tokenizer, merge_adapter, merging_is_exact, resolve_model_path, stack_adapters
+from rlhf.models import load_model, load_tokenizer, merge_adapter, merging_is_exact, resolve_model_path, stack_adapters
 from rlhf.runs import POLICY_STAGES, finished_run
 
 LINEAGE_FILE = "lineage.json"  # in every final/: what the run's model stands on

@@ -13,12 +13,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from rlhf import model_sources
+from rlhf import BUILTIN_PREFIX, model_sources
 from rlhf.compat import keep_4bit_cpu_training_working
 from rlhf.errors import UserError
 from rlhf.tiny_model import ensure_tiny_model
 
-BUILTIN_PREFIX = "builtin:"
 # `builtin:<name>` models: name -> the function that builds it into the cache (once) and returns its directory
 BUILTIN_MODELS = {"tiny": ensure_tiny_model, "smollm2-135m": model_sources.ensure_smollm2}
 

@@ -1,10 +1,15 @@
 """One self-contained HTML page: sortable tables and figures, every image embedded as a data
 URI and the sorting done by a few lines of inline script, so the file opens anywhere - from
-disk, attached to a message, with no network access - and shows the same thing.
+disk, attached to a message, with no network access - and shows the same thing. And the same
+tables as CSV files (`write_csv`).
 """
 
 import base64
+import csv
 import html
+from pathlib import Path
+
+from rlhf.errors import UserError
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -72,3 +77,14 @@ def page(title: str, sections: list) -> str:
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{STYLE}</style></head>\n<body><h1>{html.escape(title)}</h1>\n{parts}\n<script>{SCRIPT}</script></body></html>\n"
     )
+
+
+def write_csv(path: Path, columns: list, rows: list) -> None:
+    """A table as CSV: a header of `columns`, then one line per row (a dict; missing cells empty)."""
+    try:
+        with Path(path).open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(columns), restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None

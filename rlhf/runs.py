@@ -111,6 +111,24 @@ def read_json(path: Path, default=None):
         return default
 
 
+def read_yaml(path: Path):
+    """The file's YAML value (a saved config, overrides.yaml), or None when it is missing or unreadable."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def relative_name(path: Path, base: Path) -> str:
+    """How a table names a run: its path relative to `base` ("." for base itself), else the path as given."""
+    try:
+        return path.resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
 def write_status(run_dir: Path, status: str, error: str | None = None, **details) -> None:
     """status.json: running, done or failed (with the error), and what else a reader needs (`reused_from`)."""
     write_json(run_dir / "status.json", {"status": status, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **details})

@@ -14,7 +14,6 @@ prompts' noise, so the spread covers both), the difference Welch's; with 2 seeds
 has 1 degree of freedom and is wide: that is what 2 seeds can tell.
 """
 
-import csv
 import json
 import math
 import random
@@ -22,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf.errors import UserError
+from rlhf import report
 from rlhf.metrics import agreement, gain_at_equal_length, is_number, mean_interval, t_quantile
 
 SEED_CSV_NAME = "compare_seeds.csv"
@@ -196,10 +195,4 @@ def format_seed_rows(rows: list, metric: str) -> str:
 
 
 def write_seed_csv(rows: list, path: Path) -> None:
-    try:
-        with path.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=SEED_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-    except OSError as err:
-        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+    report.write_csv(path, SEED_COLUMNS, rows)

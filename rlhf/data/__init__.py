@@ -13,12 +13,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf import BUILTIN_PREFIX
 from rlhf.data.formats import FORMATS, RowError
 from rlhf.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
-BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet")
 KINDS = ("sft", "preference", "prompt")  # what a stage asks for; "prompt" takes any format's prompts
