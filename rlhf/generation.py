@@ -1,22 +1,17 @@
-"""Sampling responses and scoring them: shared by PPO's rollouts, `stage=eval` and the held-out
-scores of the online stages.
+"""Sampling responses and measuring them (log-probs, KL): shared by PPO's rollouts, `stage=eval`
+and the held-out scores of the online stages; the reward models that score them are in
+rlhf/reward_model.py.
 
 Prompts are lists of chat messages; responses are the tokens after the prompt up to and
 including the first EOS.
 
-Two rules keep the numbers computed from samples honest:
+Two rules keep the numbers computed from samples honest (a third, where a reward model reads its
+score, is in rlhf/reward_model.py):
 - Sample from what you score. `generate` fills every option the caller leaves unset from the
   checkpoint's generation_config.json (Qwen3: top_k=20; Qwen2.5-Instruct: a repetition penalty)
   and then from transformers' defaults (top_k=50). PPO's policy gradient, its KL penalty and
   eval's KL are computed from log-probs of the plain tempered softmax, so sampling passes one
   explicit configuration and hides the checkpoint's (`explicit_generation`).
-- Score where the reward model was trained to. A sequence classifier reads its score at the last
-  token that is not `config.pad_token_id`, which `rlhf.models.load_model` sets to the id the
-  tokenizer pads with: that is where TRL's reward trainer pools. `RewardModel.scores` pools by the
-  same rule - each row's last attended token that is not the tokenizer's pad id - from the
-  attention mask and the ids, so that a config naming another pad id cannot move it onto padding.
-  Where the tokenizer pads with EOS (a model shipped without a pad token) and the chat template
-  ends in EOS, both read the token before that EOS.
 - Stop where the model stops. A checkpoint may declare several end-of-turn ids in its
   generation_config (Qwen: `<|im_end|>` and `<|endoftext|>`); sampling stops at any of them and
   the tokenizer's EOS (`stop_ids`), and a response ends at the first.
@@ -29,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.compat import float32_forward, transformers_model
+from rlhf.reward_model import RewardModel
 
 
 @dataclass
@@ -262,60 +258,6 @@ def sampled_kl(policy, reference, samples: Samples, temperature: float) -> torch
             ref_logprobs = response_logprobs(ref, samples, temperature)
         logprobs = response_logprobs(policy, samples, temperature)
     return token_kl(logprobs, ref_logprobs, samples.response_mask).sum(dim=1)
-
-
-@dataclass
-class RewardModel:
-    """A frozen reward model, its own tokenizer (and chat template), and the longest input it
-    was trained on: longer (prompt, response) rows are cut to it from the left - the oldest
-    prompt tokens go first, the response is kept - as the RM never saw longer ones."""
-
-    model: object
-    tokenizer: object
-    max_length: int
-    cut_inputs: int = 0  # rows cut to max_length so far (metrics report it)
-    identity: str = ""  # the weights, precision and max_length its scores depend on (keys cached scores)
-
-    @torch.no_grad()
-    def scores(self, prompts: list, responses: list, device) -> torch.Tensor:
-        """The score of each (prompt, response), templated with the RM's tokenizer and read where
-        the RM was trained to read it (`scores_at_last_token`)."""
-        texts = [
-            self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
-            for messages, response in zip(prompts, responses)
-        ]
-        rows = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # verbose: cut below, not warned about
-        self.cut_inputs += sum(len(row) > self.max_length for row in rows)
-        batch = self.tokenizer.pad({"input_ids": [row[-self.max_length :] for row in rows]}, return_tensors="pt").to(device)
-        return scores_at_last_token(self.model, batch["input_ids"], batch["attention_mask"], self.tokenizer.pad_token_id)
-
-    def batched_scores(self, prompts: list, responses: list, device, batch_size: int) -> list:
-        """`scores`, `batch_size` rows at a time, as a list."""
-        scores = []
-        for start in range(0, len(prompts), batch_size):
-            batch = slice(start, start + batch_size)
-            scores += self.scores(prompts[batch], responses[batch], device).tolist()
-        return scores
-
-
-def scores_at_last_token(reward_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-    """The score head's output ([batch], float32) at each row's last attended position that does
-    not hold `pad_token_id`, the id the tokenizer pads with: where the classifier pools in training
-    (its config's pad id is the tokenizer's there), read from the head's output per position, so
-    that a config naming another pad id cannot move it."""
-    head = getattr(reward_model, "score", None)
-    if not isinstance(head, torch.nn.Module):
-        raise TypeError(f"{type(reward_model).__name__} has no `score` head: not a transformers sequence classifier")
-    per_position = []
-    hook = head.register_forward_hook(lambda module, inputs, output: per_position.append(output))
-    try:
-        reward_model(input_ids=input_ids, attention_mask=attention_mask)
-    finally:
-        hook.remove()
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    readable = attention_mask.bool() & (input_ids != pad_token_id)  # a trailing EOS that is also the pad id is skipped, as in training
-    last = (positions * readable).argmax(dim=1)  # the rightmost such position, left or right padding
-    return per_position[0][torch.arange(len(last), device=last.device), last, 0].float()
 
 
 @torch.no_grad()

@@ -27,9 +27,9 @@ from rlhf.compat import (
 )
 from rlhf.data import Splits, load_splits
 from rlhf.errors import NonFiniteLoss, UserError
-from rlhf.generation import RewardModel
-from rlhf.lineage import Lineage, TrainedRun, write_final_lineage
+from rlhf.lineage import Lineage, write_final_lineage
 from rlhf.models import fold_stacked_updates
+from rlhf.reward_model import reward_model_identity, reward_model_run
 from rlhf.runs import (
     CHECKPOINT_MARK,
     append_history,
@@ -39,7 +39,7 @@ from rlhf.runs import (
     resume_point,
     write_json,
 )
-from rlhf.stages import REWARD_MODEL, STAGES, making
+from rlhf.stages import REWARD_MODEL, STAGES
 from rlhf.tracking import run_name
 
 log = logging.getLogger(__name__)
@@ -67,30 +67,6 @@ def load_inputs(cfg, data_kind: str, head: str = "causal_lm") -> StageInputs:
     if cfg.peft is not None:  # a reward model's LoRA also trains and saves its score head
         peft_config = instantiate(cfg.peft, task_type="SEQ_CLS" if head == "reward" else "CAUSAL_LM")
     return StageInputs(tokenizer, model, data, peft_config, lineage, head)
-
-
-def load_reward_model(rm_run, cfg, key: str = "ppo.reward_model") -> RewardModel:
-    """The reward model of a finished `stage=rm` run named by the setting `key`: its lineage with
-    its own adapter (score head included) on top - merged where that is exact, over the quantized
-    base where it trained on one: as the RM computed when its accuracy was measured - frozen, with
-    its tokenizer and the run's rm.max_length."""
-    run = reward_model_run(rm_run, key)
-    model = run.load(cfg.hardware, run.quantization, head="reward", merge=True)
-    model.requires_grad_(False)
-    tokenizer = run.start.tokenizer()
-    max_length = run.input_length(tokenizer)
-    return RewardModel(model.eval(), tokenizer, max_length=max_length, identity=reward_model_identity(run, cfg, tokenizer))
-
-
-def reward_model_run(rm_run, key: str = "ppo.reward_model") -> TrainedRun:
-    """The finished `stage=rm` run the setting `key` names (checked, not loaded)."""
-    return TrainedRun.of(rm_run, key, stages=making(REWARD_MODEL))
-
-
-def reward_model_identity(run: TrainedRun, cfg, tokenizer=None) -> str:
-    """What a reward model's scores depend on, without loading it: its weights by content (the
-    lineage with its own adapter), the precision it computes in and the length it cuts inputs to."""
-    return json.dumps([run.lineage.identity(precision(cfg), run.quantization), run.input_length(tokenizer)])
 
 
 def inputs_identity(cfg, inputs: StageInputs, rows: str | None = None) -> dict:

@@ -27,9 +27,10 @@ from trl import GRPOConfig, RLOOConfig
 from rlhf import distributed
 from rlhf.compat import time_generate
 from rlhf.errors import UserError
-from rlhf.generation import RewardModel, SamplingSettings, fitted_prompts, held_out_answers, up_to_first_eos
-from rlhf.lifecycle import autocast, device_for, fit, load_inputs, load_reward_model, trainer_kwargs
+from rlhf.generation import SamplingSettings, fitted_prompts, held_out_answers, up_to_first_eos
+from rlhf.lifecycle import autocast, device_for, fit, load_inputs, trainer_kwargs
 from rlhf.metrics import paired_gain
+from rlhf.reward_model import RewardModel, load_reward_model
 from rlhf.rewards import RewardFunction, completion_text
 
 LOGGED = ("reward", "rewards/", "kl", "completions/", "clip_ratio", "entropy")  # TRL's log keys kept in metrics.json

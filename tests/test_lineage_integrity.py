@@ -194,7 +194,7 @@ def test_in_bfloat16_ppo_and_eval_score_with_the_reward_model_that_was_measured(
     """The RM that PPO and eval load scores every held-out pair as the RM did when its
     accuracy was measured (its adapter unmerged over the bfloat16 base), pair by pair."""
     from rlhf.data import load_splits
-    from rlhf.lifecycle import load_reward_model
+    from rlhf.reward_model import load_reward_model
 
     run_dir = tmp_path / "rm"
     train(run_dir, "stage=rm", "hardware.dtype=bfloat16", "rm.max_steps=10", "rm.learning_rate=1e-3")

@@ -62,8 +62,8 @@ def test_eval_loads_qlora_policies_and_reward_models_over_the_4bit_base_they_tra
     from bitsandbytes.nn import Linear4bit
     from conftest import compose_config
 
-    from rlhf.lifecycle import load_reward_model
     from rlhf.lineage import POLICY_STAGES, TrainedRun
+    from rlhf.reward_model import load_reward_model
     from rlhf.stages.eval import load_policy_and_reference
 
     quick = ("quantization=4bit", "dataset.test_size=0")

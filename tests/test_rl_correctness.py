@@ -53,7 +53,7 @@ def alone_and_batched(score) -> tuple:
 def test_reward_model_scores_a_row_alike_alone_and_padded_through_ppos_scoring(qwen_like):
     from conftest import compose_config
 
-    from rlhf.lifecycle import load_reward_model
+    from rlhf.reward_model import load_reward_model
 
     cfg = compose_config("model=custom", f"model.name_or_path={qwen_like / 'model'}")
     reward = load_reward_model(str(qwen_like / "rm"), cfg)
@@ -162,8 +162,8 @@ def test_held_out_scores_are_paired_draws(qwen_like):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf.generation import SamplingSettings, held_out_scores
-    from rlhf.lifecycle import load_reward_model
     from rlhf.metrics import paired_gain
+    from rlhf.reward_model import load_reward_model
 
     cfg = compose_config("model=custom", f"model.name_or_path={qwen_like / 'model'}")
     reward = load_reward_model(str(qwen_like / "rm"), cfg)
@@ -271,7 +271,7 @@ def test_reward_inputs_longer_than_the_rm_was_trained_on_are_cut_from_the_left(t
     response kept), counted, unwarned."""
     from conftest import compose_config, train
 
-    from rlhf.lifecycle import load_reward_model
+    from rlhf.reward_model import load_reward_model
 
     long_prompt = "今天天气很好，我们去公园散步吧。" * 110  # ~1600 tokens of the tiny model's tokenizer
     data = tmp_path / "long.jsonl"
@@ -346,7 +346,7 @@ def test_reward_model_scores_where_it_trained_when_the_tokenizer_pads_with_eos(e
     eval score through RewardModel.scores, which must read the same position (it read the EOS)."""
     from conftest import compose_config
 
-    from rlhf.lifecycle import load_reward_model
+    from rlhf.reward_model import load_reward_model
 
     cfg = compose_config("model=custom", f"model.name_or_path={eos_padded / 'model'}", "hardware.training_args.bf16=false")
     reward = load_reward_model(str(eos_padded / "rm"), cfg)

@@ -310,7 +310,7 @@ def half_of_the_prompts_longer(split: str) -> tuple:
 def recording_prompts_and_samples(monkeypatch, module) -> tuple:
     """Lists that fill, call by call, with the prompts the reward models score and with
     (prompts, Samples) of each call of `module.sample` (the sampler the stage imported)."""
-    from rlhf.generation import RewardModel
+    from rlhf.reward_model import RewardModel
 
     scored, sampled = [], []
     sample, scores = module.sample, RewardModel.scores

@@ -24,7 +24,6 @@ from torch import nn
 from rlhf import distributed, preemption
 from rlhf.errors import NonFiniteLoss, UserError
 from rlhf.generation import (
-    RewardModel,
     Samples,
     SamplingSettings,
     as_reference,
@@ -36,6 +35,7 @@ from rlhf.generation import (
     sample,
 )
 from rlhf.ppo import core
+from rlhf.reward_model import RewardModel
 from rlhf.runs import CHECKPOINT_MARK, checkpoint_step, is_main_process, write_json
 
 

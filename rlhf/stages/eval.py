@@ -37,9 +37,10 @@ from rlhf.cache import EVAL_REFERENCES, cache_dir
 from rlhf.data import load_splits
 from rlhf.errors import UserError
 from rlhf.generation import SamplingSettings, as_reference, fit_prompts, sample, sampled_kl, seeded
-from rlhf.lifecycle import autocast, device_for, load_reward_model
+from rlhf.lifecycle import autocast, device_for
 from rlhf.lineage import POLICY_STAGES, TrainedRun
 from rlhf.metrics import agreement, length_controlled_gain, score_gain, wilson_interval
+from rlhf.reward_model import load_reward_model
 from rlhf.runs import read_json, write_json
 
 

@@ -26,12 +26,12 @@ from rlhf.lifecycle import (
     fingerprint,
     inputs_identity,
     load_inputs,
-    load_reward_model,
     refuse_other_inputs,
     save_final,
 )
 from rlhf.metrics import paired_gain
 from rlhf.ppo.trainer import PPOModels, PPOTrainer, ValueHead
+from rlhf.reward_model import load_reward_model
 from rlhf.runs import is_main_process, resume_point
 from rlhf.tracking import UpdateLog
 
