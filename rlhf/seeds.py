@@ -41,7 +41,7 @@ SEED_COLUMNS = (
 )
 BOOTSTRAP = "bootstrap over seeds x prompts"
 T_OVER_SEEDS = "t over seeds"
-DRAWS = 2000  # bootstrap draws: the 2.5% and 97.5% points move by well under a tenth of the interval between reruns
+DRAWS = 2000  # bootstrap draws: over 20 bootstrap seeds, 2 seeds x 128 prompts, an end's sd was 1.4% of the interval's width
 PROMPT_ROWS = "samples.jsonl"  # one row per held-out prompt, as stage=eval writes it
 
 
