@@ -142,7 +142,7 @@ def test_real_models_get_real_model_hyperparameters(model):
         assert 0 < settings.learning_rate <= limit, (model, stage, settings.learning_rate)
         assert cfg.tuned_for is None
         if stage == "ppo":
-            assert (settings.kl_coef, settings.adaptive_kl, settings.target, settings.horizon) == (0.1, True, 6.0, 10000)
+            assert (settings.kl_coef, settings.adaptive_kl, settings.target, settings.horizon) == (0.1, True, 6.0, 64)
             assert (settings.batch_size, settings.mini_batch_size, settings.ppo_epochs) == (8, 1, 4)
         else:
             assert settings.per_device_train_batch_size * settings.gradient_accumulation_steps == 8

@@ -59,7 +59,7 @@ class PPOConfig(SamplingSettings):
     kl_coef: float = 0.1
     adaptive_kl: bool = True
     target: float = 6.0
-    horizon: float = 10000.0
+    horizon: float = 64.0
     gamma: float = 1.0
     lam: float = 0.95
     cliprange: float = 0.2
