@@ -2,9 +2,11 @@
 
     python bench/learning.py            # SmolLM2-135M-Instruct on Anthropic HH-RLHF (helpful-base), on 2 CPU cores
     python bench/learning.py --smoke    # every step at the smallest sizes (minutes): keeps the script working
+    python bench/learning.py --seed 1 --skip-phases   # a second seed; then bench/learning_seeds.py pools them
 
 Runs `train.py` with `model=smollm2-135m` at the shipped real-model defaults, changing only
-sizes (rows, steps, lengths, batch sizes under --smoke), on `../shared/data`:
+sizes (rows, steps, lengths, batch sizes under --smoke) and PPO's KL controller, set for a run of
+24 updates (FULL's `ppo_controller`), on `../shared/data`:
 
 1. SFT on the chosen replies (`dataset=hh_rlhf_sft`): held-out loss before and after;
 2. a proxy reward model from the SFT policy on the pairs, and a judge reward model on other,
@@ -64,6 +66,10 @@ FULL = {
     "rm_max_length": 384,  # 256 dropped 147 of the 400 training pairs, and 59 of the 160 held-out ones
     "online_updates": 12,  # GRPO and RLOO: updates of 16 answers (4 prompts x 4)
     "ppo_updates": 24,  # updates of 8 answers (8 prompts x 1): as many sampled answers as GRPO's and RLOO's
+    # PPO's KL controller for a run of 24 updates: the default horizon (64 samples, 2.5% an update) cannot
+    # move kl_coef 2x in 24; at 16 (10%) from kl_coef 0.05 the KL ran to 4.7 past a target of 2 (docs/stages.md).
+    # Here: the default start 0.1, a target of 2 nats and a horizon of one batch (20% an update).
+    "ppo_controller": ["ppo.kl_coef=0.1", "ppo.target=2", "ppo.horizon=8"],
     "new_tokens": 48,
     "eval_prompts": 128,
     "arith_steps": 16,
@@ -80,6 +86,7 @@ SMOKE = {
     "rm_max_length": 128,
     "online_updates": 1,
     "ppo_updates": 1,
+    "ppo_controller": ["ppo.kl_coef=0.1", "ppo.target=2", "ppo.horizon=8"],
     "new_tokens": 8,
     "eval_prompts": 4,
     "arith_steps": 1,
@@ -183,7 +190,7 @@ def measure(work: Path, sizes: dict, env: dict, smoke: bool, changes: list, seed
         answer each), GRPO/RLOO on 4 prompts with 4 answers each, in micro-batches of 4 answers. Their own
         held-out scoring is off: stage=eval measures the gain (see the module's docstring)."""
         if stage == "ppo":
-            own = [f"ppo.total_updates={sizes['ppo_updates']}", "ppo.save_steps=0"]
+            own = [f"ppo.total_updates={sizes['ppo_updates']}", "ppo.save_steps=0", *sizes["ppo_controller"]]
             own += [f"ppo.max_new_tokens={sizes['new_tokens']}", f"ppo.max_prompt_length={sizes['max_length']}"]
         else:
             own = [
@@ -406,7 +413,8 @@ def markdown(r: dict) -> str:
         f"micro-batches of 4), judged by stage=eval "
         f"on {s['eval_prompts']} held-out prompts (temperature 0.7, policy and SFT answers paired by seed, the SFT answers "
         f"sampled once); arithmetic GRPO {s['arith_steps']} "
-        f"updates, {s['arith_held_out']} held-out prompts; everything else the shipped real-model defaults"
+        f"updates, {s['arith_held_out']} held-out prompts; PPO's KL controller {' '.join(f'`{o}`' for o in s['ppo_controller'])}; "
+        "everything else the shipped real-model defaults"
         + (f" except {', '.join(f'`{c}`' for c in r.get('changed_defaults', []))}" if r.get("changed_defaults") else "")
         + f"{' (SMOKE sizes)' if r['smoke'] else ''}.",
         "",
