@@ -14,8 +14,8 @@ nor transformers.
 from pathlib import Path
 
 from rlhf import plots, report
+from rlhf.registry import STAGES
 from rlhf.runs import read_json, read_yaml, relative_name
-from rlhf.stages import STAGES
 
 CSV_NAME = "compare_aligners.csv"
 PNG_NAME = "frontier.png"

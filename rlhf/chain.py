@@ -24,8 +24,8 @@ from omegaconf import open_dict
 from rlhf import compare
 from rlhf.compose import compose
 from rlhf.errors import UserError
+from rlhf.registry import available_stages
 from rlhf.runs import finished_with, holding_run_dir, is_main_process, prepare_run_dir
-from rlhf.stages import available_stages
 
 STEP_REFERENCE = "@"
 NOT_INHERITED = ("experiment", "stage", "chain", "hydra", "run_name")

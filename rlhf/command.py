@@ -24,9 +24,10 @@ from hydra.types import RunMode
 
 from rlhf import PROJECT_ROOT, chain, compat, package_versions, precision, preemption
 from rlhf.errors import UserError, error_lines
+from rlhf.registry import STAGES, runs_steps
 from rlhf.reuse import reuse_or_train
 from rlhf.runs import finished_with, holding_run_dir, is_main_process, last_complete_checkpoint, prepare_run_dir, write_json, write_status
-from rlhf.stages import STAGES, get_stage, runs_steps
+from rlhf.stages import get_stage
 from rlhf.tracking import finish_tracking, replay_tracking, start_tracking
 from rlhf.validate import check_gpu_present, validate
 

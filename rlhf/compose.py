@@ -24,7 +24,7 @@ from rlhf import PROJECT_ROOT
 from rlhf.compat import hydra_override_error
 from rlhf.errors import UserError
 from rlhf.extras import plugin_extra
-from rlhf.stages import available_stages
+from rlhf.registry import available_stages
 from rlhf.targets import check_targets
 from rlhf.validate import INSTANTIATE_KEYS, TRAINING_ARGUMENTS, check_before_launch, did_you_mean, init_keys
 
@@ -168,7 +168,7 @@ def help_text(config_dir: Path = PROJECT_ROOT / "conf") -> str:
     from hydra.core.global_hydra import GlobalHydra
 
     from rlhf.extras import PLUGIN_CONFIGS
-    from rlhf.stages import STAGES
+    from rlhf.registry import STAGES
 
     defaults = {}
     for entry in OmegaConf.to_container(OmegaConf.load(config_dir / "config.yaml").defaults):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from rlhf.errors import UserError, exit_on_user_error
 from rlhf.lineage import FULL_PRECISION, Lineage, TrainedRun  # export and check in float32, on the CPU
-from rlhf.stages import POLICY, REWARD_MODEL, making
+from rlhf.registry import POLICY, REWARD_MODEL, making
 
 EXPORTABLE_STAGES = (*making(POLICY), *making(REWARD_MODEL))
 SAMPLE_CONVERSATIONS = [  # inputs of the check: a short and a longer chat, padded into one batch

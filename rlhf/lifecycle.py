@@ -29,6 +29,7 @@ from rlhf.data import Splits, load_splits
 from rlhf.errors import NonFiniteLoss, UserError
 from rlhf.lineage import Lineage, write_final_lineage
 from rlhf.models import fold_stacked_updates
+from rlhf.registry import REWARD_MODEL, STAGES
 from rlhf.reward_model import reward_model_identity, reward_model_run
 from rlhf.runs import (
     CHECKPOINT_MARK,
@@ -39,7 +40,6 @@ from rlhf.runs import (
     resume_point,
     write_json,
 )
-from rlhf.stages import REWARD_MODEL, STAGES
 from rlhf.tracking import run_name
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import torch
 
 from rlhf import precision
 from rlhf.lineage import TrainedRun
-from rlhf.stages import REWARD_MODEL, making
+from rlhf.registry import REWARD_MODEL, making
 
 
 @dataclass

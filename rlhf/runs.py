@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from rlhf.errors import UserError
-from rlhf.stages import EVERY_STAGE_READS, POLICY, STAGES, making
+from rlhf.registry import EVERY_STAGE_READS, POLICY, STAGES, making
 
 
 def finished_run(path, key: str, stages: tuple = ()):

@@ -12,7 +12,7 @@ import sys
 from omegaconf import OmegaConf
 
 from rlhf.errors import exit_on_user_error
-from rlhf.stages import POLICY, making
+from rlhf.registry import POLICY, making
 
 
 def load_policy(run_dir):

@@ -87,7 +87,7 @@ def replay_tracking(cfg, run_dir: Path, metrics: dict) -> None:
     eval's as their own loop does."""
     from transformers.integrations.integration_utils import rewrite_logs
 
-    from rlhf.stages import STAGES
+    from rlhf.registry import STAGES
 
     if cfg.logger.report_to != "wandb" or not is_main_process():
         return

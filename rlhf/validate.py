@@ -20,8 +20,8 @@ from rlhf.errors import UserError, collecting, first_line, raise_problems
 from rlhf.extras import VLLM, check_installed, install_command, installed
 from rlhf.model_sources import check_hub
 from rlhf.models import check_model_directory
+from rlhf.registry import STAGES, runs_steps  # the registry only: no stage module is imported
 from rlhf.runs import RUN_INPUTS, check_input_runs, finished_run
-from rlhf.stages import STAGES, runs_steps  # the registry only: no stage module is imported
 from rlhf.targets import check_targets, imported
 
 INSTANTIATE_KEYS = {"_target_", "_args_", "_partial_", "_convert_", "_recursive_"}

@@ -1,6 +1,7 @@
 """The layout rules of `rlhf/`: no import cycle among its modules (imports inside functions
-count: they only defer one), and private library attributes only in `rlhf/compat.py`; and of the
-documentation: README.md a first screen, the rest in docs/, every relative link resolving."""
+count: they only defer one), no upward import of a package built on the importer, and private
+library attributes only in `rlhf/compat.py`; and of the documentation: README.md a first screen,
+the rest in docs/, every relative link resolving."""
 
 import ast
 import re
@@ -57,6 +58,41 @@ def find_cycle(graph: dict):
 def test_no_import_cycle_in_rlhf():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def reachable(graph: dict, starts: set) -> set:
+    """Every module some module of `starts` imports, directly or through others."""
+    seen, todo = set(), list(starts)
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def upward_imports(graph: dict) -> list:
+    """(module, package) where `module` imports the `__init__` of a subpackage whose own modules
+    are built on `module` (import it, directly or not): a lower layer reaching up. The
+    module-level graph shows no cycle there, but importing the package runs its __init__ above
+    the module that the package's modules stand on."""
+    found = []
+    packages = {name for name in graph if (PACKAGE.parent / name.replace(".", "/") / "__init__.py").is_file() and name != "rlhf"}
+    for package in sorted(packages):
+        inside = {name for name in graph if name.startswith(package + ".")}
+        below = reachable(graph, inside) - inside - {package}
+        found += [(module, package) for module in sorted(below) if package in graph[module]]
+    return found
+
+
+def test_no_upward_import_in_rlhf():
+    """The stage registry sat in rlhf/stages/__init__.py, and rlhf/runs.py and rlhf/lifecycle.py -
+    which the stage modules import - imported it; now it is rlhf/registry.py, below them all."""
+    assert upward_imports(import_graph()) == []
+    # the check finds one: runs.py, which the stage modules stand on, importing the stages package
+    planted = {**import_graph()}
+    planted["rlhf.runs"] = planted["rlhf.runs"] | {"rlhf.stages"}
+    assert ("rlhf.runs", "rlhf.stages") in upward_imports(planted)
 
 
 def test_the_cycle_finder_finds_cycles():
@@ -167,13 +203,13 @@ def test_the_link_checker_finds_broken_links_and_only_those(tmp_path):
 
 
 def test_the_stage_registry_lists_every_stage_module_and_its_config():
-    """rlhf.stages.STAGES is the one list of stages: a stage module without an entry (or an entry
+    """rlhf.registry.STAGES is the one list of stages: a stage module without an entry (or an entry
     without its module and conf/stage/<name>.yaml) is a stage half added."""
     import pkgutil
 
     import rlhf.stages
+    from rlhf.registry import STAGES
     from rlhf.runs import POLICY_STAGES
-    from rlhf.stages import STAGES
 
     modules = {info.name for info in pkgutil.iter_modules(rlhf.stages.__path__) if not info.name.startswith("_")}
     assert modules == {name for name, stage in STAGES.items() if not stage.steps}
