@@ -137,13 +137,24 @@ def seed_groups(runs, metric: str, ascending: bool) -> list:
             continue
         values = [run.metrics[metric] for run in by_seed.values()]
         per_seed = [prompt_rows(run.path) for run in by_seed.values()] if statistic is not None else [None]
-        if all(rows is not None for rows in per_seed):
+        pooled = pooled_statistic(per_seed, statistic)
+        if pooled is not None:
             draws = bootstrap(per_seed, statistic)
-            pooled = statistic([row for rows in per_seed for row in rows])
             groups.append(SeedGroup(label, values, pooled, percentile_interval(draws), BOOTSTRAP, draws))
         else:
             groups.append(SeedGroup(label, values, sum(values) / len(values), mean_interval(values), T_OVER_SEEDS))
     return sorted(groups, key=lambda group: group.mean, reverse=not ascending)
+
+
+def pooled_statistic(per_seed: list, statistic) -> float | None:
+    """`statistic` of every seed's rows together; None where a seed left no rows or its rows lack
+    what the statistic reads (an evaluation without a judge, one written before lengths were kept)."""
+    if any(rows is None for rows in per_seed):
+        return None
+    try:
+        return statistic([row for rows in per_seed for row in rows])
+    except (KeyError, TypeError):
+        return None
 
 
 def difference(first: SeedGroup, second: SeedGroup) -> tuple:

@@ -287,3 +287,12 @@ def test_seed_groups_of_evaluations_take_their_interval_over_seeds_and_prompts(t
     half = 1.96 * (sum((g - mean) ** 2 for g in gains) / (len(gains) - 1)) ** 0.5 / len(gains) ** 0.5
     assert float(row["ci95_low"]) == pytest.approx(mean - half, abs=0.25 * half)
     assert float(row["ci95_high"]) == pytest.approx(mean + half, abs=0.25 * half)
+
+    # Rows without what the metric reads (no judge scored them): the t interval over the seeds, not a traceback
+    assert main([str(noisy), "--sort", "eval_score_gain", "--columns", "eval_score_gain"]) == 0
+    for job in ("0", "1"):
+        metrics = json.loads((noisy / job / "metrics.json").read_text())
+        (noisy / job / "metrics.json").write_text(json.dumps({**metrics, "eval_judge_score_gain": 0.1 + int(job) / 10}))
+    assert main([str(noisy), "--sort", "eval_judge_score_gain"]) == 0
+    [row] = list(csv.DictReader((noisy / "compare_seeds.csv").open(newline="")))
+    assert row["interval"] == "t over seeds" and float(row["mean"]) == pytest.approx(0.15)
