@@ -26,7 +26,7 @@ REAL = {
     "rm": ["dataset=hh_rlhf", f"dataset.path={DATA / 'preference/hh-rlhf/helpful-base/test.jsonl.gz'}", "dataset.skip_invalid=true"],
     "dpo": ["dataset=hh_rlhf", f"dataset.path={DATA / 'preference/hh-rlhf/helpful-base/test.jsonl.gz'}", "dataset.skip_invalid=true"],
 }
-TRAINERS = {"sft": "trl.SFTTrainer", "rm": "rlhf.trainers.RankingRewardTrainer", "dpo": "rlhf.trainers.KLDPOTrainer"}
+TRAINERS = {"sft": "trl.SFTTrainer", "rm": "rlhf.reward_trainer.RankingRewardTrainer", "dpo": "rlhf.dpo_trainer.KLDPOTrainer"}
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ MANIFEST = "rlhf_manifest.json"  # in every built entry, written after everythin
 # The entries runs compute (beside them: base models converted once). Named here, once, because
 # bench/learning.py starts its runs from a cache without these: a name spelled twice could drift.
 MERGED_LINEAGE_PREFIX = "merged-"  # a lineage's adapters folded into its base (rlhf.lineage)
-REFERENCE_LOGPS = "ref_logps"  # DPO's reference log-probs of a split (rlhf.trainers)
+REFERENCE_LOGPS = "ref_logps"  # DPO's reference log-probs of a split (rlhf.ref_logps)
 EVAL_REFERENCES = "eval_reference"  # a start's answers and scores for stage=eval (rlhf.stages.eval)
 FINISHED_STEPS = "steps"  # the registry of finished pipeline and sweep steps (rlhf.reuse)
 RUN_MADE = (MERGED_LINEAGE_PREFIX, REFERENCE_LOGPS, EVAL_REFERENCES, FINISHED_STEPS)

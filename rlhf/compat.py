@@ -137,6 +137,17 @@ def float32_forward(model):
             model.forward = wrapped
 
 
+def score_head_in_hidden_dtype(model) -> None:
+    """Undo one cast of TRL's RewardTrainer over quantized weights: it turns every trainable weight
+    into bfloat16 (QLoRA's recipe), but the score head, unlike LoRA's layers, does not cast its
+    input, so it must stay in the dtype of the hidden states it reads. Reassigns `param.data`."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        hidden_dtype = model.get_input_embeddings().weight.dtype
+        for name, param in model.named_parameters():
+            if param.requires_grad and "lora_" not in name:
+                param.data = param.data.to(hidden_dtype)
+
+
 def transformers_model(model):
     """The transformers model under any peft or DDP wrapper."""
     while hasattr(model, "module") or hasattr(model, "get_base_model"):

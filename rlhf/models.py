@@ -244,7 +244,7 @@ def add_stacked_update(module, lora_a, lora_b) -> None:
         lora_a = torch.cat([module.stacked_lora_a, lora_a.to(device)])
         lora_b = torch.cat([module.stacked_lora_b, lora_b.to(device)], dim=1)
     else:
-        module.register_forward_hook(stacked_update_output)
+        module.stacked_update_hook = module.register_forward_hook(stacked_update_output)  # its handle removes it
     module.register_buffer("stacked_lora_a", lora_a.float().to(device), persistent=False)
     module.register_buffer("stacked_lora_b", lora_b.float().to(device), persistent=False)
 
@@ -270,7 +270,5 @@ def fold_stacked_updates(model) -> None:
         if hasattr(module, "stacked_lora_a"):
             weight = module.weight
             weight.data += (module.stacked_lora_b.to(weight.dtype) @ module.stacked_lora_a.to(weight.dtype)).to(weight.device)
-            for hook_id, hook in list(module._forward_hooks.items()):
-                if hook is stacked_update_output:
-                    del module._forward_hooks[hook_id]
-            del module.stacked_lora_a, module.stacked_lora_b
+            module.stacked_update_hook.remove()
+            del module.stacked_lora_a, module.stacked_lora_b, module.stacked_update_hook

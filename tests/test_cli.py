@@ -2,6 +2,7 @@
 config, fast config-only commands, and one-line errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -124,6 +125,16 @@ def test_dpo_beta_sweep_then_reproduce_a_job(tmp_path):
     for key, value in metrics["1"].items():
         if "loss" in key or key.startswith("eval_rewards"):
             assert again[key] == pytest.approx(value, abs=1e-6), key
+
+    # A config saved before the DPO settings moved to rlhf/dpo_trainer.py names rlhf.trainers.KLDPOConfig: it still re-runs
+    old = tmp_path / "old-config"
+    shutil.copytree(sweep / "1" / ".hydra", old)
+    saved = (old / "config.yaml").read_text()
+    assert "_target_: rlhf.dpo_trainer.KLDPOConfig" in saved
+    (old / "config.yaml").write_text(saved.replace("rlhf.dpo_trainer.KLDPOConfig", "rlhf.trainers.KLDPOConfig"))
+    done = cli("--config-path", str(old), "--config-name", "config", f"hydra.run.dir={tmp_path / 'O'}", "reuse=false")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "O" / "metrics.json").read_text())["train_loss"] == pytest.approx(metrics["1"]["train_loss"], abs=1e-6)
 
 
 def test_lora_rank_sweep(tmp_path):

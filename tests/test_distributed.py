@@ -372,7 +372,8 @@ def ref_cache_decision(rank: int, directory: str) -> None:
     from datasets import Dataset
     from safetensors.torch import save_file
 
-    from rlhf.trainers import REF_COLUMNS, KLDPOTrainer
+    from rlhf.dpo_trainer import KLDPOTrainer
+    from rlhf.ref_logps import REF_COLUMNS
 
     dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=2)
     try:

@@ -28,7 +28,7 @@ def test_evaluation_groups_pairs_by_their_prompt():
     distinct otherwise, and one per pair when prompts are absent."""
     from datasets import Dataset
 
-    from rlhf.trainers import PreferenceEvaluation
+    from rlhf.preference_eval import PreferenceEvaluation
 
     def user(text):
         return [{"role": "user", "content": text}]

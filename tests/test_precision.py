@@ -164,8 +164,8 @@ def test_dpo_scores_held_out_pairs_in_float32_when_it_trains_in_bfloat16(tmp_pat
     from peft import PeftModel
 
     from rlhf.compat import prepare_inputs
+    from rlhf.dpo_trainer import KLDPOTrainer
     from rlhf.lifecycle import load_inputs, trainer_kwargs
-    from rlhf.trainers import KLDPOTrainer
 
     cfg = compose_config(
         "stage=dpo", "hardware.training_args.bf16=true", "dpo.max_steps=4", "dpo.learning_rate=1e-3", "dpo.ref_cache=false"
@@ -333,8 +333,8 @@ def test_float32_paths_compute_the_output_layer_in_float32_over_bfloat16_weights
     import torch
 
     from rlhf.compat import float32_forward, prepare_inputs
+    from rlhf.dpo_trainer import KLDPOTrainer
     from rlhf.lifecycle import load_inputs, trainer_kwargs
-    from rlhf.trainers import KLDPOTrainer
 
     cfg = compose_config("stage=dpo", "hardware.dtype=bfloat16", "dpo.max_steps=4", "dpo.learning_rate=1e-3", "dpo.ref_cache=false")
     inputs = load_inputs(cfg, data_kind="preference")

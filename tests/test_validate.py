@@ -97,7 +97,7 @@ def test_bad_values_are_refused_before_any_heavy_import():
 def test_added_key_that_is_no_field_of_the_settings_class_is_refused_with_the_nearest():
     message = refused(compose_config("stage=dpo", "+dpo.betta=1"))
     assert message.startswith("dpo.betta=1: unknown key")
-    assert "rlhf.trainers.KLDPOConfig" in message and message.endswith("did you mean dpo.beta?")
+    assert "rlhf.dpo_trainer.KLDPOConfig" in message and message.endswith("did you mean dpo.beta?")
 
 
 @pytest.mark.parametrize(
@@ -105,7 +105,7 @@ def test_added_key_that_is_no_field_of_the_settings_class_is_refused_with_the_ne
     [
         (
             ("stage=ppo", "+ppo.kl_coeff=0.2"),
-            "ppo.kl_coeff=0.2: unknown key, not a field of rlhf.ppo.trainer.PPOConfig; did you mean ppo.kl_coef?",
+            "ppo.kl_coeff=0.2: unknown key, not a field of rlhf.ppo.settings.PPOConfig; did you mean ppo.kl_coef?",
         ),
         (("+sft.learning_rat=0.1",), "sft.learning_rat=0.1: unknown key, not a field of trl.SFTConfig; did you mean sft.learning_rate?"),
         (("+peft.rank=4",), "peft.rank=4: unknown key, not a field of rlhf.models.lora_config"),
@@ -140,7 +140,8 @@ def test_command_line_typo_names_the_nearest_key():
 
 
 def test_command_line_field_missing_from_the_yaml_says_to_add_it():
-    with pytest.raises(UserError, match=r"dpo\.adam_beta1=0\.9: .*field of rlhf\.trainers\.KLDPOConfig.*use \+dpo\.adam_beta1=\.\.\.\)$"):
+    expected = r"dpo\.adam_beta1=0\.9: .*field of rlhf\.dpo_trainer\.KLDPOConfig.*use \+dpo\.adam_beta1=\.\.\.\)$"
+    with pytest.raises(UserError, match=expected):
         check_command_line(["stage=dpo", "dpo.adam_beta1=0.9"])
 
 
@@ -352,7 +353,7 @@ def test_foreign_target_in_a_hand_made_config_is_refused():
         ("subprocess.run", REFUSAL),
         ("rlhfx.thing", REFUSAL),
         ("rlhf.command.subprocess.run", "it resolves to an object of subprocess"),  # an allowed prefix, a foreign module
-        ("rlhf.trainers.torch.load", "it resolves to an object of torch"),
+        ("rlhf.dpo_trainer.torch.load", "it resolves to an object of torch"),
         ("rlhf.command.main.__globals__", "dunder attributes"),
     ],
 )
@@ -377,7 +378,15 @@ def test_interpolated_target_is_checked_resolved(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "target", ["trl.DPOConfig", "rlhf.trainers.KLDPOConfig", "torch.optim.AdamW", "transformers.BitsAndBytesConfig", "peft.LoraConfig"]
+    "target",
+    [
+        "trl.DPOConfig",
+        "rlhf.dpo_trainer.KLDPOConfig",
+        "rlhf.trainers.KLDPOConfig",  # the name saved configs used before
+        "torch.optim.AdamW",
+        "transformers.BitsAndBytesConfig",
+        "peft.LoraConfig",
+    ],
 )
 def test_allowed_targets_pass(target):
     check_target(target, "x._target_")

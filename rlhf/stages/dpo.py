@@ -3,7 +3,7 @@
 The loss pushes up the policy's log-ratio to the reference on chosen answers against rejected
 ones: -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))]),
 plus, with `dpo.kl_coef` > 0, an explicit KL(policy || reference) penalty on the chosen
-answers (`rlhf.trainers.KLDPOTrainer`). Under LoRA the reference is the same network with its
+answers (`rlhf.dpo_trainer.KLDPOTrainer`). Under LoRA the reference is the same network with its
 adapter disabled (no second copy in memory); with `peft=none` TRL keeps a frozen copy of the
 starting weights. Evaluations add win_rate, kendall_tau and margin of the implicit reward.
 """
@@ -11,8 +11,8 @@ starting weights. Evaluations add win_rate, kendall_tau and margin of the implic
 from pathlib import Path
 
 from rlhf import precision
+from rlhf.dpo_trainer import KLDPOTrainer
 from rlhf.lifecycle import fit, load_inputs, trainer_kwargs
-from rlhf.trainers import KLDPOTrainer
 
 
 def run(cfg, run_dir: Path) -> dict:

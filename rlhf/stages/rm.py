@@ -9,7 +9,7 @@ eval_margin (mean r(x, y_w) - r(x, y_l)), and eval_win_rate / eval_kendall_tau (
 from pathlib import Path
 
 from rlhf.lifecycle import fit, load_inputs, trainer_kwargs
-from rlhf.trainers import RankingRewardTrainer
+from rlhf.reward_trainer import RankingRewardTrainer
 
 
 def run(cfg, run_dir: Path) -> dict:
