@@ -368,7 +368,8 @@ def test_eval_samples_from_the_prompts_its_judges_score(rlhf_chain, tmp_path, mo
     metrics = train(tmp_path, "stage=eval", *judged, "eval.num_prompts=8", "eval.batch_size=8", f"eval.max_prompt_length={limit}")
     assert metrics["data/cut_prompts"] > 0
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    assert len(sampled) == 2  # the reference's answers, then the policy's
+    # the reference's answers, then the policy's (judged, at eval's 0.7), then the policy's at its training temperature (eval_kl)
+    assert len(sampled) == 3
     assert all(prompts == [row["prompt"] for row in samples] for prompts, _ in sampled)
     assert_sampled_from_whole(sampled, tokenizer)
     assert any(row["prompt"] not in originals for row in samples)  # some were cut
