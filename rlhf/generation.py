@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.compat import float32_forward, transformers_model
-from rlhf.reward_model import RewardModel
 
 
 @dataclass
@@ -262,10 +261,10 @@ def sampled_kl(policy, reference, samples: Samples, temperature: float) -> torch
 
 @torch.no_grad()
 def held_out_scores(
-    policy, tokenizer, reward: RewardModel, prompts: list, settings: SamplingSettings, device, batch_size: int, seed: int, **options
+    policy, tokenizer, reward, prompts: list, settings: SamplingSettings, device, batch_size: int, seed: int, **options
 ) -> tuple:
-    """(the reward-model score of one sampled response per prompt, each response's length in
-    tokens, its KL where asked): the held-out prompts before and after training,
+    """(`reward`'s score (an rlhf.reward_model.RewardModel) of one sampled response per prompt, each
+    response's length in tokens, its KL where asked): the held-out prompts before and after training,
     `held_out_answers` scored `batch_size` at a time."""
     answers, lengths, kls = held_out_answers(policy, tokenizer, prompts, settings, device, batch_size, seed, **options)
     return reward.batched_scores(prompts, answers, device, batch_size), lengths, kls

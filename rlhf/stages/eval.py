@@ -70,6 +70,7 @@ def run(cfg, run_dir: Path) -> dict:
     # Whole turns cut to max_prompt_length: both policies sample from the conversation the judges score.
     prompts, cut_prompts = fit_prompts(prompts, tokenizer, settings.max_prompt_length, "eval.max_prompt_length")
     policy, reference = load_policy_and_reference(trained, cfg)
+    kl_temperature = training_temperature(trained)  # the temperature eval_kl is measured at
     models = (policy, reference, tokenizer)
     reward = load_reward_model(settings.reward_model, cfg, key="eval.reward_model")
     judge = load_reward_model(settings.judge_model, cfg, key="eval.judge_model") if settings.judge_model else None
@@ -83,7 +84,7 @@ def run(cfg, run_dir: Path) -> dict:
         started = time.perf_counter()
         references = reference_answers(prompts, settings, device, models, judges, cfg.seed, cache)
         reference_seconds = time.perf_counter() - started
-        rows = answer_and_score(prompts, settings, device, models, judges, cfg.seed, references, training_temperature(trained))
+        rows = answer_and_score(prompts, settings, device, models, judges, cfg.seed, references, kl_temperature)
     with open(run_dir / "samples.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     metrics = {}
@@ -92,7 +93,7 @@ def run(cfg, run_dir: Path) -> dict:
     keys = ("score_policy", "score_reference", "score_judge_policy", "score_judge_reference", "kl", "kl_at_sampling_temperature")
     keys += ("length_policy", "length_reference")
     metrics.update({f"eval_{key}": sum(row[key] for row in rows) / len(rows) for key in keys if key in rows[0]})
-    metrics["eval_kl_temperature"] = training_temperature(trained)  # what eval_kl was measured at
+    metrics["eval_kl_temperature"] = kl_temperature  # what eval_kl was measured at
     cut = {f"data/{prefix}reward_cut_inputs": judge.cut_inputs for prefix, judge in judges.items()}  # rows cut to the RM's max_length
     return {
         **metrics,
