@@ -362,8 +362,9 @@ PER_PROMPT = ("score_policy", "score_reference", "score_judge_policy", "score_ju
 
 def prompt_rows(eval_dir: Path) -> list:
     """An evaluation's rows (samples.jsonl) without the texts: the scores, lengths and KL of each prompt."""
-    rows = [json.loads(line) for line in (eval_dir / "samples.jsonl").read_text().splitlines()]
-    return [{key: row[key] for key in PER_PROMPT} for row in rows]
+    from rlhf.seeds import prompt_rows as read_rows  # the reader compare's seed groups use
+
+    return [{key: row[key] for key in PER_PROMPT} for row in read_rows(eval_dir)]
 
 
 def saved_config(run_dir: Path) -> dict:

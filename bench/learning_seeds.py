@@ -24,7 +24,7 @@ from pathlib import Path
 from common import ROOT, write_results  # noqa: E402  (bench/ is the script's own folder)
 
 sys.path.insert(0, str(ROOT))
-from rlhf.seeds import bootstrap, percentile_interval, prompt_statistic  # noqa: E402
+from rlhf.seeds import bootstrap, percentile_interval, pooled_statistic, prompt_statistic  # noqa: E402
 
 ONLINE = ("ppo", "grpo", "rloo")
 # measure -> (the benchmark JSON's key after "<aligner>_", the metric whose per-prompt statistic pools the seeds)
@@ -75,7 +75,7 @@ def summarise(runs: list) -> dict:
             per_seed = [{"value": run.get(f"{aligner}_{key}"), "ci95": run.get(f"{aligner}_{key}_ci95")} for run in runs]
             statistic = prompt_statistic(metric)
             prompts = [run["per_prompt"][aligner] for run in runs]
-            pooled = statistic([row for rows in prompts for row in rows])
+            pooled = pooled_statistic(prompts, statistic)
             row = {"aligner": aligner, "measure": measure, "seeds": per_seed, "pooled": pooled}
             row["pooled_ci95"] = percentile_interval(bootstrap(prompts, statistic))
             if measure in CLAIMS:
