@@ -44,6 +44,9 @@ version, before any training test does.
   Over bfloat16 weights it also has the output layer compute in float32 from the decoder's
   float32-upcast last hidden state: TRL's fused LM head reads `get_output_embeddings().weight`
   and computes in the hidden state's dtype, the plain head is called as a module.
+- peft's LoRA layers add their update to the frozen layer's output in whatever dtype autocast
+  left it: bfloat16 under the CPU preset's autocast, which rounds a small update away.
+  `float32_adapter_sums` hooks each frozen layer (`LoraLayer.base_layer`) to return float32.
 - A full disk reaches a run as an OSError from Python's own writes, but safetensors (Rust) and
   torch.save (C++) raise their own exception types whose only trace of it is the OS message in
   their text; `out_of_space` reads those texts.
@@ -300,3 +303,38 @@ def keep_4bit_cpu_training_working(model) -> None:
     for module in model.modules():
         if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def float32_adapter_sums(model, inputs=None) -> None:
+    """Under bfloat16 autocast over float32 weights, have every LoRA layer add its adapter's output
+    to the frozen layer's output in float32.
+
+    Autocast rounds the frozen layer's output to bfloat16, and LoRA adds its (early in training,
+    tiny) update to that rounded value: an update under half a bfloat16 step of the output is
+    rounded back to the same value, every time, so the model computes with only part of its
+    adapter (docs/precision-and-performance.md measures what that does to a held-out loss).
+    Handed the frozen output in float32, LoRA's sum stays float32; where a later operation rounds
+    it to bfloat16 again (attention, the next matrix product), the rounding no longer drops the
+    update every time. The matrix products themselves stay in bfloat16.
+
+    `load_model` makes this a forward pre-hook of every model it loads for a bfloat16-autocast run,
+    so it runs before each forward pass, after whoever wrapped the model in an adapter (TRL while
+    building its trainer, PPO, a saved adapter loaded for evaluation): no stage has to remember it.
+    Layers already handled are skipped."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        frozen = module.base_layer
+        weight = getattr(frozen, "weight", None)  # float32 weights only: not bfloat16 presets, not 4-bit
+        if weight is not None and weight.dtype == torch.float32 and not getattr(frozen, "float32_output", False):
+            frozen.register_forward_hook(float32_output)
+            frozen.float32_output = True  # once per layer
+
+
+def float32_output(layer, inputs, output):
+    import torch
+
+    return output.float() if torch.is_tensor(output) and output.is_floating_point() else output

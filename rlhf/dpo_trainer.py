@@ -175,7 +175,7 @@ class KLDPOTrainer(PreferenceEvaluation, ReferenceLogpsHook, DPOTrainer):
                 "rows": rows.hexdigest(),
                 "truncation": [self.args.max_length, self.args.truncation_mode, self.args.pad_to_multiple_of],
                 "loss": [self.args.ld_alpha],  # LD-DPO weighs the reference's tail tokens differently
-                "adapter_sums": "float32",  # bfloat16 runs compute with rlhf.models.float32_adapter_sums since it came
+                "adapter_sums": "float32",  # bfloat16 runs compute with rlhf.compat.float32_adapter_sums since it came
             },
             sort_keys=True,
             default=str,

@@ -24,16 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.compat import float32_forward, transformers_model
-
-
-@dataclass
-class SamplingSettings:
-    """How responses are sampled: the part of `ppo.*` and `eval.*` that `sample` reads."""
-
-    max_prompt_length: int = 128
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
+from rlhf.settings import SamplingSettings
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from rlhf import BUILTIN_PREFIX, model_sources
-from rlhf.compat import keep_4bit_cpu_training_working
+from rlhf.compat import float32_adapter_sums, keep_4bit_cpu_training_working
 from rlhf.errors import UserError
 from rlhf.tiny_model import ensure_tiny_model
 
@@ -114,42 +114,6 @@ def load_model(model_path: str, model_cfg, quantization_cfg, hardware_cfg, head:
     if OmegaConf.select(hardware_cfg, "training_args.bf16", default=False):
         model.register_forward_pre_hook(float32_adapter_sums)  # whoever adds LoRA layers later, and whenever
     return model
-
-
-def float32_adapter_sums(model, inputs=None) -> None:
-    """Under bfloat16 autocast over float32 weights, have every LoRA layer add its adapter's output
-    to the frozen layer's output in float32.
-
-    Autocast rounds the frozen layer's output to bfloat16, and LoRA adds its (early in training,
-    tiny) update to that rounded value: an update under half a bfloat16 step of the output is
-    rounded back to the same value, every time, so the model computes with only part of its
-    adapter. On SmolLM2 after 8 SFT steps that read as a held-out loss 1.3% higher than the same
-    model in float32 (merged into the weights, whose float32 low bits dither the rounding, 0.2%).
-    Handed the frozen output in float32, LoRA's sum stays float32; where a later operation rounds
-    it to bfloat16 again (attention, the next matrix product), the rounding no longer drops the
-    update every time. The matrix products themselves stay in bfloat16.
-
-    `load_model` makes this a forward pre-hook of every model it loads for a bfloat16-autocast run,
-    so it runs before each forward pass, after whoever wrapped the model in an adapter (TRL while
-    building its trainer, PPO, a saved adapter loaded for evaluation): no stage has to remember it.
-    Layers already handled are skipped; sampling SmolLM2 showed no cost of the scan in its timing."""
-    import torch
-    from peft.tuners.lora import LoraLayer
-
-    for module in model.modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        frozen = module.base_layer
-        weight = getattr(frozen, "weight", None)  # float32 weights only: not bfloat16 presets, not 4-bit
-        if weight is not None and weight.dtype == torch.float32 and not getattr(frozen, "float32_output", False):
-            frozen.register_forward_hook(float32_output)
-            frozen.float32_output = True  # once per layer
-
-
-def float32_output(layer, inputs, output):
-    import torch
-
-    return output.float() if torch.is_tensor(output) and output.is_floating_point() else output
 
 
 def merge_adapter(model, adapter_dir):

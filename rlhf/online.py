@@ -27,11 +27,12 @@ from trl import GRPOConfig, RLOOConfig
 from rlhf import distributed
 from rlhf.compat import time_generate
 from rlhf.errors import UserError
-from rlhf.generation import SamplingSettings, fitted_prompts, held_out_answers, up_to_first_eos
+from rlhf.generation import fitted_prompts, held_out_answers, up_to_first_eos
 from rlhf.lifecycle import autocast, device_for, fit, load_inputs, trainer_kwargs
 from rlhf.metrics import paired_gain
 from rlhf.reward_model import RewardModel, load_reward_model
 from rlhf.rewards import RewardFunction, completion_text
+from rlhf.settings import SamplingSettings
 
 LOGGED = ("reward", "rewards/", "kl", "completions/", "clip_ratio", "entropy")  # TRL's log keys kept in metrics.json
 
@@ -65,7 +66,7 @@ def run(cfg, run_dir: Path, trainer_class) -> dict:
     inputs = load_inputs(cfg, data_kind="prompt")
     # TRL's GRPO and RLOO trainers (1.x) sample from every prompt whole: one long dialogue (HH-RLHF
     # holds prompts of ~1600 tokens) made an update's memory and time follow the longest prompt
-    # drawn (a 17 GiB peak on SmolLM2). Fitted here, training and held-out scoring see the same prompts.
+    # drawn (docs/stages.md measures it). Fitted here, training and held-out scoring see the same prompts.
     inputs.data, cut_prompts = fitted_prompts(inputs.data, inputs.tokenizer, settings.max_prompt_length, f"{stage}.max_prompt_length")
     functions = reward_functions(settings, inputs.data.train.column_names, stage)
     reward = load_reward_model(settings.reward_model, cfg, key=f"{stage}.reward_model") if settings.reward_model else None

@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
     args = parser.parse_args(argv)
-    from rlhf.generation import SamplingSettings
+    from rlhf.settings import SamplingSettings
 
     settings = SamplingSettings(max_prompt_length=1024, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     with exit_on_user_error():

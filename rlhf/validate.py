@@ -7,11 +7,9 @@ signature (importing it), and a key added with `+` elsewhere is refused with the
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import functools
 import inspect
-import math
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -20,8 +18,10 @@ from rlhf.errors import UserError, collecting, first_line, raise_problems
 from rlhf.extras import VLLM, check_installed, install_command, installed
 from rlhf.model_sources import check_hub
 from rlhf.models import check_model_directory
+from rlhf.ppo.settings import PPO_RULES, check_ppo_batch
 from rlhf.registry import STAGES, runs_steps  # the registry only: no stage module is imported
 from rlhf.runs import RUN_INPUTS, check_input_runs, finished_run
+from rlhf.settings import DATASET_RULES, DPO_RULES, EVAL_RULES, PEFT_RULES, STAGE_RULES, is_int, is_number
 from rlhf.targets import check_targets, imported
 
 INSTANTIATE_KEYS = {"_target_", "_args_", "_partial_", "_convert_", "_recursive_"}
@@ -99,60 +99,9 @@ def check_vllm(cfg) -> None:
 
 
 # ---- 2. values ---------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    test: object  # value -> bool
-    allowed: str  # what the message says is allowed
-    integer: bool = False  # the value must be a whole number
-    none_ok: bool = False  # null means "off" or "the default"
-
-
-def _between(low, high, low_open=False, high_open=False):
-    return lambda v: (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-
-
-POSITIVE = Rule(lambda v: v > 0, "> 0")
-NON_NEGATIVE = Rule(lambda v: v >= 0, ">= 0")
-AT_LEAST_ONE = Rule(lambda v: v >= 1, "an integer >= 1", integer=True)
-UNIT = Rule(_between(0, 1), "in [0, 1]")
-# PPO's and eval's log-probs and KL are those of the whole tempered softmax: nucleus sampling would draw from another distribution.
-WHOLE_SOFTMAX = Rule(lambda v: v == 1, "1.0: the log-probs and KL are those of the whole tempered softmax; lower the temperature instead")
-OPTIONAL_LENGTH = Rule(lambda v: v >= 1, "an integer >= 1 (or null)", integer=True, none_ok=True)
-
-# Keys every stage node (sft, rm, dpo, ppo, any later one) and hardware.training_args may hold.
-STAGE_RULES = {
-    **dict.fromkeys(("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"), AT_LEAST_ONE),
-    **dict.fromkeys(("warmup_steps", "weight_decay", "max_grad_norm"), NON_NEGATIVE),
-    "learning_rate": POSITIVE,
-    "max_length": OPTIONAL_LENGTH,
-    "eval_prompts": Rule(lambda v: v >= 0, "an integer >= 0 (0 = no held-out scoring)", integer=True),  # PPO, GRPO, RLOO
-}
-# Keys of particular nodes (a stage's own rules add to STAGE_RULES).
-NODE_RULES = {
-    "dpo": {"beta": POSITIVE, "label_smoothing": Rule(_between(0, 0.5, high_open=True), "in [0, 0.5)"), "kl_coef": NON_NEGATIVE},
-    "ppo": {
-        **dict.fromkeys(("batch_size", "mini_batch_size", "ppo_epochs", "total_updates", "max_new_tokens"), AT_LEAST_ONE),
-        **dict.fromkeys(("logging_steps", "save_total_limit"), AT_LEAST_ONE),
-        "max_prompt_length": AT_LEAST_ONE,  # prompts are cut to it: there is no "no limit"
-        **dict.fromkeys(("cliprange", "cliprange_value", "temperature", "horizon", "target"), POSITIVE),
-        **dict.fromkeys(("kl_coef", "vf_coef"), NON_NEGATIVE),
-        **dict.fromkeys(("gamma", "lam"), UNIT),
-        "top_p": WHOLE_SOFTMAX,
-        "save_steps": Rule(lambda v: v >= 0, "an integer >= 0 (0 = no checkpoints)", integer=True),
-        "max_grad_norm": POSITIVE,  # PPO clips to it every step: 0 would zero every gradient
-    },
-    "eval": {
-        **dict.fromkeys(("num_prompts", "batch_size", "max_prompt_length", "max_new_tokens"), AT_LEAST_ONE),
-        "temperature": Rule(lambda v: v >= 0, ">= 0 (0 = greedy decoding)"),
-        "top_p": WHOLE_SOFTMAX,
-    },
-    "peft": {"r": AT_LEAST_ONE, "alpha": POSITIVE, "dropout": Rule(_between(0, 1, high_open=True), "in [0, 1)")},
-    "dataset": {
-        "test_size": Rule(lambda v: v >= 0 and (v < 1 or float(v).is_integer()), ">= 0: a fraction below 1 or a count of rows"),
-        "max_samples": OPTIONAL_LENGTH,
-        "skip_rows": Rule(lambda v: v >= 0, "an integer >= 0", integer=True),
-    },
-}
+# Each node's rules live with its settings (rlhf/settings.py, rlhf/ppo/settings.py); a stage's own rules add to STAGE_RULES.
+NODE_RULES = {"dpo": DPO_RULES, "ppo": PPO_RULES, "eval": EVAL_RULES, "peft": PEFT_RULES, "dataset": DATASET_RULES}
+CROSS_FIELD_CHECKS = {"ppo": check_ppo_batch}  # rules between a node's keys, run once each key is in range
 
 
 def check_values(cfg) -> None:
@@ -166,23 +115,10 @@ def check_values(cfg) -> None:
     for name in ("peft", "dataset"):
         if isinstance(cfg.get(name), DictConfig):
             _check_rules(cfg, name, NODE_RULES[name], problems)
-    if not problems:  # reads batch sizes already in range
-        check_ppo_batch(cfg.get("ppo"))
+    for name, check in CROSS_FIELD_CHECKS.items():
+        if not problems and isinstance(cfg.get(name), DictConfig):  # they read values already in range
+            check(cfg[name])
     raise_problems(problems)
-
-
-def check_ppo_batch(ppo) -> None:
-    """PPO's batch splits into its mini-batches and holds the 2 answers whitening needs."""
-    if isinstance(ppo, DictConfig) and _is_int(ppo.get("batch_size")) and _is_int(ppo.get("mini_batch_size")):
-        if ppo.batch_size % ppo.mini_batch_size:
-            raise UserError(f"ppo.batch_size={ppo.batch_size}: must be a multiple of ppo.mini_batch_size={ppo.mini_batch_size}")
-    if isinstance(ppo, DictConfig) and _is_int(ppo.get("batch_size")) and ppo.batch_size < 2:
-        # Whitening estimates a variance: over one answer's tokens (one token, if it is an immediate
-        # EOS) it fails mid-run; over one score, always.
-        scores = " and, with ppo.whiten_scores=true, its scores" if ppo.get("whiten_scores") is True else ""
-        raise UserError(
-            f"ppo.batch_size={ppo.batch_size}: PPO whitens each update's advantages{scores} over the batch, which needs at least 2 answers"
-        )
 
 
 def _check_rules(cfg, path: str, rules: dict, problems: list) -> None:
@@ -201,19 +137,11 @@ def _check_rule(node, where: str, key: str, rule) -> None:
         raise UserError(f"{where}: cannot resolve its value ({first_line(err)})") from None
     if value is None and rule.none_ok:
         return
-    if not (_is_int(value) if rule.integer else _is_number(value)):
+    if not (is_int(value) if rule.integer else is_number(value)):
         kind = "an integer" if rule.integer else "a number"
         raise UserError(f"{where}={value}: must be {kind} {rule.allowed.removeprefix('an integer ')}".rstrip())
     if not rule.test(value):
         raise UserError(f"{where}={value}: must be {rule.allowed}")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # ---- 3. unknown keys: binding to signatures -----------------------------------------------

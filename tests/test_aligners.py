@@ -5,11 +5,13 @@ proxy and by the judge reward model; the comparison's files; a second run skips 
 import csv
 import json
 
+import pytest
 from conftest import train
 
 STEPS = ("sft", "rm", "judge", "dpo", "ppo", "grpo", "rloo", "eval_dpo", "eval_ppo", "eval_grpo", "eval_rloo")
 
 
+@pytest.mark.slow
 def test_compare_aligners_leaves_its_table_frontier_and_report_and_resumes(tmp_path, capsys):
     overrides = ("experiment=compare_aligners", "sft.max_steps=30", "rm.max_steps=30", "chain.budget.updates=3", "eval.num_prompts=16")
     train(tmp_path, *overrides)

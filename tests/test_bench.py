@@ -17,6 +17,7 @@ def bench(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:  # th
     return done
 
 
+@pytest.mark.slow
 def test_benchmark_writes_its_json_and_markdown_table(tmp_path):
     bench("bench/run.py", "--steps", "2", "--ppo-updates", "1", "--repeats", "1", "--sweep-pairs", "128", "--out", str(tmp_path))
     [json_file] = tmp_path.glob("*-tiny.json")
@@ -54,6 +55,7 @@ def test_benchmark_writes_its_json_and_markdown_table(tmp_path):
         assert f"| {measure}" in table, measure
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_smoke_runs_its_code_on_the_cpu(tmp_path):
     bench("bench/gpu.py", "--smoke", "--out", str(tmp_path))
     [json_file] = tmp_path.glob("*-gpu-smoke.json")
@@ -67,6 +69,7 @@ def test_gpu_benchmark_smoke_runs_its_code_on_the_cpu(tmp_path):
     assert "| sft-qlora-4bit |" in json_file.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow
 def test_learning_benchmark_smoke_runs_every_step(tmp_path):
     """SFT -> proxy and judge RMs, DPO, PPO/GRPO/RLOO -> eval, arithmetic GRPO and PPO's phases on
     SmolLM2 and real HH-RLHF pairs at the smallest sizes: keeps the script working (the learning
@@ -104,6 +107,7 @@ def test_learning_benchmark_smoke_runs_every_step(tmp_path):
     assert len(result["ppo_kl_per_update"]) == len(result["ppo_kl_coef_per_update"]) == result["sizes"]["ppo_updates"]
 
 
+@pytest.mark.slow
 def test_padding_benchmark_measures_the_trainers_own_batches(tmp_path):
     bench("bench/padding.py", "--model", "tiny", "--batches", "2", "--out", str(tmp_path))
     [json_file] = tmp_path.glob("*-padding-tiny.json")

@@ -75,6 +75,7 @@ def test_every_job_of_a_sweep_resolves_the_launch_s_directory(monkeypatch):
     assert rlhf.launch_stamp() == "10-00-07"  # the clock itself moved on
 
 
+@pytest.mark.slow
 def test_default_run_leaves_a_complete_run_directory(tmp_path):
     done = cli(f"hydra.run.dir={tmp_path}", "sft.max_steps=10")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -89,6 +90,7 @@ def test_default_run_leaves_a_complete_run_directory(tmp_path):
     assert model.peft_config["default"].r == 16
 
 
+@pytest.mark.slow
 def test_dpo_beta_sweep_then_reproduce_a_job(tmp_path):
     sweep = tmp_path / "S"
     done = cli("stage=dpo", "dpo.beta=0.1,0.3", "-m", f"hydra.sweep.dir={sweep}", "dpo.max_steps=12")
@@ -137,6 +139,7 @@ def test_dpo_beta_sweep_then_reproduce_a_job(tmp_path):
     assert json.loads((tmp_path / "O" / "metrics.json").read_text())["train_loss"] == pytest.approx(metrics["1"]["train_loss"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_lora_rank_sweep(tmp_path):
     done = cli("peft.r=8,16", "-m", f"hydra.sweep.dir={tmp_path}", "sft.max_steps=5", "dataset.test_size=0")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -144,6 +147,7 @@ def test_lora_rank_sweep(tmp_path):
         assert json.loads((tmp_path / job / "final" / "adapter_config.json").read_text())["r"] == rank
 
 
+@pytest.mark.slow
 def test_missing_model_fails_with_one_line(tmp_path):
     done = cli("model=qwen3-0.6b", f"hydra.run.dir={tmp_path}")  # HF_HUB_OFFLINE=1 and no local copy
     assert done.returncode == 2
@@ -159,6 +163,7 @@ def test_unknown_stage_lists_the_valid_ones():
     assert done.stderr.strip() == f"error: stage=ppo_typo: no stage config named ppo_typo; options: {options}"
 
 
+@pytest.mark.slow
 def test_wrong_data_kind_fails_with_one_line(tmp_path):
     done = cli("stage=dpo", "dataset=builtin_sft", f"hydra.run.dir={tmp_path}")
     assert done.returncode == 2 and "Traceback" not in done.stderr

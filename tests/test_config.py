@@ -34,6 +34,7 @@ def combinations():
             yield {first: a, second: b}
 
 
+@pytest.mark.slow
 def test_every_combination_composes():
     combos = list(combinations())
     assert len(combos) >= 100

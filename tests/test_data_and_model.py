@@ -135,6 +135,7 @@ def test_qwen3_dpo_formatting_splits_prompt_and_answers(qwen3_model_dir, tmp_pat
         assert tokenizer.decode(row[f"{answer}_ids"]).endswith(source[answer][0]["content"] + "<|im_end|>\n")
 
 
+@pytest.mark.slow
 def test_a_local_model_directory_trains_through_the_cli_config(qwen3_model_dir, tmp_path):
     from conftest import train
 

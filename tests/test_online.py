@@ -16,6 +16,7 @@ from rlhf.validate import check_vllm, validate
 ONLINE_LOG_KEYS = ("reward", "kl", "completions/mean_length", "clip_ratio/region_mean", "rewards/reward_model/mean")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])
 def test_online_stage_raises_the_held_out_score_of_the_reward_model(stage, rlhf_chain, tmp_path):
     chain_dir, _ = rlhf_chain
@@ -104,6 +105,7 @@ def test_a_long_conversation_is_cut_to_the_prompt_length_from_its_start():
         fit_prompt(conversation, tokenizer, 2)
 
 
+@pytest.mark.slow
 def test_grpo_chain_leaves_complete_step_directories(tmp_path):
     metrics = train(tmp_path, "experiment=grpo_chain", "sft.max_steps=20", "rm.max_steps=20", "grpo.max_steps=4")
     for step in ("sft", "rm", "grpo"):
@@ -112,6 +114,7 @@ def test_grpo_chain_leaves_complete_step_directories(tmp_path):
     assert "grpo/eval_scores" in metrics and "grpo/eval_scores_before" in metrics
 
 
+@pytest.mark.slow
 def test_crashed_grpo_run_resumes_to_the_metrics_of_an_uninterrupted_one(rlhf_chain, tmp_path, monkeypatch):
     from trl import GRPOTrainer
 
@@ -184,6 +187,7 @@ class ShortAnswer(RewardFunction):
 '''
 
 
+@pytest.mark.slow
 def test_a_users_own_reward_function_trains_grpo_only_with_the_opt_in(tmp_path):
     """A reward function in the user's module (outside the package) trains GRPO when the command
     allows its module (RLHF_ALLOW_TARGETS); without it the same _target_ is refused in one line,

@@ -82,6 +82,7 @@ def test_ppo_moves_a_policy_over_bfloat16_weights(rlhf_chain, tmp_path):
     assert metrics["policy/approxkl"] > 0 and metrics["objective/kl"] != 0 and metrics["eval_score_gain"] != 0
 
 
+@pytest.mark.slow
 def test_a_bfloat16_dpo_run_crashed_midway_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
     from trl import DPOTrainer
 
@@ -98,7 +99,7 @@ def test_lora_updates_below_a_bfloat16_step_survive_autocast():
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from rlhf.models import float32_adapter_sums
+    from rlhf.compat import float32_adapter_sums
 
     class Layer(torch.nn.Module):
         def __init__(self):
@@ -274,6 +275,7 @@ def share_kept(saved: dict, base: dict, update: dict) -> tuple:
     return dot / norm2, (error2 / norm2) ** 0.5
 
 
+@pytest.mark.slow
 def test_a_full_fine_tune_in_bfloat16_weights_is_refused_in_one_line(tmp_path):
     """AdamW's updates to bfloat16 weights round away: the command trained and kept 0.9% of them."""
     from conftest import cli

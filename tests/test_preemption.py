@@ -89,6 +89,7 @@ def test_a_signalled_ppo_run_stops_after_its_update_and_resumes_to_the_uninterru
     assert_same_metrics(train(tmp_path / "cut", *overrides), whole, 1e-5)
 
 
+@pytest.mark.slow
 def test_a_signalled_chain_resumes_at_the_step_that_was_preempted(tmp_path, monkeypatch, capsys):
     from rlhf.ppo.trainer import PPOTrainer
 
@@ -127,6 +128,7 @@ def start_at_step(run_dir: Path, step: int, max_steps: int) -> subprocess.Popen:
     "number, code, status",
     [(signal.SIGTERM, EXIT_CODE, "preempted"), (signal.SIGINT, INTERRUPT_EXIT_CODE, "stopped")],  # a scheduler; Ctrl-C in a terminal
 )
+@pytest.mark.slow
 def test_a_signal_ends_a_dpo_process_100_steps_in_within_seconds_with_a_checkpoint(tmp_path, number, code, status):
     """As a scheduler or the user at the terminal does it: a real process, a real signal."""
     process = start_at_step(tmp_path / "once", 100, max_steps=600)
@@ -139,6 +141,7 @@ def test_a_signal_ends_a_dpo_process_100_steps_in_within_seconds_with_a_checkpoi
     assert last_complete_checkpoint(tmp_path / "once").name == f"checkpoint-{recorded['step']}"
 
 
+@pytest.mark.slow
 def test_a_second_process_on_a_run_directory_is_refused_and_the_first_finishes(tmp_path):
     """The same command in two terminals: both trained into one directory, each writing its own
     checkpoints there. The second must stop at once, naming the first."""
@@ -192,6 +195,7 @@ def logged_step(history: Path, step: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_a_resume_onto_a_retrained_upstream_run_stops_naming_it(tmp_path, monkeypatch, capsys):
     """A DPO run from an SFT run, stopped; the SFT run retrained in place with another learning
     rate; the same DPO command resumed its old adapter on the new SFT (rc 0). Without the retrain

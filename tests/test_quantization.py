@@ -31,6 +31,7 @@ def test_quantized_layers_are_really_quantized(tmp_path):
     assert layers and all(not layer.support_avx512bf16_for_cpu for layer in layers)
 
 
+@pytest.mark.slow
 def test_every_stage_trains_quantized_also_on_top_of_lora_runs(tmp_path):
     """Reward model and PPO (policy with value head) in 4 bits; PPO starts from a LoRA SFT run,
     whose adapter is stacked unmerged beside the 4-bit base."""

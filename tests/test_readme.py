@@ -338,6 +338,7 @@ def readme_session(installed):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [command for command in CHECKS], ids=lambda command: command[:70])
 def test_readme_command_does_what_the_readme_says(readme_session, command):
     _, verdict = readme_session[command]
@@ -363,6 +364,7 @@ def docs_train_commands() -> list:
     return found
 
 
+@pytest.mark.slow
 def test_every_train_command_in_the_docs_composes():
     from rlhf.compose import compose, first_job
     from rlhf.errors import UserError

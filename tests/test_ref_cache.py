@@ -11,6 +11,7 @@ def cached_files():
     return sorted((cache_dir() / "ref_logps").glob("*.safetensors"))
 
 
+@pytest.mark.slow
 def test_cached_and_uncached_runs_train_identically(tmp_path, capsys):
     short = ("stage=dpo", "dpo.max_steps=4", "dpo.logging_steps=1", "dataset.max_samples=80", "dpo.max_length=200")
     before = set(cached_files())

@@ -30,6 +30,7 @@ def trained_here(run_dir: Path) -> bool:
     return status(run_dir)["status"] == "done" and "reused_from" not in status(run_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]], ids=["in-turn", "two-at-once"])
 def test_a_kl_coef_sweep_trains_sft_and_the_reward_model_once(tmp_path, launcher):
     if launcher:
@@ -92,6 +93,7 @@ def test_an_identical_run_is_reused_and_loads_like_the_one_that_trained(tmp_path
     assert trained_here(tmp_path / "c")
 
 
+@pytest.mark.slow
 def test_a_changed_seed_data_file_or_upstream_trains_anew(tmp_path):
     train(tmp_path / "sft", "reuse=true", *TINY)
     train(tmp_path / "seed", "reuse=true", "seed=43", *TINY)
@@ -177,6 +179,7 @@ def test_reuse_copies_share_no_file_and_are_checked_against_what_their_run_finis
     assert trained_here(runs["c"]) and weights["c"].read_bytes() == original  # trained again: the same weights as a's were
 
 
+@pytest.mark.slow
 def test_reuse_identity_covers_processes_tokenizer_and_config_files_and_the_reward_models_max_length(tmp_path, monkeypatch):
     """A Trainer's global batch grows with the processes; a chat template, a tokenizer or a config
     changes what a model reads and computes; PPO, GRPO, RLOO and eval cut rows to their reward

@@ -119,7 +119,8 @@ def test_samples_follow_the_tempered_softmax_whatever_the_checkpoint_says():
     a repetition penalty and min_p: their distribution is softmax(logits / 3)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf.generation import SamplingSettings, encode_prompts, sample
+    from rlhf.generation import encode_prompts, sample
+    from rlhf.settings import SamplingSettings
     from rlhf.tiny_model import ensure_tiny_model
 
     path = ensure_tiny_model()
@@ -148,6 +149,7 @@ def test_samples_follow_the_tempered_softmax_whatever_the_checkpoint_says():
     assert policy.generation_config.top_k == 2  # the checkpoint's own settings are left as they were
 
 
+@pytest.mark.slow
 def test_lora_bias_is_refused_where_the_reference_is_the_disabled_adapter():
     done = cli("stage=dpo", "peft.bias=all")
     assert done.returncode != 0
@@ -161,9 +163,10 @@ def test_held_out_scores_are_paired_draws(qwen_like):
     from conftest import compose_config
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf.generation import SamplingSettings, held_out_scores
+    from rlhf.generation import held_out_scores
     from rlhf.metrics import paired_gain
     from rlhf.reward_model import load_reward_model
+    from rlhf.settings import SamplingSettings
 
     cfg = compose_config("model=custom", f"model.name_or_path={qwen_like / 'model'}")
     reward = load_reward_model(str(qwen_like / "rm"), cfg)
@@ -371,8 +374,9 @@ def test_sampling_stops_at_every_eos_id_the_model_declares():
     <|endoftext|>); a response ends at the first of any of them, as TRL's samplers end it."""
     from omegaconf import OmegaConf
 
-    from rlhf.generation import SamplingSettings, sample
+    from rlhf.generation import sample
     from rlhf.models import load_model, load_tokenizer
+    from rlhf.settings import SamplingSettings
     from rlhf.tiny_model import ensure_tiny_model
 
     path = str(ensure_tiny_model())

@@ -64,6 +64,7 @@ def crash_ppo_in_update(monkeypatch, update: int) -> None:
     crash_in_call(monkeypatch, PPOTrainer, "optimise", update)
 
 
+@pytest.mark.slow
 def test_interrupted_ppo_resumes_to_the_metrics_of_an_uninterrupted_run(rlhf_chain, tmp_path, monkeypatch):
     """PPO checkpoints every ppo.save_steps updates; the same command after a crash goes on from
     the last one (weights, optimizer, KL coefficient, random state) and ends where an
@@ -171,6 +172,7 @@ def test_ppo_refuses_a_checkpoint_written_for_other_inputs(rlhf_chain, tmp_path,
     assert train(run_dir, *overrides)["eval_scores_before"] == pytest.approx(sum(mark["keep"]["held_out_before"]) / 4)
 
 
+@pytest.mark.slow
 def test_chain_refuses_to_resume_a_step_of_another_config(tmp_path, monkeypatch, capsys):
     """An interrupted chain step resumes only under the config it ran with; resume=overwrite
     starts it over (stale history and checkpoints gone)."""
@@ -200,6 +202,7 @@ def test_chain_refuses_to_resume_a_step_of_another_config(tmp_path, monkeypatch,
     assert metrics["ppo/objective/kl_coef"] == pytest.approx(0.5, rel=0.05)  # started at the new 0.5
 
 
+@pytest.mark.slow
 def test_dpo_chain_reference_is_the_sft_policy(tmp_path, monkeypatch):
     """In DPO started from SFT, the adapter-disabled model (TRL's reference under LoRA) computes
     exactly the SFT policy's logits, not the base model's."""
@@ -268,6 +271,7 @@ def test_eval_stage_judges_the_ppo_policy_against_its_reference(rlhf_chain, tmp_
     assert metrics["eval_kl_at_sampling_temperature"] == pytest.approx(sum(s["kl_at_sampling_temperature"] for s in samples) / 24)
 
 
+@pytest.mark.slow
 def test_evaluations_from_one_start_share_the_reference_answers_they_would_sample(rlhf_chain, tmp_path):
     """PPO and DPO both start from the SFT run: the second evaluation reads the reference's answers
     and scores the first one cached, and they are the ones it samples itself with the cache off."""
@@ -389,6 +393,7 @@ def test_sampling_refuses_a_prompt_longer_than_its_limit():
         encode_prompts(tokenizer, [longest], length - 1, torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_the_adaptive_kl_controller_holds_a_target_below_the_unconstrained_kl(rlhf_chain, tmp_path):
     """PPO from kl_coef 0.02 runs its KL up to about 12 nats; with ppo.target=3 and a horizon of one
     batch the controller raises kl_coef and the KL of the last 10 updates ends within 25% of 3.

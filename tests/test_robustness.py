@@ -19,6 +19,7 @@ def status(run_dir) -> dict:
     return json.loads((run_dir / "status.json").read_text())
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path):
     run_dir = tmp_path / "killed"
     process = subprocess.Popen(
@@ -68,6 +69,7 @@ def test_overwrite_replaces_a_finished_run(tmp_path, capsys):
     assert "max_steps: 3" in (tmp_path / ".hydra" / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_the_step_and_marks_the_run_failed(tmp_path):
     done = cli(f"hydra.run.dir={tmp_path}", "sft.max_steps=30", "sft.learning_rate=1e12", "sft.logging_steps=1", "sft.save_steps=1")
     assert done.returncode == 2 and "Traceback" not in done.stderr
@@ -94,6 +96,7 @@ def test_interrupted_run_of_another_config_is_not_resumed(tmp_path, capsys):
     assert "interrupted run of a different config" in refused(capsys, tmp_path, "sft.max_steps=2")
 
 
+@pytest.mark.slow
 def test_a_failing_sweep_job_does_not_stop_the_others(tmp_path):
     done = cli("stage=dpo", "dpo.beta=0.1,-1,0.3", "-m", f"hydra.sweep.dir={tmp_path}", "dpo.max_steps=2", "dataset.test_size=0")
     assert done.returncode != 0

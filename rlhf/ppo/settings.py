@@ -1,10 +1,13 @@
-"""The settings of `stage=ppo` (conf/ppo/default.yaml documents each key), and what a run says
-about them at its start."""
+"""The settings of `stage=ppo` (conf/ppo/default.yaml documents each key), the values they accept,
+and what a run says about them at its start. Imports neither torch nor trl: validation reads it."""
 
 from dataclasses import dataclass
 
-from rlhf.generation import SamplingSettings
+from omegaconf import DictConfig
+
+from rlhf.errors import UserError
 from rlhf.runs import is_main_process
+from rlhf.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT, WHOLE_SOFTMAX, Rule, SamplingSettings, is_int
 
 
 @dataclass
@@ -37,6 +40,34 @@ class PPOConfig(SamplingSettings):
     logging_steps: int = 1
     save_steps: int = 10
     save_total_limit: int = 1
+
+
+# The values each key accepts (rlhf/validate.py checks them with every other node's; STAGE_RULES add to them).
+PPO_RULES = {
+    **dict.fromkeys(("batch_size", "mini_batch_size", "ppo_epochs", "total_updates", "max_new_tokens"), AT_LEAST_ONE),
+    **dict.fromkeys(("logging_steps", "save_total_limit"), AT_LEAST_ONE),
+    "max_prompt_length": AT_LEAST_ONE,  # prompts are cut to it: there is no "no limit"
+    **dict.fromkeys(("cliprange", "cliprange_value", "temperature", "horizon", "target"), POSITIVE),
+    **dict.fromkeys(("kl_coef", "vf_coef"), NON_NEGATIVE),
+    **dict.fromkeys(("gamma", "lam"), UNIT),
+    "top_p": WHOLE_SOFTMAX,
+    "save_steps": Rule(lambda v: v >= 0, "an integer >= 0 (0 = no checkpoints)", integer=True),
+    "max_grad_norm": POSITIVE,  # PPO clips to it every step: 0 would zero every gradient
+}
+
+
+def check_ppo_batch(ppo) -> None:
+    """PPO's batch splits into its mini-batches and holds the 2 answers whitening needs."""
+    if isinstance(ppo, DictConfig) and is_int(ppo.get("batch_size")) and is_int(ppo.get("mini_batch_size")):
+        if ppo.batch_size % ppo.mini_batch_size:
+            raise UserError(f"ppo.batch_size={ppo.batch_size}: must be a multiple of ppo.mini_batch_size={ppo.mini_batch_size}")
+    if isinstance(ppo, DictConfig) and is_int(ppo.get("batch_size")) and ppo.batch_size < 2:
+        # Whitening estimates a variance: over one answer's tokens (one token, if it is an immediate
+        # EOS) it fails mid-run; over one score, always.
+        scores = " and, with ppo.whiten_scores=true, its scores" if ppo.get("whiten_scores") is True else ""
+        raise UserError(
+            f"ppo.batch_size={ppo.batch_size}: PPO whitens each update's advantages{scores} over the batch, which needs at least 2 answers"
+        )
 
 
 MIN_REACH = 2.0  # an adaptive controller that cannot at least double or halve kl_coef over the run steers nothing

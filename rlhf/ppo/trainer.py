@@ -45,11 +45,9 @@ class ValueHead(nn.Module):
     def __init__(self, hidden_size: int):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1)
-        # Exactly 0 at the start, so the first advantages come from the rewards alone. Random
-        # weights of std 1/sqrt(hidden + 1) gave values of rms ~1.35 on SmolLM2's last hidden state
-        # (the first update's value loss, 0.92), against reward-model scores of sd 0.38 over answers,
-        # 0.18 between answers to one prompt: value noise swamped the policy gradient. The weight
-        # still gets a gradient (the hidden state is not 0).
+        # Exactly 0 at the start, so the first advantages come from the rewards alone: a random
+        # head reads values from the large last hidden state whose noise dwarfs the spread of
+        # reward-model scores and swamps the policy gradient. The weight still gets a gradient.
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 

@@ -26,7 +26,6 @@ import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -36,28 +35,13 @@ from rlhf import package_versions, precision
 from rlhf.cache import EVAL_REFERENCES, cache_dir
 from rlhf.data import load_splits
 from rlhf.errors import UserError
-from rlhf.generation import SamplingSettings, as_reference, fit_prompts, sample, sampled_kl, seeded
+from rlhf.generation import as_reference, fit_prompts, sample, sampled_kl, seeded
 from rlhf.lifecycle import autocast, device_for
 from rlhf.lineage import POLICY_STAGES, TrainedRun
 from rlhf.metrics import agreement, length_controlled_gain, score_gain, wilson_interval
 from rlhf.reward_model import load_reward_model
 from rlhf.runs import read_json, write_json
-
-
-@dataclass
-class EvalConfig(SamplingSettings):
-    """Settings of `stage=eval`, defaulting to what conf/eval/default.yaml gives a real model (a
-    test holds them equal; the YAML documents each key)."""
-
-    policy: str | None = None
-    reward_model: str | None = None
-    judge_model: str | None = None
-    num_prompts: int = 64
-    batch_size: int = 16
-    max_prompt_length: int = 512
-    max_new_tokens: int = 128
-    temperature: float = 0.7
-    ref_cache: bool = True
+from rlhf.settings import EvalConfig  # noqa: F401  (the _target_ configs saved before named rlhf.stages.eval.EvalConfig)
 
 
 def run(cfg, run_dir: Path) -> dict:
