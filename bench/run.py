@@ -64,7 +64,10 @@ def measure(args, work: Path) -> None:
     from rlhf.models import resolve_model_path
 
     # Build or convert the model into the fresh cache first, so that no timed run pays for it.
-    model_dir = resolve_model_path(OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml"))
+    conf = ROOT / "conf"  # a model file over the keys every model file shares (its defaults list, read without Hydra)
+    model_dir = resolve_model_path(
+        OmegaConf.merge(OmegaConf.load(conf / "base" / "model.yaml"), OmegaConf.load(conf / "model" / f"{args.model}.yaml"))
+    )
     runs = work / "runs"
     runs.mkdir()
     sweep_steps = max(1, args.sweep_pairs // PAIRS_PER_STEP)  # one epoch: the reference pass covers what is trained

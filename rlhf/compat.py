@@ -312,7 +312,7 @@ def float32_adapter_sums(model, inputs=None) -> None:
     Autocast rounds the frozen layer's output to bfloat16, and LoRA adds its (early in training,
     tiny) update to that rounded value: an update under half a bfloat16 step of the output is
     rounded back to the same value, every time, so the model computes with only part of its
-    adapter (docs/precision-and-performance.md measures what that does to a held-out loss).
+    adapter (bench/results/history.md, "LoRA sums in float32", measures what that does to a held-out loss).
     Handed the frozen output in float32, LoRA's sum stays float32; where a later operation rounds
     it to bfloat16 again (attention, the next matrix product), the rounding no longer drops the
     update every time. The matrix products themselves stay in bfloat16.

@@ -66,7 +66,7 @@ def run(cfg, run_dir: Path, trainer_class) -> dict:
     inputs = load_inputs(cfg, data_kind="prompt")
     # TRL's GRPO and RLOO trainers (1.x) sample from every prompt whole: one long dialogue (HH-RLHF
     # holds prompts of ~1600 tokens) made an update's memory and time follow the longest prompt
-    # drawn (docs/stages.md measures it). Fitted here, training and held-out scoring see the same prompts.
+    # drawn (bench/results/history.md, "GRPO's memory and long prompts"). Fitted here, training and held-out scoring see the same prompts.
     inputs.data, cut_prompts = fitted_prompts(inputs.data, inputs.tokenizer, settings.max_prompt_length, f"{stage}.max_prompt_length")
     functions = reward_functions(settings, inputs.data.train.column_names, stage)
     reward = load_reward_model(settings.reward_model, cfg, key=f"{stage}.reward_model") if settings.reward_model else None

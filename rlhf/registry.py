@@ -62,3 +62,13 @@ def runs_steps(name) -> bool:
 
 def available_stages() -> list:
     return sorted(STAGES)
+
+
+# Settings classes that moved: the `_target_` a run saved then -> the one conf/ names now. The old
+# names still import (aliases), and a saved config naming one is the same config as today's
+# (`rlhf.runs.comparable`): a sweep or chain re-run after the move does not retrain what finished.
+RENAMED_TARGETS = {
+    "rlhf.trainers.KLDPOConfig": "rlhf.dpo_trainer.KLDPOConfig",
+    "rlhf.ppo.trainer.PPOConfig": "rlhf.ppo.settings.PPOConfig",
+    "rlhf.stages.eval.EvalConfig": "rlhf.settings.EvalConfig",
+}

@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from rlhf.errors import UserError
-from rlhf.registry import EVERY_STAGE_READS, POLICY, STAGES, making
+from rlhf.registry import EVERY_STAGE_READS, POLICY, RENAMED_TARGETS, STAGES, making
 
 
 def finished_run(path, key: str, stages: tuple = ()):
@@ -210,11 +210,22 @@ def prepare_run_dir(cfg, run_dir: Path, overrides: list, hydra_node=None, write:
 
 def comparable(cfg) -> dict:
     """A config as compared for resuming: everything but the resume mode and the display name
-    (a chain names its steps after all of its overrides, even those of other steps)."""
+    (a chain names its steps after all of its overrides, even those of other steps), with the
+    settings classes that moved under their current names (RENAMED_TARGETS)."""
     plain = OmegaConf.to_container(cfg)
     plain.pop("resume", None)
     plain.pop("run_name", None)
-    return plain
+    return current_targets(plain)
+
+
+def current_targets(node):
+    """`node` (a plain config) with every `_target_` that moved renamed to where it is now."""
+    if isinstance(node, dict):
+        return {
+            key: RENAMED_TARGETS.get(value, value) if key == "_target_" and isinstance(value, str) else current_targets(value)
+            for key, value in node.items()
+        }
+    return [current_targets(item) for item in node] if isinstance(node, list) else node
 
 
 def finished_with(run_dir: Path, cfg) -> bool:

@@ -397,6 +397,7 @@ def test_every_train_command_in_the_docs_composes():
     ],
     ids=lambda value: value[16:60],
 )
+@pytest.mark.slow  # the `installed` fixture: a new virtualenv and a plain install
 def test_a_plain_install_says_in_one_line_what_a_choice_needs(installed, command, line):
     """Without the extras: every optional choice stops before anything runs, in one line naming
     what to install or set, with no traceback and no warning."""
@@ -409,6 +410,7 @@ def test_a_plain_install_says_in_one_line_what_a_choice_needs(installed, command
     assert len(done.stderr.strip().splitlines()) == 1 and line in done.stderr, done.stderr[-2000:]
 
 
+@pytest.mark.slow  # the `installed` fixture: a new virtualenv and a plain install
 def test_a_plain_install_prints_the_config_of_a_choice_it_could_not_run(installed):
     """`--cfg job` shows a config whatever it lacks: the `???` a user must set is how they find it."""
     project, install, _ = installed

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import ONE_SMALL_PPO_UPDATE, ROOT, compose_config, crash_in_call, fresh_cache, train
+from omegaconf import OmegaConf
 
 from rlhf import compare
 from rlhf.data import BUILTIN_DIR
@@ -215,3 +216,24 @@ def test_reuse_identity_covers_processes_tokenizer_and_config_files_and_the_rewa
     tokenizer_config = tmp_path / "sft-copy" / "final" / "tokenizer_config.json"
     tokenizer_config.write_text(tokenizer_config.read_text().replace('"model_max_length": 512', '"model_max_length": 256'))
     assert step_key(compose_config("stage=dpo", f"model.init_from={tmp_path / 'sft-copy'}")) != key
+
+
+@pytest.mark.parametrize("stage", ["dpo", "ppo", "eval"])
+def test_a_run_saved_before_its_settings_class_moved_is_finished_with_todays_config(tmp_path, stage):
+    """A sweep or chain re-run after a settings class moved (rlhf.registry.RENAMED_TARGETS) skips
+    what finished: the saved `_target_` under its old name is the same config."""
+    from rlhf.registry import RENAMED_TARGETS
+    from rlhf.runs import finished_with, save_yaml, write_status
+
+    cfg = compose_config(f"stage={stage}")
+    job = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    [old] = [old for old, new in RENAMED_TARGETS.items() if new == cfg[stage]["_target_"]]
+    (tmp_path / ".hydra").mkdir()
+    saved = OmegaConf.to_container(job)
+    saved[stage]["_target_"] = old
+    save_yaml(OmegaConf.create(saved), tmp_path / ".hydra" / "config.yaml")
+    write_status(tmp_path, "done")
+    assert finished_with(tmp_path, cfg)
+    saved[stage]["_target_"] = "rlhf.somewhere.Else"  # any other class is another config
+    save_yaml(OmegaConf.create(saved), tmp_path / ".hydra" / "config.yaml")
+    assert not finished_with(tmp_path, cfg)
