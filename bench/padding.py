@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 from common import ROOT, machine, write_results  # noqa: E402  (bench/ is the script's own folder)
 
@@ -55,6 +54,7 @@ def pad_share(stage: str, args, data: list) -> dict:
     from hydra.utils import get_class
 
     from rlhf.compose import compose
+    from rlhf.context import RunContext
     from rlhf.lifecycle import load_inputs, trainer_kwargs
 
     rows = 4 * args.batches * args.batch_size
@@ -63,9 +63,10 @@ def pad_share(stage: str, args, data: list) -> dict:
     overrides += ["dpo.ref_cache=false"] if stage == "dpo" else []  # no reference pass: only the batches are wanted
     cfg = compose(overrides)
     HydraConfig.instance().set_config(cfg)  # the run name reads Hydra's job settings
-    inputs = load_inputs(cfg, data_kind="sft" if stage == "sft" else "preference", head="reward" if stage == "rm" else "causal_lm")
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = get_class(TRAINERS[stage])(**trainer_kwargs(cfg, cfg[stage], inputs, Path(run_dir), evaluate=False))
+        context = RunContext.open(cfg, run_dir)
+        inputs = load_inputs(context, data_kind="sft" if stage == "sft" else "preference", head="reward" if stage == "rm" else "causal_lm")
+        trainer = get_class(TRAINERS[stage])(**trainer_kwargs(context, cfg[stage], inputs, evaluate=False))
         shares, real, total = [], 0, 0
         for index, batch in enumerate(trainer.get_train_dataloader()):
             if index == args.batches:

@@ -64,28 +64,29 @@ def measure(overrides: list) -> dict:
     from transformers import set_seed
 
     from rlhf.compose import compose
-    from rlhf.lifecycle import autocast, device_for
+    from rlhf.context import RunContext
     from rlhf.lineage import Lineage
     from rlhf.ppo.trainer import PPOTrainer
     from rlhf.stages.ppo import ppo_inputs, ppo_models
 
     cfg = compose(overrides)
     HydraConfig.instance().set_config(cfg)  # the run name reads Hydra's job settings
-    settings, device = instantiate(cfg.ppo), device_for(cfg)
+    context = RunContext.open(cfg, run_dir=tempfile.gettempdir())  # nothing is written there: the updates checkpoint below
+    settings, device = instantiate(cfg.ppo), context.device
     set_seed(cfg.seed)
-    inputs, _ = ppo_inputs(cfg, settings)  # the prompts stage=ppo samples from
-    models = ppo_models(cfg, settings, inputs, device)
+    inputs, _ = ppo_inputs(context, settings)  # the prompts stage=ppo samples from
+    models = ppo_models(context, inputs)
     trainer = PPOTrainer(models, settings, device, log=lambda record: None)
     prompts = [row["prompt"] for row in inputs.data.train]
     plain = Lineage.of(cfg.model).load(cfg.hardware).to(device).eval()  # the starting policy as plain transformers
-    with autocast(cfg, device):  # warm-up, untimed: the first calls of a process pay for allocation and thread start-up
+    with context.autocast():  # warm-up, untimed: the first calls of a process pay for allocation and thread start-up
         warm_up = trainer.sample(prompts[: settings.batch_size])
         bare_generate(plain, inputs.tokenizer, prompts[: settings.batch_size], warm_up.responses.shape[1], settings, device)
     rollouts, phases = record_phases(trainer)
-    with tempfile.TemporaryDirectory() as checkpoints, autocast(cfg, device):
+    with tempfile.TemporaryDirectory() as checkpoints, context.autocast():
         trainer.train(prompts, seed=cfg.seed, checkpoints=Path(checkpoints), keep={})
     updates = []
-    with autocast(cfg, device):
+    with context.autocast():
         for (batch, rollout), seconds in zip(rollouts, phases):
             bare_generation = bare_generate(plain, inputs.tokenizer, batch, rollout.samples.responses.shape[1], settings, device)
             bare_optimisation = bare_forward_backward(models.policy, rollout, settings)

@@ -22,7 +22,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from rlhf import PROJECT_ROOT, chain, compat, package_versions, precision, preemption
+from rlhf import PROJECT_ROOT, chain, compat, package_versions, preemption
 from rlhf.errors import UserError, error_lines
 from rlhf.registry import STAGES, runs_steps
 from rlhf.reuse import reuse_or_train
@@ -100,11 +100,14 @@ def run_stage(cfg, run_dir: Path, overrides=()) -> dict:
     try:
         validate(cfg, list(overrides))  # before the stage's heavy imports and before any model or dataset loads
         if runs_steps(cfg.stage):  # each step is a run of its own, reused or trained
-            return train_stage(cfg, run_dir, functools.partial(chain.run, run_stage=run_stage))
+            return train_stage(cfg, run_dir, functools.partial(chain.run, cfg, run_dir, run_stage=run_stage))
         check_gpu_present(cfg)  # a run's own machine: a GPU config stays valid on any machine
-        with reuse_or_train(cfg, run_dir) as reused:
+        from rlhf.context import RunContext  # here: --help and --cfg never import torch
+
+        context = RunContext.open(cfg, run_dir)  # its device, precision and the earlier runs it reads, decided once
+        with reuse_or_train(cfg, run_dir, context.runs) as reused:
             if reused is None:
-                return train_stage(cfg, run_dir, get_stage(cfg.stage))
+                return train_stage(cfg, run_dir, functools.partial(get_stage(cfg.stage), context), context.precision)
         replay_tracking(cfg, run_dir, reused)  # after the lock: identical jobs need not wait on W&B
         return reused
     except preemption.Preempted as stop:
@@ -131,19 +134,21 @@ def user_facing(err: BaseException, run_dir: Path) -> BaseException:
     return UserError(f"no space left on the device while writing {run_dir}: free some, then run the same command again; {resumes}")
 
 
-def train_stage(cfg, run_dir: Path, stage) -> dict:
+def train_stage(cfg, run_dir: Path, train, precision: str | None = None) -> dict:
+    """`train()` (the stage's run, or a chain's) between env.json and metrics.json, tracked and
+    seeded; `precision`: the run's, which a chain has not (each step says its own)."""
     main_process = is_main_process()
-    if main_process and not runs_steps(cfg.stage):  # each chain step says its own
-        print(f"precision: {precision(cfg)}", flush=True)
+    if main_process and precision is not None:
+        print(f"precision: {precision}", flush=True)
     if main_process:
-        write_json(run_dir / "env.json", environment(cfg))
+        write_json(run_dir / "env.json", environment(cfg, precision))
         write_status(run_dir, "running")
     tracked = not runs_steps(cfg.stage)  # a chain's steps are tracked as runs of their own
     if tracked:  # the run's W&B run (or TensorBoard directory): the Trainer's integration and PPO's log write into it
         start_tracking(cfg, run_dir)
     start = time.perf_counter()
     seed_everything(cfg.seed)  # before any model loads: a new head (the RM's score, PPO's value head) starts the same every run
-    metrics = stage(cfg, run_dir)
+    metrics = train()
     metrics["stage_runtime"] = time.perf_counter() - start  # seconds from model loading to the saved result
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -175,14 +180,14 @@ def objective(cfg, metrics: dict):
     return metrics[name]
 
 
-def environment(cfg) -> dict:
+def environment(cfg, precision: str | None) -> dict:
     """What it takes to reproduce the run besides its config: versions, commit, seed, command."""
     return {
         "command": " ".join(shlex.quote(redact(arg)) for arg in [sys.executable, *sys.argv]),
         "cwd": os.getcwd(),
         "seed": cfg.seed,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),  # the device a gpu_pool job was given
-        "precision": precision(cfg) if not runs_steps(cfg.stage) else None,
+        "precision": precision,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": package_versions(RECORDED_PACKAGES),

@@ -8,7 +8,6 @@ from the start (`rlhf.models.load_model`)."""
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
-from rlhf import precision, preemption
+from rlhf import preemption
 from rlhf.compat import (
     logged_loss_total,
     restore_trained_tokens,
@@ -30,11 +29,10 @@ from rlhf.errors import NonFiniteLoss, UserError
 from rlhf.lineage import Lineage, write_final_lineage
 from rlhf.models import fold_stacked_updates
 from rlhf.registry import REWARD_MODEL, STAGES
-from rlhf.reward_model import reward_model_identity, reward_model_run
+from rlhf.reward_model import reward_model_identity
 from rlhf.runs import (
     CHECKPOINT_MARK,
     append_history,
-    is_main_process,
     last_complete_checkpoint,
     read_json,
     resume_point,
@@ -56,9 +54,10 @@ class StageInputs:
     identity: dict | None = None  # what the run's checkpoints hold only for (`inputs_identity`), once checked
 
 
-def load_inputs(cfg, data_kind: str, head: str = "causal_lm") -> StageInputs:
+def load_inputs(context, data_kind: str, head: str = "causal_lm") -> StageInputs:
     """Tokenizer, data (checked before the model loads, so bad rows fail fast), then the model
     (with the runs it starts from merged in) and the LoRA settings for this stage's head."""
+    cfg = context.cfg
     lineage = Lineage.of(cfg.model)
     tokenizer = lineage.tokenizer()
     data = load_splits(cfg.dataset, kind=data_kind)
@@ -69,7 +68,7 @@ def load_inputs(cfg, data_kind: str, head: str = "causal_lm") -> StageInputs:
     return StageInputs(tokenizer, model, data, peft_config, lineage, head)
 
 
-def inputs_identity(cfg, inputs: StageInputs, rows: str | None = None) -> dict:
+def inputs_identity(context, inputs: StageInputs, rows: str | None = None) -> dict:
     """What a checkpoint holds only for, by content: the rows the run trains on and scores (`rows`,
     or a digest of the loaded splits), the starting policy's weights with the precision and
     quantization it computes in, and every reward model the stage reads (weights, precision,
@@ -78,12 +77,11 @@ def inputs_identity(cfg, inputs: StageInputs, rows: str | None = None) -> dict:
     run retrained into the same directory)."""
     identity = {
         "data": rows or fingerprint(inputs.data.train, inputs.data.eval),
-        "start": inputs.lineage.identity(precision(cfg), cfg.quantization),
+        "start": inputs.lineage.identity(context.precision, context.cfg.quantization),
     }
-    for key, (made, _) in STAGES[cfg.stage].reads.items():
-        path = OmegaConf.select(cfg, key)
-        if made == REWARD_MODEL and path:
-            identity[key] = reward_model_identity(reward_model_run(path, key), cfg)
+    for key, (made, _) in STAGES[context.cfg.stage].reads.items():
+        if made == REWARD_MODEL and key in context.runs:
+            identity[key] = reward_model_identity(context.runs[key], context.precision)
     return identity
 
 
@@ -124,27 +122,28 @@ def describe_input(name: str, cfg) -> str:
     return f"reward model's weights, precision or max_length ({name}={OmegaConf.select(cfg, name)})"
 
 
-def save_final(run_dir: Path, model, inputs: StageInputs, cfg, trainer=None) -> Path:
+def save_final(context, model, inputs: StageInputs, trainer=None) -> Path:
     """final/: the trained adapter or model, the tokenizer, and what they stand on
     (`rlhf.lineage`); written by the main process only. A Trainer stage saves through its
     trainer, which gathers weights sharded across processes (FSDP, ZeRO-3) first."""
-    final = run_dir / "final"
+    final = context.run_dir / "final"
     fold_into_whole_model(model)
     if trainer is not None:
         trainer.save_model(str(final))  # every process takes part; the main one writes
-    elif is_main_process():
+    elif context.main_process:
         model.save_pretrained(str(final))
-    if is_main_process():
+    if context.main_process:
         inputs.tokenizer.save_pretrained(str(final))
-        write_final_lineage(final, inputs.lineage, cfg, inputs.head)
+        write_final_lineage(final, inputs.lineage, context.cfg, inputs.head)
     return final
 
 
-def trainer_kwargs(cfg, stage_cfg, inputs: StageInputs, run_dir: Path, evaluate: bool = True) -> dict:
+def trainer_kwargs(context, stage_cfg, inputs: StageInputs, evaluate: bool = True) -> dict:
     """The arguments every TRL trainer takes the same way: model, settings, data, tokenizer,
     LoRA config and the history callback; `evaluate=False` keeps the held-out split from TRL."""
+    cfg, run_dir = context.cfg, context.run_dir
     held_out = inputs.data.eval if evaluate else None
-    inputs.identity = inputs_identity(cfg, inputs)
+    inputs.identity = inputs_identity(context, inputs)
     checkpoint = last_complete_checkpoint(run_dir) if cfg.get("resume", "auto") == "auto" else None
     if checkpoint is not None:  # before the trainer is built: TRL computes reference log-probs as it is
         refuse_other_inputs(checkpoint, read_json(checkpoint / CHECKPOINT_MARK, {}).get("inputs", {}), inputs.identity, cfg)
@@ -174,27 +173,6 @@ def training_args(cfg, stage_cfg, run_dir: Path, has_eval: bool):
     if not has_eval:  # no held-out split: evaluating would fail mid-run
         settings["eval_strategy"] = "no"
     return instantiate(settings, _convert_="all")
-
-
-def device_for(cfg):
-    """Where a stage that drives its own loop (PPO, eval) computes: a GPU when the hardware
-    preset uses one and there is one (under torchrun, the process's own)."""
-    if not torch.cuda.is_available() or cfg.hardware.training_args.use_cpu:
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # a launch's process uses its own GPU
-
-
-def autocast(cfg, device):
-    """bfloat16 autocast for a stage that drives its own loop (PPO, eval, held-out scoring), on
-    exactly when the Trainer stages get it: hardware.training_args.bf16.
-
-    Without autocast's weight cache: the cache keeps the bfloat16 copy of every trainable weight
-    (LoRA's matrices, the value head) made at its first use until the outermost autocast block
-    ends. PPO trains inside one block, so with the cache every forward pass - rollouts, the
-    losses, the held-out scores after training - kept computing with the starting adapter: the
-    policy never moved (approxkl and KL exactly 0) while its saved weights did. The Trainer
-    stages enter autocast once per step and never saw this."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.hardware.training_args.bf16), cache_enabled=False)
 
 
 class HistoryWriter(TrainerCallback):
@@ -280,12 +258,13 @@ def fold_into_whole_model(model) -> None:
         fold_stacked_updates(model)
 
 
-def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
+def fit(trainer, context, inputs: StageInputs) -> dict:
     """Train (resuming from the last complete checkpoint when there is one and resume=auto),
     evaluate on the held-out split, save the adapter/model and tokenizer to final/, and return
     the final metrics as one flat dict."""
+    cfg, run_dir = context.cfg, context.run_dir
     dropped = dropped_by_trainer(trainer, inputs.data)
-    identity = inputs.identity or inputs_identity(cfg, inputs)  # trainer_kwargs computed it and checked the checkpoint against it
+    identity = inputs.identity or inputs_identity(context, inputs)  # trainer_kwargs computed it and checked the checkpoint against it
     stop = StopWhenAsked()
     trainer.add_callback(stop)  # before RunGuard: the checkpoint it asks for is checked for finite weights too
     trainer.add_callback(RunGuard(trainer, identity))
@@ -305,5 +284,5 @@ def fit(trainer, run_dir: Path, inputs: StageInputs, cfg) -> dict:
         metrics["train_loss"] = (mark["loss_total"] + logged_loss_total(trainer)) / trainer.state.global_step
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
-    save_final(run_dir, trainer.model, inputs, cfg, trainer=trainer)
+    save_final(context, trainer.model, inputs, trainer=trainer)
     return metrics

@@ -16,7 +16,6 @@ under `eval_<function>_` (`eval_answer_match_scores`: held-out exact-match accur
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
@@ -28,7 +27,7 @@ from rlhf import distributed
 from rlhf.compat import time_generate
 from rlhf.errors import UserError
 from rlhf.generation import fitted_prompts, held_out_answers, up_to_first_eos
-from rlhf.lifecycle import autocast, device_for, fit, load_inputs, trainer_kwargs
+from rlhf.lifecycle import fit, load_inputs, trainer_kwargs
 from rlhf.metrics import paired_gain
 from rlhf.reward_model import RewardModel, load_reward_model
 from rlhf.rewards import RewardFunction, completion_text
@@ -58,35 +57,36 @@ class RLOOSettings(RLOOConfig, OnlineRewards):
     """trl.RLOOConfig with the project's reward and held-out settings."""
 
 
-def run(cfg, run_dir: Path, trainer_class) -> dict:
+def run(context, trainer_class) -> dict:
+    cfg, device = context.cfg, context.device
     stage = cfg.stage
     settings = cfg[stage]
     if not settings.reward_model and not settings.reward_functions:
         raise UserError(f"stage={stage} needs a reward: {stage}.reward_model=<rm run> and/or {stage}.reward_functions (rlhf/rewards.py)")
-    inputs = load_inputs(cfg, data_kind="prompt")
+    inputs = load_inputs(context, data_kind="prompt")
     # TRL's GRPO and RLOO trainers (1.x) sample from every prompt whole: one long dialogue (HH-RLHF
     # holds prompts of ~1600 tokens) made an update's memory and time follow the longest prompt
     # drawn (bench/results/history.md, "GRPO's memory and long prompts"). Fitted here, training and held-out scoring see the same prompts.
     inputs.data, cut_prompts = fitted_prompts(inputs.data, inputs.tokenizer, settings.max_prompt_length, f"{stage}.max_prompt_length")
     functions = reward_functions(settings, inputs.data.train.column_names, stage)
-    reward = load_reward_model(settings.reward_model, cfg, key=f"{stage}.reward_model") if settings.reward_model else None
+    reward = load_reward_model(context.runs[f"{stage}.reward_model"], context) if settings.reward_model else None
     if reward is not None:
-        reward.model.to(device_for(cfg))
+        reward.model.to(device)
 
     # TRL's settings get TRL's keys; the reward functions are built above, not by the settings object.
     trl_keys = OmegaConf.masked_copy(settings, [key for key in settings if key != "reward_functions"])
-    kwargs = trainer_kwargs(cfg, trl_keys, inputs, run_dir, evaluate=False)  # held-out scoring below, not TRL's eval loop
+    kwargs = trainer_kwargs(context, trl_keys, inputs, evaluate=False)  # held-out scoring below, not TRL's eval loop
     # The reward model goes to TRL as a function, not as a model: TRL would score each row whole,
     # beyond the length the RM was trained on; `RewardModel.scores` cuts it as PPO and eval do.
-    model_reward = [RewardModelFunction(reward, device_for(cfg), settings.reward_model_weight)] if reward is not None else []
+    model_reward = [RewardModelFunction(reward, device, settings.reward_model_weight)] if reward is not None else []
     kwargs["args"].reward_weights = [function.weight for function in model_reward + functions]
     trainer = trainer_class(reward_funcs=model_reward + functions, **kwargs)
 
-    score = held_out_scorer(cfg, settings, inputs, trainer, reward, functions)
+    score = held_out_scorer(context, settings, inputs, trainer, reward, functions)
     before = score() if score else None  # the starting policy (a resumed run measures it again, to the same scores)
     timer = PhaseTimer(trainer, reward.model if reward is not None else None)  # after the held-out scoring: it times training only
     cut_before_training = reward.cut_inputs if reward is not None else 0
-    metrics = {**fit(trainer, run_dir, inputs, cfg), **last_logged(trainer.state.log_history)}
+    metrics = {**fit(trainer, context, inputs), **last_logged(trainer.state.log_history)}
     metrics.update(timer.per_update(metrics))
     cut_in_training = reward.cut_inputs - cut_before_training if reward is not None else 0  # this process's answers only
     metrics["data/cut_prompts"] = cut_prompts
@@ -156,7 +156,7 @@ class PhaseTimer(TrainerCallback):
         return phases
 
 
-def held_out_scorer(cfg, settings, inputs, trainer, reward, functions):
+def held_out_scorer(context, settings, inputs, trainer, reward, functions):
     """A function scoring the policy's answer to each held-out prompt (the split's first
     `eval_prompts`) with every reward the stage trains on, each on its own: {"eval_": reward-model
     scores, "eval_<function>_": that function's values (None where it abstains)}; None without a
@@ -168,15 +168,15 @@ def held_out_scorer(cfg, settings, inputs, trainer, reward, functions):
     rows = inputs.data.eval.select(range(min(settings.eval_prompts, len(inputs.data.eval))))
     held_out = list(rows["prompt"])
     columns = {name: list(rows[name]) for name in rows.column_names if name != "prompt"}  # what TRL hands reward functions
-    args, device = trainer.args, device_for(cfg)
+    args, device = trainer.args, context.device
     sampling = SamplingSettings(settings.max_prompt_length, args.max_completion_length, args.temperature, args.top_p)
     trl_sampler = {"top_k": args.top_k, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty}
     batch_size = args.per_device_eval_batch_size
 
     def score() -> tuple:
-        with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it
+        with context.autocast():  # bfloat16 where the Trainer stages would use it
             answers, lengths, _ = held_out_answers(
-                trainer.model, inputs.tokenizer, held_out, sampling, device, batch_size, cfg.seed, **trl_sampler
+                trainer.model, inputs.tokenizer, held_out, sampling, device, batch_size, context.cfg.seed, **trl_sampler
             )
             scores = {}
             if reward is not None:

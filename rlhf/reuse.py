@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 from rlhf import PROJECT_ROOT, package_versions
 from rlhf.cache import FINISHED_STEPS, cache_dir, exclusive_lock, sha256_file
-from rlhf.runs import RUN_INPUTS, is_main_process, read_json, write_json, write_status
+from rlhf.runs import is_main_process, read_json, write_json, write_status
 
 NO_EFFECT_KEYS = ("run_name", "resume", "reuse", "logger")  # settings that change no weight or metric of a run
 COPIED_OUTPUTS = ("final", "metrics.json", "history.jsonl", "samples.jsonl", "env.json")  # what a trained run leaves
@@ -47,14 +47,14 @@ def registry() -> Path:
 
 
 @contextlib.contextmanager
-def reuse_or_train(cfg, run_dir: Path):
+def reuse_or_train(cfg, run_dir: Path, runs: dict | None = None):
     """Around a run's training: yields the metrics of an identical finished run, copied into
     `run_dir` (then the caller trains nothing), or None (the caller trains). A run that trains
     to the end is registered for later ones. The lock is held throughout, so identical jobs
     started together wait for the one that trains."""
     single_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
     look = bool(cfg.get("reuse", True)) and cfg.get("resume", "auto") != "overwrite" and single_process
-    key = step_key(cfg)
+    key = step_key(cfg, runs)
     lock = exclusive_lock(registry() / f"{key}.lock") if look else contextlib.nullcontext()
     registry().mkdir(parents=True, exist_ok=True)
     with lock:
@@ -158,34 +158,34 @@ def clone_or_copy(src, dst) -> None:
         shutil.copy2(src, dst)
 
 
-def step_key(cfg) -> str:
-    return hashlib.sha256(json.dumps(step_identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:32]
+def step_key(cfg, runs: dict | None = None) -> str:
+    return hashlib.sha256(json.dumps(step_identity(cfg, runs), sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def step_identity(cfg) -> dict:
-    """Everything a run's result depends on, with paths replaced by the content they name."""
+def step_identity(cfg, runs: dict | None = None) -> dict:
+    """Everything a run's result depends on, with paths replaced by the content they name; `runs`:
+    the earlier runs the config names, as the run context opened them (opened here without one)."""
+    from rlhf.context import open_runs
     from rlhf.data import data_files
-    from rlhf.lineage import TrainedRun, weights_digest
+    from rlhf.lineage import weights_digest
     from rlhf.models import resolve_model_path
 
     settings = OmegaConf.to_container(
         OmegaConf.masked_copy(cfg, [key for key in cfg if key not in (*NO_EFFECT_KEYS, "hydra")]), resolve=True
     )
     upstream = {}
-    for key, (_, stages) in RUN_INPUTS.items():
-        path = OmegaConf.select(cfg, key)
-        if path:  # an earlier run: by the weights it stands on and the weights it saved, wherever it lies
-            run = TrainedRun.of(path, key, stages)
-            lineage = run.lineage
-            upstream[key] = [
-                weights_digest(lineage.base_path()),
-                lineage.adapter_digests(),
-                [model_files_digest(directory) for directory in (lineage.base_path(), *lineage.adapters)],  # config, tokenizer
-            ]
-            if run.head == "reward":  # PPO, GRPO, RLOO and eval cut (prompt, answer) rows to the length it trained on
-                upstream[key].append(run.input_length())
-            parent, _, leaf = key.rpartition(".")
-            settings[parent][leaf] = None
+    # Each earlier run: by the weights it stands on and the weights it saved, wherever it lies.
+    for key, run in (open_runs(cfg) if runs is None else runs).items():
+        lineage = run.lineage
+        upstream[key] = [
+            weights_digest(lineage.base_path()),
+            lineage.adapter_digests(),
+            [model_files_digest(directory) for directory in (lineage.base_path(), *lineage.adapters)],  # config, tokenizer
+        ]
+        if run.head == "reward":  # PPO, GRPO, RLOO and eval cut (prompt, answer) rows to the length it trained on
+            upstream[key].append(run.input_length())
+        parent, _, leaf = key.rpartition(".")
+        settings[parent][leaf] = None
     model = cfg.get("model")
     base = None
     if model is not None and not model.get("init_from"):

@@ -16,9 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf import precision
 from rlhf.lineage import TrainedRun
-from rlhf.registry import REWARD_MODEL, making
 
 
 @dataclass
@@ -75,25 +73,19 @@ def scores_at_last_token(reward_model, input_ids: torch.Tensor, attention_mask: 
     return per_position[0][torch.arange(len(last), device=last.device), last, 0].float()
 
 
-def load_reward_model(rm_run, cfg, key: str = "ppo.reward_model") -> RewardModel:
-    """The reward model of a finished `stage=rm` run named by the setting `key`: its lineage with
-    its own adapter (score head included) on top - merged where that is exact, over the quantized
-    base where it trained on one: as the RM computed when its accuracy was measured - frozen, with
-    its tokenizer and the run's rm.max_length."""
-    run = reward_model_run(rm_run, key)
-    model = run.load(cfg.hardware, run.quantization, head="reward", merge=True)
+def load_reward_model(run: TrainedRun, context) -> RewardModel:
+    """The reward model of a finished `stage=rm` run (the run context opened and checked it): its
+    lineage with its own adapter (score head included) on top - merged where that is exact, over
+    the quantized base where it trained on one: as the RM computed when its accuracy was measured -
+    frozen, with its tokenizer and the run's rm.max_length."""
+    model = run.load(context.cfg.hardware, run.quantization, head="reward", merge=True)
     model.requires_grad_(False)
     tokenizer = run.start.tokenizer()
     max_length = run.input_length(tokenizer)
-    return RewardModel(model.eval(), tokenizer, max_length=max_length, identity=reward_model_identity(run, cfg, tokenizer))
+    return RewardModel(model.eval(), tokenizer, max_length=max_length, identity=reward_model_identity(run, context.precision, tokenizer))
 
 
-def reward_model_run(rm_run, key: str = "ppo.reward_model") -> TrainedRun:
-    """The finished `stage=rm` run the setting `key` names (checked, not loaded)."""
-    return TrainedRun.of(rm_run, key, stages=making(REWARD_MODEL))
-
-
-def reward_model_identity(run: TrainedRun, cfg, tokenizer=None) -> str:
+def reward_model_identity(run: TrainedRun, precision: str, tokenizer=None) -> str:
     """What a reward model's scores depend on, without loading it: its weights by content (the
     lineage with its own adapter), the precision it computes in and the length it cuts inputs to."""
-    return json.dumps([run.lineage.identity(precision(cfg), run.quantization), run.input_length(tokenizer)])
+    return json.dumps([run.lineage.identity(precision, run.quantization), run.input_length(tokenizer)])

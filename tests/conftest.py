@@ -41,6 +41,16 @@ def compose_config(*overrides: str):
     return cfg
 
 
+def reward_model_as_ppo_loads_it(rm_run, *overrides: str):
+    """The frozen reward model a PPO run of `overrides` loads from the finished RM run `rm_run`,
+    through the run context as `python train.py stage=ppo ppo.reward_model=<rm_run>` opens it."""
+    from rlhf.context import RunContext
+    from rlhf.reward_model import load_reward_model
+
+    context = RunContext.open(compose_config("stage=ppo", f"ppo.reward_model={rm_run}", *overrides), rm_run)
+    return load_reward_model(context.runs["ppo.reward_model"], context)
+
+
 # One PPO update of 8 short answers, scored before and after on 4 held-out prompts: the smallest PPO run.
 ONE_SMALL_PPO_UPDATE = (
     "ppo.total_updates=1",

@@ -241,6 +241,7 @@ def test_ppo_on_cpu_processes_joins_gloo_even_where_a_gpu_is_visible(monkeypatch
     import torch
 
     from rlhf import distributed
+    from rlhf.context import RunContext
     from rlhf.stages import ppo
 
     joined = []
@@ -252,8 +253,8 @@ def test_ppo_on_cpu_processes_joins_gloo_even_where_a_gpu_is_visible(monkeypatch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(distributed, "process_group", process_group)
-    monkeypatch.setattr(ppo, "train_ppo", lambda cfg, run_dir: {"device": ppo.device_for(cfg).type})
-    assert ppo.run(compose_config("stage=ppo", "hardware=cpu"), tmp_path) == {"device": "cpu"}
+    monkeypatch.setattr(ppo, "train_ppo", lambda context: {"device": context.device.type})
+    assert ppo.run(RunContext.open(compose_config("stage=ppo", "hardware=cpu"), tmp_path)) == {"device": "cpu"}
     assert joined == ["gloo"]
 
 

@@ -47,12 +47,14 @@ def plain_trl_dpo_losses(tmp_path, steps: int) -> list:
     from transformers import set_seed
     from trl import DPOTrainer
 
+    from rlhf.context import RunContext
     from rlhf.lifecycle import load_inputs, trainer_kwargs
 
     cfg = compose_config("stage=dpo", f"dpo.max_steps={steps}", "dpo.logging_steps=1")
     set_seed(cfg.seed)
-    inputs = load_inputs(cfg, data_kind="preference")
-    trainer = DPOTrainer(**{**trainer_kwargs(cfg, cfg.dpo, inputs, tmp_path), "callbacks": []})
+    context = RunContext.open(cfg, tmp_path)
+    inputs = load_inputs(context, data_kind="preference")
+    trainer = DPOTrainer(**{**trainer_kwargs(context, cfg.dpo, inputs), "callbacks": []})
     trainer.train()
     return [line["loss"] for line in trainer.state.log_history if "loss" in line]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_config, train
+from conftest import ROOT, compose_config, reward_model_as_ppo_loads_it, train
 from peft import PeftModel
 
 from rlhf.cache import cache_dir
@@ -197,12 +197,11 @@ def test_in_bfloat16_ppo_and_eval_score_with_the_reward_model_that_was_measured(
     """The RM that PPO and eval load scores every held-out pair as the RM did when its
     accuracy was measured (its adapter unmerged over the bfloat16 base), pair by pair."""
     from rlhf.data import load_splits
-    from rlhf.reward_model import load_reward_model
 
     run_dir = tmp_path / "rm"
     train(run_dir, "stage=rm", "hardware.dtype=bfloat16", "rm.max_steps=10", "rm.learning_rate=1e-3")
     cfg = compose_config("stage=ppo", "hardware.dtype=bfloat16", f"ppo.reward_model={run_dir}")
-    reward = load_reward_model(run_dir, cfg)
+    reward = reward_model_as_ppo_loads_it(run_dir, "hardware.dtype=bfloat16")
     loaded, tokenizer = reward.model, reward.tokenizer
     expected, _ = as_trained_by_peft(run_dir, cfg.hardware, head="reward", pad_token_id=tokenizer.pad_token_id)
     pairs = load_splits(cfg.dataset, kind="preference").eval

@@ -165,14 +165,16 @@ def test_dpo_scores_held_out_pairs_in_float32_when_it_trains_in_bfloat16(tmp_pat
     from peft import PeftModel
 
     from rlhf.compat import prepare_inputs
+    from rlhf.context import RunContext
     from rlhf.dpo_trainer import KLDPOTrainer
     from rlhf.lifecycle import load_inputs, trainer_kwargs
 
     cfg = compose_config(
         "stage=dpo", "hardware.training_args.bf16=true", "dpo.max_steps=4", "dpo.learning_rate=1e-3", "dpo.ref_cache=false"
     )
-    inputs = load_inputs(cfg, data_kind="preference")
-    trainer = KLDPOTrainer(ref_model=None, **trainer_kwargs(cfg, cfg.dpo, inputs, tmp_path))
+    context = RunContext.open(cfg, tmp_path)
+    inputs = load_inputs(context, data_kind="preference")
+    trainer = KLDPOTrainer(ref_model=None, **trainer_kwargs(context, cfg.dpo, inputs))
     trainer.train()
     trained = trainer.accelerator.unwrap_model(trainer.model)
     batch = prepare_inputs(trainer, next(iter(trainer.get_eval_dataloader())))
@@ -198,7 +200,7 @@ def test_dpo_scores_held_out_pairs_in_float32_when_it_trains_in_bfloat16(tmp_pat
         torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-5)
 
 
-def test_eval_computes_its_kl_in_float32_at_the_training_temperature(rlhf_chain, monkeypatch):
+def test_eval_computes_its_kl_in_float32_at_the_training_temperature(rlhf_chain, monkeypatch, tmp_path):
     """eval's KL sums log pi - log ref over the policy's answers: under bfloat16 autocast the
     rounding of two nearly equal log-probs swamps it, so each answer's KL must be the float32 one,
     whatever precision sampled it. And it is measured where PPO's target steers it: on answers
@@ -207,8 +209,8 @@ def test_eval_computes_its_kl_in_float32_at_the_training_temperature(rlhf_chain,
     import torch
     from hydra.utils import instantiate
 
+    from rlhf.context import RunContext
     from rlhf.generation import response_logprobs
-    from rlhf.lifecycle import autocast
     from rlhf.lineage import POLICY_STAGES, TrainedRun
     from rlhf.stages import eval as evaluation
 
@@ -228,7 +230,7 @@ def test_eval_computes_its_kl_in_float32_at_the_training_temperature(rlhf_chain,
     no_reference = {"texts": [""] * 6, "lengths": [1] * 6, "scores": {}}
     device = torch.device("cpu")
     models = (policy, reference, tokenizer)
-    with autocast(cfg, device):
+    with RunContext.open(cfg, tmp_path).autocast():
         rows = evaluation.answer_and_score(prompts, instantiate(cfg.eval), device, models, {}, 0, no_reference, kl_temperature=1.0)
     assert [temperature for temperature, _ in sampled] == [0.7, 1.0]  # the judged answers, then the ones for the KL
 
@@ -335,12 +337,14 @@ def test_float32_paths_compute_the_output_layer_in_float32_over_bfloat16_weights
     import torch
 
     from rlhf.compat import float32_forward, prepare_inputs
+    from rlhf.context import RunContext
     from rlhf.dpo_trainer import KLDPOTrainer
     from rlhf.lifecycle import load_inputs, trainer_kwargs
 
     cfg = compose_config("stage=dpo", "hardware.dtype=bfloat16", "dpo.max_steps=4", "dpo.learning_rate=1e-3", "dpo.ref_cache=false")
-    inputs = load_inputs(cfg, data_kind="preference")
-    trainer = KLDPOTrainer(ref_model=None, **trainer_kwargs(cfg, cfg.dpo, inputs, tmp_path))
+    context = RunContext.open(cfg, tmp_path)
+    inputs = load_inputs(context, data_kind="preference")
+    trainer = KLDPOTrainer(ref_model=None, **trainer_kwargs(context, cfg.dpo, inputs))
     trainer.train()
     policy = trainer.accelerator.unwrap_model(trainer.model).eval()
     batch = prepare_inputs(trainer, next(iter(trainer.get_eval_dataloader())))

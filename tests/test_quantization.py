@@ -63,6 +63,7 @@ def test_eval_loads_qlora_policies_and_reward_models_over_the_4bit_base_they_tra
     from bitsandbytes.nn import Linear4bit
     from conftest import compose_config
 
+    from rlhf.context import RunContext
     from rlhf.lineage import POLICY_STAGES, TrainedRun
     from rlhf.reward_model import load_reward_model
     from rlhf.stages.eval import load_policy_and_reference
@@ -79,6 +80,7 @@ def test_eval_loads_qlora_policies_and_reward_models_over_the_4bit_base_they_tra
 
     policy, reference = load_policy_and_reference(TrainedRun.of(tmp_path / "sft", "eval.policy", POLICY_STAGES), cfg)
     assert quantized(policy) and reference is None  # the reference is the same 4-bit base, adapter disabled
-    assert quantized(load_reward_model(str(tmp_path / "rm"), cfg, key="eval.reward_model").model)
+    context = RunContext.open(compose_config(*evaluation), tmp_path / "eval")
+    assert quantized(load_reward_model(context.runs["eval.reward_model"], context).model)
     metrics = train(tmp_path / "eval", *evaluation, "eval.max_new_tokens=8")
     assert 0 <= metrics["eval_win_rate"] <= 1 and math.isfinite(metrics["eval_kl"])

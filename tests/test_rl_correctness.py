@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ONE_SMALL_PPO_UPDATE, cli, train
+from conftest import ONE_SMALL_PPO_UPDATE, cli, reward_model_as_ppo_loads_it, train
 
 SHORT = [{"role": "user", "content": "你好"}]
 LONG = [{"role": "user", "content": "请用三句话介绍一下你最喜欢的季节，并说明为什么喜欢它。"}]
@@ -51,12 +51,8 @@ def alone_and_batched(score) -> tuple:
 
 
 def test_reward_model_scores_a_row_alike_alone_and_padded_through_ppos_scoring(qwen_like):
-    from conftest import compose_config
 
-    from rlhf.reward_model import load_reward_model
-
-    cfg = compose_config("model=custom", f"model.name_or_path={qwen_like / 'model'}")
-    reward = load_reward_model(str(qwen_like / "rm"), cfg)
+    reward = reward_model_as_ppo_loads_it(qwen_like / "rm", "model=custom", f"model.name_or_path={qwen_like / 'model'}")
     assert reward.model.config.pad_token_id == reward.tokenizer.pad_token_id != reward.tokenizer.eos_token_id
     alone, batched = alone_and_batched(lambda p, r: reward.scores(p, r, torch.device("cpu")))
     assert batched == pytest.approx(alone, abs=1e-4)
@@ -160,16 +156,13 @@ def test_lora_bias_is_refused_where_the_reference_is_the_disabled_adapter():
 def test_held_out_scores_are_paired_draws(qwen_like):
     """Scoring the same prompts under the same seed twice gives the same scores (a policy that did
     not change has gain 0 exactly); the draws leave the caller's random state alone."""
-    from conftest import compose_config
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf.generation import held_out_scores
     from rlhf.metrics import paired_gain
-    from rlhf.reward_model import load_reward_model
     from rlhf.settings import SamplingSettings
 
-    cfg = compose_config("model=custom", f"model.name_or_path={qwen_like / 'model'}")
-    reward = load_reward_model(str(qwen_like / "rm"), cfg)
+    reward = reward_model_as_ppo_loads_it(qwen_like / "rm", "model=custom", f"model.name_or_path={qwen_like / 'model'}")
     policy = AutoModelForCausalLM.from_pretrained(qwen_like / "model")
     tokenizer = AutoTokenizer.from_pretrained(qwen_like / "model")
     prompts = [[{"role": "user", "content": f"第{i}个问题：今天做什么？"}] for i in range(6)]
@@ -272,15 +265,13 @@ def test_reward_inputs_longer_than_the_rm_was_trained_on_are_cut_from_the_left(t
     """PPO over prompts of ~1600 tokens (fitted to its max_prompt_length of 500) scores with a reward
     model trained at max_length 256: every (prompt, response) row is cut to its last 256 tokens (the
     response kept), counted, unwarned."""
-    from conftest import compose_config, train
-
-    from rlhf.reward_model import load_reward_model
+    from conftest import train
 
     long_prompt = "今天天气很好，我们去公园散步吧。" * 110  # ~1600 tokens of the tiny model's tokenizer
     data = tmp_path / "long.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"{i}. {long_prompt}", "input": "", "output": "好的。"}) + "\n" for i in range(16)))
     train(tmp_path / "rm", "stage=rm", "rm.max_steps=2", "rm.max_length=256")
-    reward = load_reward_model(tmp_path / "rm", compose_config("stage=ppo", f"ppo.reward_model={tmp_path / 'rm'}"))
+    reward = reward_model_as_ppo_loads_it(tmp_path / "rm")
     prompt, response = [{"role": "user", "content": long_prompt}], "好的，我们走吧。"
     text = reward.tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
     ids = reward.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -347,12 +338,9 @@ def test_reward_model_scores_where_it_trained_when_the_tokenizer_pads_with_eos(e
     """RM training calls the classifier, which reads its score at the last token that is not the pad
     id: with pad = EOS and a template ending in EOS, the token before that EOS. PPO, GRPO, RLOO and
     eval score through RewardModel.scores, which must read the same position (it read the EOS)."""
-    from conftest import compose_config
 
-    from rlhf.reward_model import load_reward_model
-
-    cfg = compose_config("model=custom", f"model.name_or_path={eos_padded / 'model'}", "hardware.training_args.bf16=false")
-    reward = load_reward_model(str(eos_padded / "rm"), cfg)
+    overrides = ("model=custom", f"model.name_or_path={eos_padded / 'model'}", "hardware.training_args.bf16=false")
+    reward = reward_model_as_ppo_loads_it(eos_padded / "rm", *overrides)
     tokenizer, model = reward.tokenizer, reward.model
     assert tokenizer.pad_token_id == tokenizer.eos_token_id == model.config.pad_token_id
     prompts, responses = [SHORT, LONG], ["好的。", "我最喜欢秋天，因为天气凉爽，树叶变成金黄色，而且空气很清新。"]

@@ -4,10 +4,11 @@ the run before them."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, crash_in_call, history, train
+from conftest import ONE_SMALL_PPO_UPDATE, compose_config, crash_in_call, history, train
 from safetensors.torch import load_file, save_file
 
 from rlhf.cache import EVAL_REFERENCES, cache_dir
@@ -412,3 +413,26 @@ def test_the_adaptive_kl_controller_holds_a_target_below_the_unconstrained_kl(rl
     assert recent_kl(tmp_path / "free") > 2 * 3  # the target is well below where the KL goes unconstrained
     assert recent_kl(tmp_path / "held") == pytest.approx(3, rel=0.25)
     assert held["objective/kl_coef_final"] > 2 * 0.02  # raised to hold it
+
+
+def test_a_ppo_run_opens_its_reward_model_run_and_decides_its_device_once(rlhf_chain, tmp_path, monkeypatch):
+    """The run context (rlhf.context) opens and checks every earlier run the config names once, and
+    decides the device once: reuse's identity, the checkpoint's input identity and the reward
+    model's loading all read it (before it, a PPO run opened its reward-model run 3 times)."""
+    from rlhf import context
+    from rlhf.lineage import TrainedRun
+
+    chain_dir, _ = rlhf_chain
+    opened, devices = [], []
+    open_run, device_for = TrainedRun.of.__func__, context.device_for
+
+    def counted(cls, run_dir, *args):
+        opened.append(Path(run_dir).resolve())
+        return open_run(cls, run_dir, *args)
+
+    monkeypatch.setattr(TrainedRun, "of", classmethod(counted))
+    monkeypatch.setattr(context, "device_for", lambda cfg: devices.append(1) or device_for(cfg))
+    rm, sft = chain_dir / "rm", chain_dir / "sft"
+    train(tmp_path / "ppo", "reuse=true", "stage=ppo", f"model.init_from={sft}", f"ppo.reward_model={rm}", *ONE_SMALL_PPO_UPDATE)
+    assert opened.count(rm.resolve()) == 1
+    assert len(devices) == 1

@@ -1,6 +1,6 @@
 """The stages: a module here, named as `stage=<name>` selects it, defines
 
-    run(cfg, run_dir: pathlib.Path) -> dict   # trains, saves <run_dir>/final, returns final metrics
+    run(context: rlhf.context.RunContext) -> dict   # trains, saves <context.run_dir>/final, returns final metrics
 
 Adding a stage takes that module, its `conf/stage/<name>.yaml` (and `conf/<name>/` settings) and
 its entry in rlhf.registry.STAGES. `chain` runs other stages as steps (rlhf/chain.py); it has an

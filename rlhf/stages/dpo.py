@@ -8,18 +8,15 @@ adapter disabled (no second copy in memory); with `peft=none` TRL keeps a frozen
 starting weights. Evaluations add win_rate, kendall_tau and margin of the implicit reward.
 """
 
-from pathlib import Path
-
-from rlhf import precision
 from rlhf.dpo_trainer import KLDPOTrainer
 from rlhf.lifecycle import fit, load_inputs, trainer_kwargs
 
 
-def run(cfg, run_dir: Path) -> dict:
-    inputs = load_inputs(cfg, data_kind="preference")
+def run(context) -> dict:
+    inputs = load_inputs(context, data_kind="preference")
     trainer = KLDPOTrainer(
         ref_model=None,  # LoRA: the adapter-disabled policy; full fine-tuning: TRL copies the start model
-        reference_identity=inputs.lineage.identity(precision(cfg), cfg.quantization),  # keys the reference log-prob cache
-        **trainer_kwargs(cfg, cfg.dpo, inputs, run_dir),
+        reference_identity=inputs.lineage.identity(context.precision, context.cfg.quantization),  # keys the reference log-prob cache
+        **trainer_kwargs(context, context.cfg.dpo, inputs),
     )
-    return fit(trainer, run_dir, inputs, cfg)
+    return fit(trainer, context, inputs)

@@ -31,45 +31,44 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from rlhf import package_versions, precision
+from rlhf import package_versions
 from rlhf.cache import EVAL_REFERENCES, cache_dir
 from rlhf.data import load_splits
 from rlhf.errors import UserError
 from rlhf.generation import as_reference, fit_prompts, sample, sampled_kl, seeded
-from rlhf.lifecycle import autocast, device_for
-from rlhf.lineage import POLICY_STAGES, TrainedRun
+from rlhf.lineage import TrainedRun
 from rlhf.metrics import agreement, length_controlled_gain, score_gain, wilson_interval
 from rlhf.reward_model import load_reward_model
 from rlhf.runs import read_json, write_json
 from rlhf.settings import EvalConfig  # noqa: F401  (the _target_ configs saved before named rlhf.stages.eval.EvalConfig)
 
 
-def run(cfg, run_dir: Path) -> dict:
+def run(context) -> dict:
+    cfg, device = context.cfg, context.device
     settings = instantiate(cfg.eval)
-    device = device_for(cfg)
     splits = load_splits(cfg.dataset, kind="prompt")
     prompts = [row["prompt"] for row in (splits.eval if splits.eval is not None else splits.train)][: settings.num_prompts]
-    trained = TrainedRun.of(settings.policy, "eval.policy", stages=POLICY_STAGES)
+    trained = context.runs["eval.policy"]
     tokenizer = trained.start.tokenizer()
     # Whole turns cut to max_prompt_length: both policies sample from the conversation the judges score.
     prompts, cut_prompts = fit_prompts(prompts, tokenizer, settings.max_prompt_length, "eval.max_prompt_length")
     policy, reference = load_policy_and_reference(trained, cfg)
     kl_temperature = training_temperature(trained)  # the temperature eval_kl is measured at
     models = (policy, reference, tokenizer)
-    reward = load_reward_model(settings.reward_model, cfg, key="eval.reward_model")
-    judge = load_reward_model(settings.judge_model, cfg, key="eval.judge_model") if settings.judge_model else None
+    reward = load_reward_model(context.runs["eval.reward_model"], context)
+    judge = load_reward_model(context.runs["eval.judge_model"], context) if settings.judge_model else None
     for model in (policy, reference, reward.model, judge.model if judge else None):
         if model is not None:
             model.to(device).eval()
 
     judges = {"": reward, **({"judge_": judge} if judge is not None else {})}
-    cache = reference_cache_path(trained, tokenizer, settings, prompts, cfg.seed, cfg, device) if settings.ref_cache else None
-    with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it (hardware.training_args.bf16)
+    cache = reference_cache_path(trained, tokenizer, settings, prompts, context) if settings.ref_cache else None
+    with context.autocast():  # bfloat16 where the Trainer stages would use it (hardware.training_args.bf16)
         started = time.perf_counter()
         references = reference_answers(prompts, settings, device, models, judges, cfg.seed, cache)
         reference_seconds = time.perf_counter() - started
         rows = answer_and_score(prompts, settings, device, models, judges, cfg.seed, references, kl_temperature)
-    with open(run_dir / "samples.jsonl", "w", encoding="utf-8") as f:
+    with open(context.run_dir / "samples.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     metrics = {}
     for prefix in judges:  # eval_win_rate, eval_score_gain, ... and the same with eval_judge_
@@ -194,13 +193,13 @@ def holds_answers(entry, count: int) -> bool:
     )
 
 
-def reference_cache_path(run: TrainedRun, tokenizer, settings, prompts: list, seed: int, cfg, device) -> Path:
+def reference_cache_path(run: TrainedRun, tokenizer, settings, prompts: list, context) -> Path:
     """Where the reference answers of this evaluation are kept: keyed by everything they depend on
     (the reference's weights and precision, its tokenizer, the prompts, the sampling settings and
     seed, the device type and the libraries that sample)."""
     key = json.dumps(
         {
-            "reference": run.start.identity(precision(cfg), run.quantization),
+            "reference": run.start.identity(context.precision, run.quantization),
             "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template],
             "prompts": hashlib.sha256(json.dumps(prompts, ensure_ascii=False, sort_keys=True).encode()).hexdigest(),
             "sampling": [
@@ -209,9 +208,9 @@ def reference_cache_path(run: TrainedRun, tokenizer, settings, prompts: list, se
                 settings.temperature,
                 settings.top_p,
                 settings.batch_size,
-                seed,
+                context.cfg.seed,
             ],
-            "device": device.type,
+            "device": context.device.type,
             "versions": package_versions(["torch", "transformers"]),
         },
         sort_keys=True,

@@ -5,12 +5,10 @@ with TRL's GRPOTrainer; rewards, reference and held-out scores as `rlhf.online` 
     python train.py stage=grpo model.init_from=<sft run> grpo.reward_model=<rm run>
 """
 
-from pathlib import Path
-
 from trl import GRPOTrainer
 
 from rlhf import online
 
 
-def run(cfg, run_dir: Path) -> dict:
-    return online.run(cfg, run_dir, GRPOTrainer)
+def run(context) -> dict:
+    return online.run(context, GRPOTrainer)

@@ -10,7 +10,6 @@ an uninterrupted one would (weights, optimizer, KL coefficient, random state).
 """
 
 import copy
-from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
@@ -21,8 +20,6 @@ from transformers import set_seed
 from rlhf import distributed
 from rlhf.generation import fitted_prompts
 from rlhf.lifecycle import (
-    autocast,
-    device_for,
     fingerprint,
     inputs_identity,
     load_inputs,
@@ -32,33 +29,33 @@ from rlhf.lifecycle import (
 from rlhf.metrics import paired_gain
 from rlhf.ppo.trainer import PPOModels, PPOTrainer, ValueHead
 from rlhf.reward_model import load_reward_model
-from rlhf.runs import is_main_process, resume_point
+from rlhf.runs import resume_point
 from rlhf.tracking import UpdateLog
 
 
-def run(cfg, run_dir: Path) -> dict:
+def run(context) -> dict:
     # Under torchrun / accelerate launch: one process group for the run, by where it computes -
     # nccl between GPUs, gloo between CPU processes (hardware=cpu on a machine with GPUs included).
-    with distributed.process_group("nccl" if device_for(cfg).type == "cuda" else "gloo"):
-        return train_ppo(cfg, run_dir)
+    with distributed.process_group("nccl" if context.device.type == "cuda" else "gloo"):
+        return train_ppo(context)
 
 
-def train_ppo(cfg, run_dir: Path) -> dict:
+def train_ppo(context) -> dict:
+    cfg, run_dir, device = context.cfg, context.run_dir, context.device
     settings = instantiate(cfg.ppo)  # validate() has checked ppo.reward_model
-    device = device_for(cfg)  # rlhf.command has seeded the run: the value head starts the same every run
-    inputs, cut_prompts = ppo_inputs(cfg, settings)
+    inputs, cut_prompts = ppo_inputs(context, settings)
     held_out = [row["prompt"] for row in inputs.data.eval][: settings.eval_prompts] if inputs.data.eval is not None else []
     train_prompts = [row["prompt"] for row in inputs.data.train]
-    identity = inputs_identity(cfg, inputs, rows=fingerprint(train_prompts, held_out))  # the prompts as fitted and sampled
+    identity = inputs_identity(context, inputs, rows=fingerprint(train_prompts, held_out))  # the prompts as fitted and sampled
     checkpoint, mark = resume_point(cfg, run_dir)
     if checkpoint is not None:  # before the reward model and the value head load
         refuse_other_inputs(checkpoint, mark["keep"], identity, cfg)
-    models = ppo_models(cfg, settings, inputs, device)
+    models = ppo_models(context, inputs)  # rlhf.command has seeded the run: the value head starts the same every run
 
     log = UpdateLog(cfg, run_dir)
     trainer = PPOTrainer(models, settings, device, log=log)  # rank 0's trainable weights on every process
     set_seed(cfg.seed + distributed.rank())  # each process samples its own responses
-    with autocast(cfg, device):  # bfloat16 where the Trainer stages would use it (hardware.training_args.bf16)
+    with context.autocast():  # bfloat16 where the Trainer stages would use it (hardware.training_args.bf16)
         if checkpoint is not None:  # an interrupted run: go on from its last complete checkpoint
             kept = trainer.resume(checkpoint, mark)
         else:  # the held-out prompts are sampled under the same seeds before and after: paired scores
@@ -76,26 +73,26 @@ def train_ppo(cfg, run_dir: Path) -> dict:
     # (prompt, response) rows longer than the reward model was trained on, cut to its rm.max_length, over every process
     metrics["data/reward_cut_inputs"] = int(distributed.all_sum(torch.tensor(float(models.reward.cut_inputs))).item())
 
-    final = save_final(run_dir, models.policy, inputs, cfg)
-    if is_main_process():
+    final = save_final(context, models.policy, inputs)
+    if context.main_process:
         save_file(models.value_head.state_dict(), str(final / "value_head.safetensors"))  # apart: final/ loads as a plain policy
     log.close()
     return metrics
 
 
-def ppo_inputs(cfg, settings) -> tuple:
+def ppo_inputs(context, settings) -> tuple:
     """(the starting model, tokenizer and prompts of a PPO run; how many prompts were cut): each
     prompt fitted by whole turns to max_prompt_length, training and held-out alike, so that the
     policy samples from the conversation the reward model scores (rlhf.generation.fit_prompts)."""
-    inputs = load_inputs(cfg, data_kind="prompt")
+    inputs = load_inputs(context, data_kind="prompt")
     inputs.data, cut = fitted_prompts(inputs.data, inputs.tokenizer, settings.max_prompt_length, "ppo.max_prompt_length")
     return inputs, cut
 
 
-def ppo_models(cfg, settings, inputs, device) -> PPOModels:
+def ppo_models(context, inputs) -> PPOModels:
     """The policy (the starting model with a fresh adapter, or the whole model), its reference,
-    a new value head and the frozen reward model, on `device`."""
-    reward = load_reward_model(settings.reward_model, cfg)
+    a new value head and the frozen reward model, on the run's device."""
+    reward = load_reward_model(context.runs["ppo.reward_model"], context)
     if inputs.peft_config is not None:
         policy, reference = get_peft_model(inputs.model, inputs.peft_config), None  # reference = adapter disabled
     else:
@@ -104,5 +101,5 @@ def ppo_models(cfg, settings, inputs, device) -> PPOModels:
     models = PPOModels(policy, reference, ValueHead(policy.config.hidden_size), inputs.tokenizer, reward)
     for module in (models.policy, models.reference, models.value_head, models.reward.model):
         if module is not None:
-            module.to(device)
+            module.to(context.device)
     return models

@@ -5,12 +5,10 @@ with TRL's RLOOTrainer; rewards, reference and held-out scores as `rlhf.online` 
     python train.py stage=rloo model.init_from=<sft run> rloo.reward_model=<rm run>
 """
 
-from pathlib import Path
-
 from trl import RLOOTrainer
 
 from rlhf import online
 
 
-def run(cfg, run_dir: Path) -> dict:
-    return online.run(cfg, run_dir, RLOOTrainer)
+def run(context) -> dict:
+    return online.run(context, RLOOTrainer)

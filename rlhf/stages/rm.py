@@ -6,13 +6,11 @@ metrics.json reports eval_accuracy (share of held-out pairs scored chosen > reje
 eval_margin (mean r(x, y_w) - r(x, y_l)), and eval_win_rate / eval_kendall_tau (`rlhf.metrics`).
 """
 
-from pathlib import Path
-
 from rlhf.lifecycle import fit, load_inputs, trainer_kwargs
 from rlhf.reward_trainer import RankingRewardTrainer
 
 
-def run(cfg, run_dir: Path) -> dict:
-    inputs = load_inputs(cfg, data_kind="preference", head="reward")
-    trainer = RankingRewardTrainer(**trainer_kwargs(cfg, cfg.rm, inputs, run_dir))
-    return fit(trainer, run_dir, inputs, cfg)
+def run(context) -> dict:
+    inputs = load_inputs(context, data_kind="preference", head="reward")
+    trainer = RankingRewardTrainer(**trainer_kwargs(context, context.cfg.rm, inputs))
+    return fit(trainer, context, inputs)

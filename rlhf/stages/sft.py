@@ -4,16 +4,14 @@ Rows become prompt/completion conversations; the trainer applies the chat templa
 (`sft.completion_only_loss`) counts only the answer tokens in the loss.
 """
 
-from pathlib import Path
-
 from trl import SFTTrainer
 
 from rlhf.lifecycle import fit, load_inputs, trainer_kwargs
 
 
-def run(cfg, run_dir: Path) -> dict:
-    inputs = load_inputs(cfg, data_kind="sft")
+def run(context) -> dict:
+    inputs = load_inputs(context, data_kind="sft")
     trainer = SFTTrainer(
-        **trainer_kwargs(cfg, cfg.sft, inputs, run_dir),
+        **trainer_kwargs(context, context.cfg.sft, inputs),
     )
-    return fit(trainer, run_dir, inputs, cfg)
+    return fit(trainer, context, inputs)
