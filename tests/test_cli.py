@@ -41,6 +41,7 @@ def test_a_run_directory_under_a_file_fails_with_one_line(tmp_path, key, flags):
     assert done.stderr.strip().splitlines() == [expected]
 
 
+@pytest.mark.slow
 def test_vllm_without_cuda_is_refused_before_trl_loads(tmp_path):
     import importlib.util
 

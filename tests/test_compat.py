@@ -15,6 +15,7 @@ def moved(what: str, package: str) -> str:
     return f"{what} is gone in {package} {metadata.version(package)}: update rlhf/compat.py (and its PRIVATE_ATTRIBUTES)"
 
 
+@pytest.mark.slow
 def test_the_trainer_counters_are_set_by_the_training_loop():
     from transformers import Trainer
 

@@ -57,6 +57,7 @@ def test_missing_file_and_unknown_format(tmp_path):
         load_splits(dataset_cfg("builtin:sft_zh.jsonl", "nope"), kind="sft")
 
 
+@pytest.mark.slow
 def test_tiny_model_is_cached_and_its_template_marks_assistant_tokens():
     from transformers import AutoTokenizer
 

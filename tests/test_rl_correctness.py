@@ -261,6 +261,7 @@ def test_a_gain_that_is_only_longer_answers_is_no_length_controlled_gain():
     assert unchanged["eval_score_gain_lc"] == pytest.approx(gain["eval_score_gain"]) and unchanged["eval_length_change"] == 0
 
 
+@pytest.mark.slow
 def test_reward_inputs_longer_than_the_rm_was_trained_on_are_cut_from_the_left(tmp_path, capfd):
     """PPO over prompts of ~1600 tokens (fitted to its max_prompt_length of 500) scores with a reward
     model trained at max_length 256: every (prompt, response) row is cut to its last 256 tokens (the

@@ -237,6 +237,7 @@ def test_dpo_chain_reference_is_the_sft_policy(tmp_path, monkeypatch):
         assert not torch.allclose(dpo(inputs).logits, reference_logits, atol=1e-3)  # DPO moved away from it
 
 
+@pytest.mark.slow
 def test_reward_model_alone_reaches_high_accuracy(tmp_path):
     metrics = train(tmp_path, "stage=rm", "rm.max_steps=60")
     assert metrics["eval_accuracy"] >= 0.9 and metrics["eval_margin"] > 0
