@@ -65,16 +65,17 @@ def measure(overrides: list) -> dict:
 
     from rlhf.compose import compose
     from rlhf.context import RunContext
+    from rlhf.lifecycle import load_prompt_inputs
     from rlhf.lineage import Lineage
     from rlhf.ppo.trainer import PPOTrainer
-    from rlhf.stages.ppo import ppo_inputs, ppo_models
+    from rlhf.stages.ppo import ppo_models
 
     cfg = compose(overrides)
     HydraConfig.instance().set_config(cfg)  # the run name reads Hydra's job settings
     context = RunContext.open(cfg, run_dir=tempfile.gettempdir())  # nothing is written there: the updates checkpoint below
     settings, device = instantiate(cfg.ppo), context.device
     set_seed(cfg.seed)
-    inputs, _ = ppo_inputs(context, settings)  # the prompts stage=ppo samples from
+    inputs, _ = load_prompt_inputs(context, settings.max_prompt_length)  # the prompts stage=ppo samples from
     models = ppo_models(context, inputs)
     trainer = PPOTrainer(models, settings, device, log=lambda record: None)
     prompts = [row["prompt"] for row in inputs.data.train]

@@ -69,11 +69,17 @@ def weights_dtype(dtype: str, _root_=None) -> str:
     return "float32" if trains_every_weight else dtype
 
 
+def bf16_autocast(hardware_cfg) -> bool:
+    """Whether a run computes under bfloat16 autocast: `hardware.training_args.bf16` (on the CPU
+    preset: where the CPU has bfloat16 matrix units and the model's `cpu_bf16` is true). The one
+    place that reads it: the Trainer stages, the own loops (`RunContext.autocast`), the models
+    loaded for the run and the precision label all follow this answer."""
+    return bool(OmegaConf.select(hardware_cfg, "training_args.bf16", default=False))
+
+
 def precision(cfg) -> str:
-    """How the run computes: the weights' dtype, and bfloat16 autocast when hardware.training_args.bf16
-    is on (on the CPU preset: where the CPU has bfloat16 matrix units and the model's `cpu_bf16` is true)."""
-    autocast = bool(OmegaConf.select(cfg, "hardware.training_args.bf16", default=False))
-    return f"{cfg.hardware.dtype} weights" + (", bfloat16 autocast" if autocast else "")
+    """How the run computes: the weights' dtype, and whether under bfloat16 autocast."""
+    return f"{cfg.hardware.dtype} weights" + (", bfloat16 autocast" if bf16_autocast(cfg.hardware) else "")
 
 
 # Cached like Hydra's own `now`: a sweep's jobs compose their configs one after another (Hydra

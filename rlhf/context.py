@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from rlhf import precision
+from rlhf import bf16_autocast, precision
 from rlhf.lineage import TrainedRun
 from rlhf.runs import RUN_INPUTS, is_main_process
 
@@ -28,7 +28,7 @@ class RunContext:
     @classmethod
     def open(cls, cfg, run_dir) -> "RunContext":
         """The context of a run of `cfg` in `run_dir`; every earlier run it names is opened here, once."""
-        autocasts = bool(OmegaConf.select(cfg, "hardware.training_args.bf16", default=False))
+        autocasts = bf16_autocast(cfg.hardware)
         return cls(cfg, Path(run_dir), device_for(cfg), precision(cfg), autocasts, is_main_process(), open_runs(cfg))
 
     def autocast(self):

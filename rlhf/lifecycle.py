@@ -26,6 +26,7 @@ from rlhf.compat import (
 )
 from rlhf.data import Splits, load_splits
 from rlhf.errors import NonFiniteLoss, UserError
+from rlhf.generation import fitted_prompts
 from rlhf.lineage import Lineage, write_final_lineage
 from rlhf.models import fold_stacked_updates
 from rlhf.registry import REWARD_MODEL, STAGES
@@ -66,6 +67,29 @@ def load_inputs(context, data_kind: str, head: str = "causal_lm") -> StageInputs
     if cfg.peft is not None:  # a reward model's LoRA also trains and saves its score head
         peft_config = instantiate(cfg.peft, task_type="SEQ_CLS" if head == "reward" else "CAUSAL_LM")
     return StageInputs(tokenizer, model, data, peft_config, lineage, head)
+
+
+def load_prompt_inputs(context, max_prompt_length: int) -> tuple:
+    """`load_inputs` for a stage that samples (PPO, GRPO, RLOO), and how many prompts were cut:
+    every prompt, training and held-out alike, fitted by whole turns to `<stage>.max_prompt_length`
+    (rlhf.generation.fit_prompts), so that the policy samples from the conversation the reward
+    model scores."""
+    inputs = load_inputs(context, data_kind="prompt")
+    key = f"{context.cfg.stage}.max_prompt_length"
+    inputs.data, cut = fitted_prompts(inputs.data, inputs.tokenizer, max_prompt_length, key)
+    return inputs, cut
+
+
+def resume_or_start(context, inputs: StageInputs, *prompts) -> tuple:
+    """(the run's `inputs_identity` over `prompts` as fitted and sampled, the checkpoint to go on
+    from or None, its mark) for a stage that drives its own loop: under resume=auto the last
+    complete checkpoint, refused in one line when it was written for other inputs. Call it before
+    the reward model loads: a refused resume then costs no loading."""
+    identity = inputs_identity(context, inputs, rows=fingerprint(*prompts))
+    checkpoint, mark = resume_point(context.cfg, context.run_dir)
+    if checkpoint is not None:
+        refuse_other_inputs(checkpoint, mark["keep"], identity, context.cfg)
+    return identity, checkpoint, mark
 
 
 def inputs_identity(context, inputs: StageInputs, rows: str | None = None) -> dict:

@@ -11,9 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from rlhf import BUILTIN_PREFIX, model_sources
+from rlhf import BUILTIN_PREFIX, bf16_autocast, model_sources
 from rlhf.compat import float32_adapter_sums, keep_4bit_cpu_training_working
 from rlhf.errors import UserError
 from rlhf.tiny_model import ensure_tiny_model
@@ -111,7 +109,7 @@ def load_model(model_path: str, model_cfg, quantization_cfg, hardware_cfg, head:
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         keep_4bit_cpu_training_working(model)
-    if OmegaConf.select(hardware_cfg, "training_args.bf16", default=False):
+    if bf16_autocast(hardware_cfg):
         model.register_forward_pre_hook(float32_adapter_sums)  # whoever adds LoRA layers later, and whenever
     return model
 
@@ -143,10 +141,7 @@ def merging_is_exact(hardware_cfg, quantization_cfg) -> bool:
     every matrix product rounds its weights to bfloat16 - an update smaller than half a step of
     the weight it is added to rounds away (most of a 1e-5-sized update); quantizing the merged
     weights moves them by far more than a LoRA update. There the updates are stacked instead."""
-    from omegaconf import OmegaConf
-
-    autocast = bool(OmegaConf.select(hardware_cfg, "training_args.bf16", default=False))
-    return str(hardware_cfg.dtype) == "float32" and not autocast and quantization_cfg is None
+    return str(hardware_cfg.dtype) == "float32" and not bf16_autocast(hardware_cfg) and quantization_cfg is None
 
 
 def stack_adapters(model, adapter_dirs, head: str = "causal_lm") -> None:

@@ -26,8 +26,8 @@ from trl import GRPOConfig, RLOOConfig
 from rlhf import distributed
 from rlhf.compat import time_generate
 from rlhf.errors import UserError
-from rlhf.generation import fitted_prompts, held_out_answers, up_to_first_eos
-from rlhf.lifecycle import fit, load_inputs, trainer_kwargs
+from rlhf.generation import held_out_answers, up_to_first_eos
+from rlhf.lifecycle import fit, load_prompt_inputs, trainer_kwargs
 from rlhf.metrics import paired_gain
 from rlhf.reward_model import RewardModel, load_reward_model
 from rlhf.rewards import RewardFunction, completion_text
@@ -63,11 +63,10 @@ def run(context, trainer_class) -> dict:
     settings = cfg[stage]
     if not settings.reward_model and not settings.reward_functions:
         raise UserError(f"stage={stage} needs a reward: {stage}.reward_model=<rm run> and/or {stage}.reward_functions (rlhf/rewards.py)")
-    inputs = load_inputs(context, data_kind="prompt")
     # TRL's GRPO and RLOO trainers (1.x) sample from every prompt whole: one long dialogue (HH-RLHF
     # holds prompts of ~1600 tokens) made an update's memory and time follow the longest prompt
     # drawn (bench/results/history.md, "GRPO's memory and long prompts"). Fitted here, training and held-out scoring see the same prompts.
-    inputs.data, cut_prompts = fitted_prompts(inputs.data, inputs.tokenizer, settings.max_prompt_length, f"{stage}.max_prompt_length")
+    inputs, cut_prompts = load_prompt_inputs(context, settings.max_prompt_length)
     functions = reward_functions(settings, inputs.data.train.column_names, stage)
     reward = load_reward_model(context.runs[f"{stage}.reward_model"], context) if settings.reward_model else None
     if reward is not None:

@@ -399,6 +399,22 @@ def test_adaptive_kl_controller_holds_kl_coef_until_the_kl_first_reaches_the_tar
     assert ctl.engaged and ctl.value == pytest.approx(0.05 * 1.1 * 0.8, rel=1e-12)
 
 
+def test_along_a_ramp_the_kl_controller_steers_to_a_goal_that_rises_to_the_target():
+    """ppo.kl_ramp: the goal rises linearly from 0 to the target over `ramp_updates`, and the rule
+    runs both ways from the first update against it (no hold): the error is (KL - goal) / target."""
+    ctl = AdaptiveKLController(init_kl_coef=0.1, target=2.0, horizon=8, ramp_updates=10)
+    assert [ctl.goal(u) for u in (1, 5, 10, 20)] == pytest.approx([0.2, 1.0, 2.0, 2.0], rel=1e-12)
+    ctl.update(current_kl=0.2, n_steps=8)  # on the goal of update 1 (0.2): unchanged
+    assert ctl.value == pytest.approx(0.1, rel=1e-12)
+    ctl.update(current_kl=0.0, n_steps=8)  # goal 0.4: error -0.2, x0.8 - lowered before the KL ever reached the target
+    ctl.update(current_kl=0.8, n_steps=8)  # goal 0.6: error +0.1, x1.1
+    ctl.update(current_kl=3.0, n_steps=8)  # goal 0.8: error 1.1 clipped to 0.2, x1.2
+    assert ctl.value == pytest.approx(0.1 * 0.8 * 1.1 * 1.2, rel=1e-12)
+    for _ in range(16):  # updates 5-20, each at its goal: no change; past update 10 the goal is the target
+        ctl.update(current_kl=ctl.goal(ctl.updates + 1), n_steps=8)
+    assert ctl.value == pytest.approx(0.1 * 0.8 * 1.1 * 1.2, rel=1e-12) and ctl.goal(ctl.updates) == 2.0
+
+
 def test_a_kl_controller_that_cannot_reach_its_target_is_said_at_the_start(capsys):
     """Ziegler's horizon of 10000 samples at the real-model batch of 8: every update at the clip
     moves kl_coef by (1 +- 0.2 x 8 / 10000), 1.6% up over 100 updates - it holds no target."""

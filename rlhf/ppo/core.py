@@ -208,6 +208,14 @@ def value_loss(
 # --- KL coefficient controllers ----------------------------------------------------------------
 
 
+def kl_controller(settings):
+    """The KL controller `settings` (ppo.*) ask for: adaptive, along `kl_ramp` x `total_updates`
+    updates, or a fixed kl_coef."""
+    if not settings.adaptive_kl:
+        return FixedKLController(settings.kl_coef)
+    return AdaptiveKLController(settings.kl_coef, settings.target, settings.horizon, settings.kl_ramp * settings.total_updates)
+
+
 class FixedKLController:
     """A constant KL coefficient beta."""
 
@@ -220,34 +228,49 @@ class FixedKLController:
 
 
 class AdaptiveKLController:
-    """Adapts beta to keep the policy's KL to the reference near `target` ([ZIEG] Sec. 2.2).
+    """Adapts beta to keep the policy's KL to the reference near `target` ([ZIEG] Sec. 2.2),
+    along a path that reaches the target `ramp_updates` updates into the run:
 
-      e     = clip(KL / KL_target - 1, -0.2, 0.2)
+      goal  = target * min(1, update / ramp_updates)
+      e     = clip((KL - goal) / target, -0.2, 0.2)
       beta <- beta * (1 + K_beta * e),   with K_beta = n_steps / horizon
-    A log-space proportional controller: beta rises while KL is above target and falls while it
-    is below; the clip bounds the per-update change, and `horizon` (in samples) sets how fast.
+    A log-space proportional controller: beta rises while the KL is above its goal and falls
+    while it is below; the clip bounds the per-update change, and `horizon` (in samples) sets
+    how fast. With goal = target this is Ziegler et al.'s rule, e = clip(KL / target - 1).
 
-    Held until the KL first reaches the target (anti-windup): a run starts at the reference, KL 0,
-    and the policy needs updates to move, so the rule above would lower beta at every one of them
-    - on the tiny model 10x in the first 10 updates at horizon = batch - and the KL then overshot
-    the target while beta climbed back. Once the KL has reached the target the rule runs both ways.
-    A target the KL never reaches leaves beta where it started.
+    Why a path: a run starts at the reference, KL 0, and the policy needs updates to move. Held
+    to the target from the first update, the rule lowers beta at every one of them - on the tiny
+    model 10x in the first 10 updates at horizon = batch - and the KL then overshoots while beta
+    climbs back. Along the path the error starts near 0, and beta can fall from the start where
+    the policy moves more slowly than the path (a start too strong for a short run) or rise from
+    the start where it moves faster (a start too weak), instead of waiting for the KL to reach
+    the target before it does either.
+
+    ramp_updates = 0: the target from the first update, with beta held until the KL first
+    reaches it (anti-windup); a target the KL never reaches then leaves beta where it started.
     """
 
-    def __init__(self, init_kl_coef: float, target: float, horizon: float):
-        if target <= 0 or horizon <= 0:
-            raise ValueError(f"target and horizon must be positive, got {target} and {horizon}")
+    def __init__(self, init_kl_coef: float, target: float, horizon: float, ramp_updates: float = 0.0):
+        if target <= 0 or horizon <= 0 or ramp_updates < 0:
+            raise ValueError(f"target and horizon must be positive and ramp_updates >= 0, got {target}, {horizon}, {ramp_updates}")
         self.value = init_kl_coef
         self.target = target
         self.horizon = horizon
-        self.engaged = False  # the KL has reached the target: the rule runs
+        self.ramp_updates = ramp_updates
+        self.updates = 0  # controller steps taken: where on the path the run is
+        self.engaged = False  # without a path: the KL has reached the target, and the rule runs
+
+    def goal(self, update: int) -> float:
+        """The KL the controller steers to after `update` updates (1-based)."""
+        return self.target * min(1.0, update / self.ramp_updates) if self.ramp_updates > 0 else self.target
 
     def update(self, current_kl: float, n_steps: int) -> None:
         """One controller step after a batch of `n_steps` samples whose mean KL was `current_kl`."""
-        self.engaged = self.engaged or float(current_kl) >= self.target
+        self.updates += 1
+        self.engaged = self.engaged or self.ramp_updates > 0 or float(current_kl) >= self.target
         if not self.engaged:
             return
-        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        error = min(max((float(current_kl) - self.goal(self.updates)) / self.target, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
 
     def reach(self, n_steps: int, updates: int) -> tuple:

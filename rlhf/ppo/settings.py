@@ -31,6 +31,7 @@ class PPOConfig(SamplingSettings):
     adaptive_kl: bool = True
     target: float = 6.0
     horizon: float = 64.0
+    kl_ramp: float = 0.0
     gamma: float = 1.0
     lam: float = 0.95
     cliprange: float = 0.2
@@ -49,7 +50,7 @@ PPO_RULES = {
     "max_prompt_length": AT_LEAST_ONE,  # prompts are cut to it: there is no "no limit"
     **dict.fromkeys(("cliprange", "cliprange_value", "temperature", "horizon", "target"), POSITIVE),
     **dict.fromkeys(("kl_coef", "vf_coef"), NON_NEGATIVE),
-    **dict.fromkeys(("gamma", "lam"), UNIT),
+    **dict.fromkeys(("gamma", "lam", "kl_ramp"), UNIT),
     "top_p": WHOLE_SOFTMAX,
     "save_steps": Rule(lambda v: v >= 0, "an integer >= 0 (0 = no checkpoints)", integer=True),
     "max_grad_norm": POSITIVE,  # PPO clips to it every step: 0 would zero every gradient
@@ -77,6 +78,8 @@ def say_if_the_kl_controller_cannot_move(controller, settings) -> None:
     """One line at the start when the adaptive KL controller cannot reach its target within the
     run: Ziegler et al.'s horizon (10000 samples) at a batch of 8 moves kl_coef by under 2% over
     100 updates, so the KL ends where kl_coef puts it, not at ppo.target."""
+    if not settings.adaptive_kl:  # a fixed kl_coef moves by design
+        return
     up, down = controller.reach(settings.batch_size, settings.total_updates)
     if up >= MIN_REACH and down <= 1 / MIN_REACH:
         return

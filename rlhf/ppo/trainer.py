@@ -125,11 +125,8 @@ class PPOTrainer:
         trainable = [p for p in self.policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
         self.optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate)
         self.trainable = trainable
-        if settings.adaptive_kl:
-            self.kl_controller = core.AdaptiveKLController(settings.kl_coef, settings.target, settings.horizon)
-            say_if_the_kl_controller_cannot_move(self.kl_controller, settings)
-        else:
-            self.kl_controller = core.FixedKLController(settings.kl_coef)
+        self.kl_controller = core.kl_controller(settings)
+        say_if_the_kl_controller_cannot_move(self.kl_controller, settings)
         distributed.broadcast_parameters(trainable)  # every process starts from rank 0's weights
         self.policy.eval()  # no dropout: log-probs at sampling and at update time must agree
         self.seconds, self.generated_tokens = {}, 0  # where an update's time goes
@@ -159,6 +156,8 @@ class PPOTrainer:
                 stats = self.optimise(rollout, advantages, returns, update)
             statistics = {**rollout_statistics(rollout, kl, rewards), **stats}
             record = {"step": update, **statistics, "objective/kl_coef": self.kl_controller.value}
+            if isinstance(self.kl_controller, core.AdaptiveKLController):
+                record["objective/kl_goal"] = self.kl_controller.goal(update)  # what the controller steers this update's KL to
             self.kl_controller.update(statistics["objective/kl"], self.settings.batch_size)  # the same on every process
             if update % self.settings.logging_steps == 0 or update == self.settings.total_updates:
                 self.log(record)
@@ -246,6 +245,7 @@ class PPOTrainer:
             torch.cuda.set_rng_state_all(random_state["cuda_rng"])
         self.kl_controller.value = mark["kl_coef"]
         self.kl_controller.engaged = mark.get("kl_engaged", mark["kl_coef"] != self.settings.kl_coef)  # older marks: it moved
+        self.kl_controller.updates = mark["step"]  # where on its path (ppo.kl_ramp) the controller goes on
         self.done_updates = mark["step"]
         return mark["keep"]
 

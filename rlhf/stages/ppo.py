@@ -18,18 +18,10 @@ from safetensors.torch import save_file
 from transformers import set_seed
 
 from rlhf import distributed
-from rlhf.generation import fitted_prompts
-from rlhf.lifecycle import (
-    fingerprint,
-    inputs_identity,
-    load_inputs,
-    refuse_other_inputs,
-    save_final,
-)
+from rlhf.lifecycle import load_prompt_inputs, resume_or_start, save_final
 from rlhf.metrics import paired_gain
 from rlhf.ppo.trainer import PPOModels, PPOTrainer, ValueHead
 from rlhf.reward_model import load_reward_model
-from rlhf.runs import resume_point
 from rlhf.tracking import UpdateLog
 
 
@@ -43,13 +35,10 @@ def run(context) -> dict:
 def train_ppo(context) -> dict:
     cfg, run_dir, device = context.cfg, context.run_dir, context.device
     settings = instantiate(cfg.ppo)  # validate() has checked ppo.reward_model
-    inputs, cut_prompts = ppo_inputs(context, settings)
+    inputs, cut_prompts = load_prompt_inputs(context, settings.max_prompt_length)
     held_out = [row["prompt"] for row in inputs.data.eval][: settings.eval_prompts] if inputs.data.eval is not None else []
     train_prompts = [row["prompt"] for row in inputs.data.train]
-    identity = inputs_identity(context, inputs, rows=fingerprint(train_prompts, held_out))  # the prompts as fitted and sampled
-    checkpoint, mark = resume_point(cfg, run_dir)
-    if checkpoint is not None:  # before the reward model and the value head load
-        refuse_other_inputs(checkpoint, mark["keep"], identity, cfg)
+    identity, checkpoint, mark = resume_or_start(context, inputs, train_prompts, held_out)  # before the reward model loads
     models = ppo_models(context, inputs)  # rlhf.command has seeded the run: the value head starts the same every run
 
     log = UpdateLog(cfg, run_dir)
@@ -78,15 +67,6 @@ def train_ppo(context) -> dict:
         save_file(models.value_head.state_dict(), str(final / "value_head.safetensors"))  # apart: final/ loads as a plain policy
     log.close()
     return metrics
-
-
-def ppo_inputs(context, settings) -> tuple:
-    """(the starting model, tokenizer and prompts of a PPO run; how many prompts were cut): each
-    prompt fitted by whole turns to max_prompt_length, training and held-out alike, so that the
-    policy samples from the conversation the reward model scores (rlhf.generation.fit_prompts)."""
-    inputs = load_inputs(context, data_kind="prompt")
-    inputs.data, cut = fitted_prompts(inputs.data, inputs.tokenizer, settings.max_prompt_length, "ppo.max_prompt_length")
-    return inputs, cut
 
 
 def ppo_models(context, inputs) -> PPOModels:
